@@ -1,0 +1,1 @@
+"""codecs: V2 wire formats (REST JSON + binary extension, gRPC protobuf) <-> internal types."""

@@ -1,0 +1,242 @@
+"""config.py: the gateway's settings, built once from a TOML file plus environment overrides.
+
+Input: an optional TOML file and ``GATEWAY_*`` environment variables (nested fields use a
+double underscore: ``GATEWAY_HTTP__PORT=9000``). Output: one frozen ``Settings``. Invalid
+settings fail at start-up with msgspec's path to the bad field. Nobody else reads
+``os.environ``; components receive only their slice (``ModelPolicy``, ``RuntimeSettings``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+from gateway.errors import InvalidInputError
+
+__all__ = [
+    "ModelPolicy",
+    "RuntimeSettings",
+    "HttpSettings",
+    "GrpcSettings",
+    "Settings",
+    "ConfigError",
+    "load_settings",
+    "load_model_policy",
+    "EXAMPLE_REPOSITORY",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX: Final = "GATEWAY_"
+EXAMPLE_REPOSITORY: Final = Path(__file__).parent / "examples" / "models"
+MODEL_SETTINGS_FILE: Final = "config.toml"
+
+
+class ConfigError(InvalidInputError):
+    """A settings file or override is invalid; the message names the field."""
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelPolicy(_Base, frozen=True):
+    """Per-model serving policy: from ``<repo>/<model>/config.toml``, then ``[models.<name>]``."""
+
+    max_batch_size: int = 64
+    """Largest batch (rows) one model call takes; requests above it get 400. 64 fills a CPU
+    core's caches for typical tabular models; 0 turns batching off."""
+    max_queue_delay_us: int = 0
+    """How long (µs) the oldest queued request may wait for company before its batch runs.
+    0 is work-conserving: a batch runs as soon as an instance is free (measured best)."""
+    preferred_batch_sizes: list[int] = []
+    """Batch sizes the scheduler aims for when it waits (only with max_queue_delay_us > 0)."""
+    max_queue_size: int = 1024
+    """Queued requests per model version before new ones get 503 at once."""
+    default_timeout_ms: int = 0
+    """Deadline (ms) applied to requests that carry none; 0 means no deadline."""
+    instances: int = 1
+    """Model calls that may run at once for this version (each on a pool thread)."""
+    execution: Literal["auto", "inline", "pool"] = "auto"
+    """Where a batch runs: on the event loop ("inline", for models that take microseconds),
+    in the inference pool ("pool"), or chosen from the warm-up timing ("auto")."""
+    inline_max_us: int = 150
+    """With execution="auto": run inline when a full batch took at most this many µs at
+    warm-up; a thread hand-off costs about 100 µs."""
+    intra_op_threads: int = 0
+    """ONNX Runtime intra-op threads for this model; 0 uses runtime.intra_op_threads."""
+    default_version: str = ""
+    """Version served when a request names none; "" means the highest version number."""
+
+
+class RuntimeSettings(_Base, frozen=True):
+    """ONNX Runtime execution: thread counts and providers."""
+
+    inference_workers: int = 2
+    """Threads in the inference pool; with intra_op_threads=1 this matches 2 cores."""
+    intra_op_threads: int = 1
+    """Threads ONNX Runtime may use inside one call; 1 keeps calls from fighting over cores."""
+    inter_op_threads: int = 1
+    """Threads for parallel graph branches; 1 is right for sequential MLP-style graphs."""
+    execution_providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
+    """Providers in preference order; add "CUDAExecutionProvider" with onnxruntime-gpu."""
+    warmup: bool = True
+    """Run each model once at load so the first request does not pay the initialisation."""
+
+
+class HttpSettings(_Base, frozen=True):
+    """The REST listener (KServe V2 over HTTP/1.1)."""
+
+    host: str = "0.0.0.0"
+    """Address to bind; 0.0.0.0 so load balancers and containers can reach it."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (tests). 8000 is the V2 convention."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest request body accepted (after decompression); larger ones get 413."""
+    access_log: bool = False
+    """uvicorn's access log; off because it costs about 0.03 ms per request."""
+
+
+class GrpcSettings(_Base, frozen=True):
+    """The gRPC listener (inference.GRPCInferenceService and grpc.health.v1.Health)."""
+
+    host: str = "0.0.0.0"
+    """Address to bind."""
+    port: int = 8001
+    """TCP port; 0 picks a free one. 8001 is the V2 convention."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
+
+
+class Settings(_Base, frozen=True):
+    """Everything the gateway needs to start, frozen once built."""
+
+    model_repository: str = ""
+    """Folder of ``<model>/<version>/model.onnx``; "" serves the bundled example models."""
+    server_name: str = "gateway"
+    """Name reported by server metadata."""
+    grace_period_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish before exit."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+    http: HttpSettings = HttpSettings()
+    grpc: GrpcSettings = GrpcSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    models: dict[str, dict[str, Any]] = {}
+    """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set
+    here win over the model's own ``config.toml``."""
+
+    def repository_path(self) -> Path:
+        return Path(self.model_repository) if self.model_repository else EXAMPLE_REPOSITORY
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    """Environment values are TOML scalars or arrays when they parse as such, else strings."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build ``Settings`` from a TOML file, then ``GATEWAY_*`` variables, then overrides.
+
+    ``overrides`` maps dotted field paths ("http.port") to values (command-line flags).
+    Raises ``ConfigError`` naming the file and field on any invalid value.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+    for key, value in (os.environ if env is None else env).items():
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            parts = key[len(ENV_PREFIX) :].lower().split("__")
+            _set_path(tree, parts, value)
+    for dotted, value in (overrides or {}).items():
+        node = tree
+        parts = dotted.split(".")
+        for key in parts[:-1]:
+            node = node.setdefault(key, {})
+        node[parts[-1]] = value
+    try:
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        source = f"settings file {path}" if path else "settings"
+        raise ConfigError(f"invalid {source}: {exc}") from None
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if settings.runtime.inference_workers < 1:
+        raise ConfigError("runtime.inference_workers must be at least 1")
+    for name, fields in settings.models.items():
+        try:
+            policy = msgspec.convert(fields, ModelPolicy, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid settings for models.{name}: {exc}") from None
+        check_policy(policy, f"models.{name}")
+
+
+def check_policy(policy: ModelPolicy, where: str) -> None:
+    """Reject values that cannot work, naming the field."""
+    if policy.max_batch_size < 0:
+        raise ConfigError(f"{where}.max_batch_size must be >= 0")
+    if policy.instances < 1:
+        raise ConfigError(f"{where}.instances must be >= 1")
+    if policy.max_queue_size < 1:
+        raise ConfigError(f"{where}.max_queue_size must be >= 1")
+    if policy.max_queue_delay_us < 0 or policy.default_timeout_ms < 0:
+        raise ConfigError(f"{where}: delays and timeouts must be >= 0")
+    for size in policy.preferred_batch_sizes:
+        if not 1 <= size <= max(policy.max_batch_size, 1):
+            raise ConfigError(f"{where}.preferred_batch_sizes: {size} is outside 1..max_batch_size")
+
+
+def load_model_policy(
+    model_dir: Path,
+    override: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> ModelPolicy:
+    """The policy for one model: its ``config.toml`` (if any), then ``extra`` (a load
+    request's parameters), then the server config's ``[models.<name>]`` override."""
+    tree: dict[str, Any] = {}
+    file = model_dir / MODEL_SETTINGS_FILE
+    if file.is_file():
+        try:
+            tree = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"model settings {file}: {exc}") from None
+    if extra:
+        tree.update(extra)
+    if override:
+        tree.update(override)
+    try:
+        policy = msgspec.convert(tree, ModelPolicy, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"model settings for '{model_dir.name}': {exc}") from None
+    check_policy(policy, model_dir.name)
+    return policy

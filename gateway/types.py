@@ -1,0 +1,274 @@
+"""types.py: the internal values that travel between the front ends and the core.
+
+Codecs build these from wire bytes; the router, batcher and repository consume them. No
+protocol library is imported here. Tensors hold numpy arrays already shaped; a BYTES tensor
+is a numpy object array of ``bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ParamValue",
+    "Tensor",
+    "TensorSpec",
+    "RequestedOutput",
+    "InferRequest",
+    "InferResponse",
+    "ModelRef",
+    "Observer",
+    "ModelSignature",
+    "Duration",
+    "BatchStats",
+    "ModelStats",
+    "ModelIndexEntry",
+    "ModelControl",
+]
+
+ParamValue: TypeAlias = "str | int | float | bool"
+Array: TypeAlias = "npt.NDArray[np.generic]"
+
+
+class Tensor:
+    """One named tensor: V2 datatype name, shape, and its numpy data (shaped)."""
+
+    __slots__ = ("data", "datatype", "name", "parameters", "shape")
+
+    def __init__(
+        self,
+        name: str,
+        datatype: str,
+        shape: tuple[int, ...],
+        data: Array,
+        parameters: dict[str, ParamValue] | None = None,
+    ) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape
+        self.data = data
+        self.parameters = parameters
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.datatype}, {self.shape})"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as the model declares it; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class RequestedOutput:
+    """An output the caller asked for; ``binary`` None means "the request's default"."""
+
+    __slots__ = ("binary", "name", "parameters")
+
+    def __init__(
+        self,
+        name: str,
+        binary: bool | None = None,
+        parameters: dict[str, ParamValue] | None = None,
+    ) -> None:
+        self.name = name
+        self.binary = binary
+        self.parameters = parameters
+
+
+class InferRequest:
+    """A decoded V2 inference request, the same whichever front end it came from.
+
+    ``model_version`` is "" when the caller left the choice to the gateway.
+    ``outputs`` is None when the caller asked for every output. ``deadline`` is a
+    ``time.monotonic()`` instant after which nobody waits for the answer.
+    """
+
+    __slots__ = (
+        "binary_output",
+        "deadline",
+        "id",
+        "inputs",
+        "model_name",
+        "model_version",
+        "outputs",
+        "parameters",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str,
+        inputs: list[Tensor],
+        *,
+        id: str = "",
+        parameters: dict[str, ParamValue] | None = None,
+        outputs: list[RequestedOutput] | None = None,
+        binary_output: bool = False,
+        deadline: float | None = None,
+        routing_key: str | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.inputs = inputs
+        self.id = id
+        self.parameters = parameters
+        self.outputs = outputs
+        self.binary_output = binary_output
+        self.deadline = deadline
+        self.routing_key = routing_key
+
+
+class InferResponse:
+    """The answer to one ``InferRequest``: outputs in the order they will be sent."""
+
+    __slots__ = ("id", "model_name", "model_version", "outputs", "parameters")
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str,
+        outputs: list[Tensor],
+        *,
+        id: str = "",
+        parameters: dict[str, ParamValue] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.outputs = outputs
+        self.id = id
+        self.parameters = parameters
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ModelRef:
+    """A (model name, version) pair: what a route variant points at."""
+
+    name: str
+    version: str = field(default="")
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}" if self.version else self.name
+
+
+class Observer(Protocol):
+    """Receives each served batch (inputs and outputs by name) off the response path."""
+
+    def __call__(
+        self, ref: ModelRef, inputs: dict[str, Array], outputs: dict[str, Array]
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """What clients may know about a loaded model version (metadata and config)."""
+
+    name: str
+    version: str
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    """0 when the model has no batch dimension (then shapes are used as declared)."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    instances: int = 1
+    device: str = "CPU"
+
+
+class Duration:
+    """A count and a cumulative time in nanoseconds (V2 statistics' StatisticDuration)."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+class BatchStats:
+    """Per batch size: how many model executions ran at that size and their stage times."""
+
+    __slots__ = ("compute_infer", "compute_input", "compute_output")
+
+    def __init__(self) -> None:
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+
+
+class ModelStats:
+    """Cumulative serving statistics of one model version (V2 statistics extension).
+
+    Mutated only on the event-loop thread, so readers there see consistent values.
+    ``inference_count`` counts rows, ``execution_count`` model calls.
+    """
+
+    __slots__ = (
+        "batches",
+        "cancelled",
+        "compute_infer",
+        "compute_input",
+        "compute_output",
+        "execution_count",
+        "expired",
+        "fail",
+        "inference_count",
+        "last_inference_ms",
+        "queue",
+        "rejected",
+        "success",
+    )
+
+    def __init__(self) -> None:
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.batches: dict[int, BatchStats] = {}
+        self.rejected = 0
+        self.expired = 0
+        self.cancelled = 0
+
+    def batch(self, size: int) -> BatchStats:
+        stats = self.batches.get(size)
+        if stats is None:
+            stats = self.batches[size] = BatchStats()
+        return stats
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIndexEntry:
+    """One row of the repository index: a model version and its state."""
+
+    name: str
+    version: str
+    state: str
+    """READY, LOADING, UNLOADING or UNAVAILABLE (the V2 repository extension's names)."""
+    reason: str = ""
+
+
+class ModelControl(Protocol):
+    """The V2 repository extension as the front ends see it."""
+
+    def index(self) -> list[ModelIndexEntry]: ...
+
+    async def load(self, name: str, parameters: dict[str, ParamValue]) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
