@@ -1,0 +1,370 @@
+"""batcher.py: dynamic batching for one model version: queue -> batch -> model call.
+
+Requests whose non-batch dimensions match are concatenated along axis 0, run as one model
+call, and the outputs are split back to each caller. Scheduling is work-conserving by
+default: a request on an idle model runs on the next loop iteration, and while a call is
+running new requests queue up and leave together as the next batch. Optionally
+(``max_queue_delay_us``) a batch may wait for company, Triton style.
+
+Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
+holds at most ``max_queue_size`` requests (more get ``OverloadedError`` at once); a request
+past its deadline or whose caller went away never reaches the model; a failing batch is
+retried request by request so that one bad request fails alone.
+
+It knows nothing of HTTP, gRPC or V2 encoding: it sees the model as a ``Runnable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import (
+    DeadlineExceededError,
+    GatewayError,
+    InternalError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+from gateway.types import ModelRef, ModelStats, Observer
+
+__all__ = ["Runnable", "Batcher", "merge", "split"]
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+_NS_PER_S: Final = 1_000_000_000
+
+
+class Runnable(Protocol):
+    """The model as the batcher needs it."""
+
+    ref: ModelRef
+    max_batch_size: int
+    is_inline: bool
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: list[Array]) -> list[Array]: ...
+
+
+def merge(items: list[list[Array]]) -> list[Array]:
+    """Concatenate each input of several requests along the batch axis (axis 0)."""
+    if len(items) == 1:
+        return items[0]
+    return [np.concatenate(parts, axis=0) for parts in zip(*items, strict=True)]
+
+
+def split(outputs: list[Array], rows: list[int]) -> list[list[Array]]:
+    """Cut each output back into per-request slices (views), in request order."""
+    if len(rows) == 1:
+        return [outputs]
+    total = sum(rows)
+    for out in outputs:
+        if out.shape[:1] != (total,):
+            raise InternalError(
+                f"model returned {out.shape[0] if out.ndim else 0} rows for a batch of {total}"
+            )
+    result: list[list[Array]] = []
+    start = 0
+    for n in rows:
+        result.append([out[start : start + n] for out in outputs])
+        start += n
+    return result
+
+
+class _Item:
+    __slots__ = ("deadline", "enqueued_ns", "feeds", "future", "key", "rows")
+
+    def __init__(
+        self,
+        feeds: list[Array],
+        rows: int,
+        key: tuple[tuple[int, ...], ...] | None,
+        future: asyncio.Future[list[Array]],
+        deadline: float | None,
+        enqueued_ns: int,
+    ) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.key = key
+        self.future = future
+        self.deadline = deadline
+        self.enqueued_ns = enqueued_ns
+
+
+class _Outcome:
+    """What a worker hands back for one batch: per-item results or errors, and timings."""
+
+    __slots__ = ("infer_ns", "input_ns", "output_ns", "results")
+
+    def __init__(self) -> None:
+        self.results: list[list[Array] | BaseException] = []
+        self.input_ns = 0
+        self.infer_ns = 0
+        self.output_ns = 0
+
+
+class Batcher:
+    """Queue and scheduler for one model version; create and ``start`` on the event loop."""
+
+    def __init__(
+        self,
+        model: Runnable,
+        *,
+        max_queue_size: int,
+        instances: int = 1,
+        max_queue_delay_us: int = 0,
+        preferred_batch_sizes: tuple[int, ...] = (),
+        executor: Executor | None = None,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.ref = model.ref
+        self.stats = ModelStats()
+        self._max_rows = max(model.max_batch_size, 1)
+        self._batching = model.max_batch_size > 0
+        self._max_queue = max_queue_size
+        self._instances = instances
+        self._delay_ns = max_queue_delay_us * 1000
+        self._target_rows = max(preferred_batch_sizes, default=self._max_rows)
+        self._executor = executor
+        self._observer = observer
+        self._clock = clock
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._running = 0
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def is_accepting(self) -> bool:
+        return not self._closing
+
+    async def submit(self, feeds: list[Array], rows: int, deadline: float | None) -> list[Array]:
+        """Queue one request's feeds; return its outputs (all of the model's, in order).
+
+        Raises ``OverloadedError`` at once when the queue is full, ``ModelNotReadyError``
+        while draining, ``DeadlineExceededError`` when ``deadline`` (monotonic seconds)
+        passes before the batch runs, and the model's error when its own call fails.
+        """
+        loop = self._loop
+        if loop is None or self._idle is None:
+            raise ModelNotReadyError(f"model '{self.ref}' is not started")
+        if self._closing:
+            raise ModelNotReadyError(
+                f"model '{self.ref.name}' version {self.ref.version} is unloading"
+            )
+        if len(self._queue) >= self._max_queue:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"model '{self.ref.name}' version {self.ref.version} has {len(self._queue)} "
+                "requests queued (max_queue_size); retry later"
+            )
+        future: asyncio.Future[list[Array]] = loop.create_future()
+        key = tuple(f.shape[1:] for f in feeds) if self._batching else None
+        item = _Item(feeds, rows, key, future, deadline, time.perf_counter_ns())
+        self._queue.append(item)
+        self._queued_rows += rows
+        self._idle.clear()
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away (gRPC cancel, client disconnect): leave the queue now.
+            try:
+                self._queue.remove(item)
+                self._queued_rows -= item.rows
+                self.stats.cancelled += 1
+                self._check_idle()
+            except ValueError:
+                pass
+            raise
+
+    async def drain(self) -> None:
+        """Stop accepting requests and wait until queued and running ones finish."""
+        self._closing = True
+        if self._idle is not None:
+            await self._idle.wait()
+
+    # -- scheduling (event-loop thread) ------------------------------------------------
+
+    def _check_idle(self) -> None:
+        if not self._queue and self._running == 0 and self._idle is not None:
+            self._idle.set()
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue and self._running < self._instances:
+            if self._delay_ns and self._should_wait():
+                break
+            batch = self._take()
+            if not batch:
+                continue
+            self._running += 1
+            if self.model.is_inline or self._executor is None:
+                outcome = self._execute(batch)
+                self._finish(batch, outcome)
+            else:
+                assert self._loop is not None
+                fut = self._loop.run_in_executor(self._executor, self._execute, batch)
+                fut.add_done_callback(functools.partial(self._finish_future, batch))
+        self._check_idle()
+
+    def _should_wait(self) -> bool:
+        """With a queue delay: wait while the batch is short of its target and young."""
+        if self._queued_rows >= self._target_rows or self._closing:
+            return False
+        waited = time.perf_counter_ns() - self._queue[0].enqueued_ns
+        if waited >= self._delay_ns:
+            return False
+        if self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(
+                (self._delay_ns - waited) / _NS_PER_S, self._dispatch
+            )
+        return True
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch: a run of compatible requests from the head of the queue."""
+        queue = self._queue
+        now = self._clock()
+        batch: list[_Item] = []
+        rows = 0
+        key = None
+        while queue:
+            item = queue[0]
+            if item.future.done():  # cancelled by its caller
+                queue.popleft()
+                self._queued_rows -= item.rows
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                queue.popleft()
+                self._queued_rows -= item.rows
+                self.stats.expired += 1
+                item.future.set_exception(
+                    DeadlineExceededError(
+                        f"request to model '{self.ref.name}' version {self.ref.version} "
+                        "timed out in the queue before it could run"
+                    )
+                )
+                continue
+            if batch and (item.key != key or rows + item.rows > self._max_rows):
+                break
+            queue.popleft()
+            self._queued_rows -= item.rows
+            batch.append(item)
+            rows += item.rows
+            key = item.key
+            if not self._batching:
+                break
+        return batch
+
+    # -- execution (worker thread, or the loop thread for inline models) ------------------
+
+    def _execute(self, batch: list[_Item]) -> _Outcome:
+        outcome = _Outcome()
+        model = self.model
+        t0 = time.perf_counter_ns()
+        try:
+            feeds = merge([item.feeds for item in batch])
+            t1 = time.perf_counter_ns()
+            outputs = model.run(feeds)
+            t2 = time.perf_counter_ns()
+            outcome.results = list(split(outputs, [item.rows for item in batch]))
+            t3 = time.perf_counter_ns()
+            outcome.input_ns, outcome.infer_ns, outcome.output_ns = t1 - t0, t2 - t1, t3 - t2
+        except Exception as exc:
+            if len(batch) == 1:
+                outcome.results = [exc]
+                return outcome
+            # Isolate the failure: run each request alone so only the bad ones fail.
+            logger.warning(
+                "batch of %d for %s failed (%s); retrying one by one", len(batch), self.ref, exc
+            )
+            outcome.results = []
+            for item in batch:
+                try:
+                    outcome.results.append(model.run(item.feeds))
+                except Exception as single:
+                    outcome.results.append(single)
+            outcome.infer_ns = time.perf_counter_ns() - t0
+            return outcome
+        if self._observer is not None:
+            try:
+                self._observer(
+                    self.ref,
+                    dict(zip(model.input_names, feeds, strict=True)),
+                    dict(zip(model.output_names, outputs, strict=True)),
+                )
+            except Exception:  # an observer must never fail a request
+                logger.exception("observer failed for %s", self.ref)
+        return outcome
+
+    def _finish_future(self, batch: list[_Item], fut: asyncio.Future[_Outcome]) -> None:
+        try:
+            outcome = fut.result()
+        except BaseException as exc:  # the pool was shut down under us
+            outcome = _Outcome()
+            outcome.results = [exc] * len(batch)
+        self._finish(batch, outcome)
+        self._dispatch()
+
+    def _finish(self, batch: list[_Item], outcome: _Outcome) -> None:
+        self._running -= 1
+        stats = self.stats
+        end = time.perf_counter_ns()
+        rows = sum(item.rows for item in batch)
+        stats.execution_count += 1
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats.compute_input.add(outcome.input_ns, len(batch))
+        stats.compute_infer.add(outcome.infer_ns, len(batch))
+        stats.compute_output.add(outcome.output_ns, len(batch))
+        per_batch = stats.batch(rows)
+        per_batch.compute_input.add(outcome.input_ns)
+        per_batch.compute_infer.add(outcome.infer_ns)
+        per_batch.compute_output.add(outcome.output_ns)
+        busy_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+        for item, result in zip(batch, outcome.results, strict=True):
+            total = end - item.enqueued_ns
+            stats.queue.add(max(total - busy_ns, 0))
+            if isinstance(result, BaseException):
+                stats.fail.add(total)
+                if not item.future.done():
+                    item.future.set_exception(
+                        result
+                        if isinstance(result, GatewayError)
+                        else InternalError(f"model '{self.ref}' failed: {result}")
+                    )
+            else:
+                stats.success.add(total)
+                stats.inference_count += item.rows
+                if not item.future.done():
+                    item.future.set_result(result)
+        self._check_idle()

@@ -1,0 +1,389 @@
+"""repository.py: finds, loads, warms and closes ONNX Runtime sessions per model version.
+
+Input: a folder ``<repo>/<model>/<version>/model.onnx`` (versions are positive integers), an
+optional ``<repo>/<model>/config.toml`` (a ``ModelPolicy``), and the runtime settings.
+Output: immutable ``ModelVersion`` objects that validate requests against the graph's
+signature and run batches. It owns the inference thread pool, the one door through which
+model calls leave the event loop. It knows nothing of HTTP, gRPC or batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from gateway.codecs.datatypes import ONNX_TO_V2, V2_TO_NUMPY
+from gateway.config import ModelPolicy, RuntimeSettings, load_model_policy
+from gateway.errors import (
+    GatewayError,
+    InvalidInputError,
+    ModelExecutionError,
+    ModelNotFoundError,
+)
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ModelRef,
+    ModelSignature,
+    Tensor,
+    TensorSpec,
+)
+
+__all__ = ["ModelVersion", "ModelRepository", "MODEL_FILE", "PLATFORM"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE: Final = "model.onnx"
+PLATFORM: Final = "onnxruntime_onnx"
+_WARMUP_REPEATS: Final = 3
+
+Array = npt.NDArray[Any]
+
+
+def _dims(shape: list[int | str | None] | None) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (shape or []))
+
+
+class ModelVersion:
+    """One loaded model version: an ONNX Runtime session plus its validated signature.
+
+    Immutable once built. ``run`` blocks (it releases the GIL inside ONNX Runtime) and is
+    safe to call from several threads at once. ``is_inline`` says whether a batch is cheap
+    enough to run on the event loop (decided from the warm-up timing).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        policy: ModelPolicy,
+        runtime: RuntimeSettings,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.ref = ModelRef(name, version)
+        self.path = path
+        self.policy = policy
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = policy.intra_op_threads or runtime.intra_op_threads
+        options.inter_op_num_threads = runtime.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        providers = [p for p in runtime.execution_providers if p in available]
+        missing = [p for p in runtime.execution_providers if p not in available]
+        if missing:
+            logger.warning(
+                "model %s version %s: execution providers %s are not installed; using %s",
+                name,
+                version,
+                missing,
+                providers or ["CPUExecutionProvider"],
+            )
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
+        self.device = "GPU" if "CUDAExecutionProvider" in self.session.get_providers() else "CPU"
+        inputs = tuple(
+            TensorSpec(arg.name, self._v2_type(arg.name, arg.type), _dims(arg.shape))
+            for arg in self.session.get_inputs()
+        )
+        outputs = tuple(
+            TensorSpec(arg.name, self._v2_type(arg.name, arg.type), _dims(arg.shape))
+            for arg in self.session.get_outputs()
+        )
+        batchable = all(s.shape and s.shape[0] == -1 for s in inputs + outputs)
+        self.max_batch_size = policy.max_batch_size if batchable else 0
+        self.signature = ModelSignature(
+            name=name,
+            version=version,
+            platform=PLATFORM,
+            inputs=inputs,
+            outputs=outputs,
+            max_batch_size=self.max_batch_size,
+            preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
+            max_queue_delay_us=policy.max_queue_delay_us,
+            instances=policy.instances,
+            device=self.device,
+        )
+        self.input_names = [s.name for s in inputs]
+        self.output_names = [s.name for s in outputs]
+        self._inputs = {s.name: (i, s, V2_TO_NUMPY[s.datatype]) for i, s in enumerate(inputs)}
+        self._outputs = {s.name: (i, s) for i, s in enumerate(outputs)}
+        self.is_inline = policy.execution == "inline"
+        self.warmup_us: float | None = None
+
+    def _v2_type(self, tensor: str, onnx_type: str) -> str:
+        try:
+            return ONNX_TO_V2[onnx_type]
+        except KeyError:
+            raise InvalidInputError(
+                f"model '{self.name}' version {self.version}: tensor '{tensor}' has type "
+                f"{onnx_type}, which the V2 protocol cannot carry"
+            ) from None
+
+    # -- requests ------------------------------------------------------------------------
+
+    def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
+        """Check a request against the signature; return its feeds in graph order and rows.
+
+        Raises ``InvalidInputError`` naming the model, version and tensor on any mismatch:
+        unknown, missing or repeated input; wrong datatype; wrong rank or dimension; batch
+        larger than ``max_batch_size``; inputs with different batch sizes; unknown output.
+        """
+        feeds: list[Array | None] = [None] * len(self.input_names)
+        rows = -1
+        where = f"model '{self.name}' version {self.version}"
+        for tensor in request.inputs:
+            entry = self._inputs.get(tensor.name)
+            if entry is None:
+                raise InvalidInputError(
+                    f"{where} has no input '{tensor.name}'; its inputs are "
+                    + ", ".join(repr(n) for n in self.input_names)
+                )
+            index, spec, dtype = entry
+            if feeds[index] is not None:
+                raise InvalidInputError(f"{where}: input '{tensor.name}' is given twice")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInputError(
+                    f"{where}: input '{tensor.name}' has datatype {tensor.datatype}, "
+                    f"the model expects {spec.datatype}"
+                )
+            shape = tensor.shape
+            if len(shape) != len(spec.shape) or any(
+                want != -1 and got != want for got, want in zip(shape, spec.shape, strict=False)
+            ):
+                raise InvalidInputError(
+                    f"{where}: input '{tensor.name}' has shape {list(shape)}, "
+                    f"the model expects {list(spec.shape)} (-1 is any size)"
+                )
+            if self.max_batch_size:
+                batch = shape[0]
+                if rows == -1:
+                    rows = batch
+                elif batch != rows:
+                    raise InvalidInputError(
+                        f"{where}: inputs disagree on the batch size ({rows} and {batch} "
+                        f"for '{tensor.name}')"
+                    )
+            data = tensor.data
+            if data.dtype != dtype:
+                data = data.astype(dtype)
+            if spec.datatype == "BYTES":
+                data = _bytes_to_str(data)
+            feeds[index] = data
+        for index, feed in enumerate(feeds):
+            if feed is None:
+                raise InvalidInputError(f"{where}: input '{self.input_names[index]}' is missing")
+        if self.max_batch_size:
+            if rows < 1:
+                raise InvalidInputError(f"{where}: the batch dimension must be at least 1")
+            if rows > self.max_batch_size:
+                raise InvalidInputError(
+                    f"{where}: batch size {rows} exceeds the model's max_batch_size "
+                    f"{self.max_batch_size}; split the request"
+                )
+        else:
+            rows = 1
+        if request.outputs:
+            for out in request.outputs:
+                if out.name not in self._outputs:
+                    raise InvalidInputError(
+                        f"{where} has no output '{out.name}'; its outputs are "
+                        + ", ".join(repr(n) for n in self.output_names)
+                    )
+        return feeds, rows  # type: ignore[return-value]  # every slot filled above
+
+    def run(self, feeds: list[Array]) -> list[Array]:
+        """Run one batch (blocking). Raises ``ModelExecutionError`` if the runtime fails."""
+        try:
+            outputs: list[Array] = self.session.run(
+                None, dict(zip(self.input_names, feeds, strict=True))
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelExecutionError(
+                f"model '{self.name}' version {self.version} failed: {exc}"
+            ) from exc
+        return outputs
+
+    def respond(self, request: InferRequest, arrays: list[Array]) -> InferResponse:
+        """Build the response for one request from its slice of the model's outputs."""
+        specs = self.signature.outputs
+        if request.outputs:
+            chosen = [self._outputs[o.name][0] for o in request.outputs]
+        else:
+            chosen = list(range(len(specs)))
+        outputs = []
+        for index in chosen:
+            spec = specs[index]
+            array = arrays[index]
+            outputs.append(Tensor(spec.name, spec.datatype, array.shape, array))
+        return InferResponse(self.name, self.version, outputs, id=request.id, parameters=None)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Run a zero batch at size 1 and at max_batch_size; time the larger one.
+
+        With ``execution="auto"`` the model runs inline on the event loop when a full batch
+        took at most ``inline_max_us`` (a thread hand-off costs about 100 µs).
+        """
+        sizes = [1, self.max_batch_size] if self.max_batch_size > 1 else [1]
+        best = math.inf
+        for rows in sizes:
+            feeds = [self._synthetic(spec, rows) for spec in self.signature.inputs]
+            best = math.inf
+            for _ in range(_WARMUP_REPEATS):
+                start = time.perf_counter_ns()
+                self.run(feeds)
+                best = min(best, (time.perf_counter_ns() - start) / 1000)
+        self.warmup_us = best
+        if self.policy.execution == "auto":
+            self.is_inline = best <= self.policy.inline_max_us
+
+    def _synthetic(self, spec: TensorSpec, rows: int) -> Array:
+        shape = [
+            rows if (i == 0 and self.max_batch_size) else max(d, 1)
+            for i, d in enumerate(spec.shape)
+        ]
+        if spec.datatype == "BYTES":
+            return np.full(shape, "", dtype=np.object_)
+        return np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
+
+    def close(self) -> None:
+        """Release the session; the object must not be used afterwards."""
+        del self.session
+
+
+def _bytes_to_str(data: Array) -> Array:
+    """ONNX Runtime string tensors take ``str`` elements; V2 BYTES arrive as ``bytes``."""
+    flat = data.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.object_)
+    for i, item in enumerate(flat):
+        out[i] = item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
+    return out.reshape(data.shape)
+
+
+class ModelRepository:
+    """The model folder and the versions loaded from it.
+
+    ``load`` builds fresh ``ModelVersion`` objects (the caller swaps them in); a version
+    that fails to load is listed as UNAVAILABLE with its reason and the others keep
+    serving. All session work runs in the inference pool, never on the event loop.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        runtime: RuntimeSettings,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.root = root
+        self._runtime = runtime
+        self._overrides = dict(overrides or {})
+        self._entries: dict[tuple[str, str], ModelIndexEntry] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            raise RuntimeError("ModelRepository.start() was not called")
+        return self._pool
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=self._runtime.inference_workers, thread_name_prefix="inference"
+        )
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def model_names(self) -> list[str]:
+        """Folders under the repository root that hold at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and self._version_dirs(d))
+
+    @staticmethod
+    def _version_dirs(model_dir: Path) -> list[Path]:
+        found = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+        return sorted(found, key=lambda d: int(d.name))
+
+    def index(self) -> list[ModelIndexEntry]:
+        """Every model version seen, with its state; unloaded-but-present models too."""
+        entries = dict(self._entries)
+        for name in self.model_names():
+            for vdir in self._version_dirs(self.root / name):
+                entries.setdefault((name, vdir.name), ModelIndexEntry(name, vdir.name, ""))
+        return [entries[key] for key in sorted(entries, key=lambda k: (k[0], int(k[1])))]
+
+    def set_state(self, name: str, version: str, state: str, reason: str = "") -> None:
+        self._entries[(name, version)] = ModelIndexEntry(name, version, state, reason)
+
+    def forget(self, name: str) -> None:
+        for key in [k for k in self._entries if k[0] == name]:
+            del self._entries[key]
+
+    async def load(self, name: str, extra: Mapping[str, Any] | None = None) -> list[ModelVersion]:
+        """Load every version of ``name`` (blocking work in the pool); return those that
+        loaded. Raises ``ModelNotFoundError`` when the folder has no versions and
+        ``InvalidInputError`` when its settings are invalid."""
+        if "/" in name or name.startswith(".") or not name:
+            raise InvalidInputError(f"invalid model name '{name}'")
+        model_dir = self.root / name
+        if not model_dir.is_dir() or not self._version_dirs(model_dir):
+            raise ModelNotFoundError(
+                f"model '{name}' is not in the repository (no {self.root}/{name}/<version>/"
+                f"{MODEL_FILE})"
+            )
+        policy = load_model_policy(model_dir, self._overrides.get(name), extra)
+        loop = asyncio.get_running_loop()
+        loaded: list[ModelVersion] = []
+        for vdir in self._version_dirs(model_dir):
+            version = vdir.name
+            self.set_state(name, version, "LOADING")
+            try:
+                model = await loop.run_in_executor(
+                    self.executor, self._load_version, name, version, vdir, policy
+                )
+            except Exception as exc:
+                reason = exc.message if isinstance(exc, GatewayError) else f"{exc}"
+                logger.error("model %s version %s failed to load: %s", name, version, reason)
+                self.set_state(name, version, "UNAVAILABLE", reason)
+                continue
+            loaded.append(model)
+        return loaded
+
+    def _load_version(
+        self, name: str, version: str, vdir: Path, policy: ModelPolicy
+    ) -> ModelVersion:
+        path = vdir / MODEL_FILE
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path.relative_to(self.root)} is missing")
+        model = ModelVersion(name, version, path, policy, self._runtime)
+        if self._runtime.warmup:
+            model.warm_up()
+        logger.info(
+            "loaded model %s version %s (%s, batch %s, warm-up %.0f us, %s)",
+            name,
+            version,
+            model.device,
+            model.max_batch_size or "off",
+            model.warmup_us or 0.0,
+            "inline" if model.is_inline else "pool",
+        )
+        return model
