@@ -1,0 +1,279 @@
+"""app.py: the composition root. Builds every component from ``Settings``, starts them in
+dependency order, serves, and on SIGTERM drains and stops them in reverse.
+
+``serve(settings)`` is an async context manager yielding a running ``Gateway`` with its
+bound ports (tests use port 0); ``run(settings)`` is the blocking entry used by the CLI and
+owns the process signals (uvicorn and grpc install none of their own here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Generator, Mapping
+from typing import Any
+
+import grpc
+import msgspec
+import uvicorn
+
+from gateway import __version__
+from gateway.batcher import Batcher
+from gateway.config import Settings
+from gateway.errors import InvalidInputError, ModelNotFoundError
+from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
+from gateway.http_api import EXTENSIONS, HttpFrontEnd
+from gateway.repository import ModelRepository, ModelVersion
+from gateway.router import Endpoint, Router
+from gateway.types import ModelIndexEntry, ParamValue
+
+__all__ = ["Gateway", "serve", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ``app.py`` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+# Load-request "config" fields (the model configuration's JSON form) we honour.
+def _policy_from_config(raw: ParamValue) -> dict[str, Any]:
+    if not isinstance(raw, str):
+        raise InvalidInputError("load parameter 'config' must be a JSON string")
+    try:
+        config = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidInputError(f"load parameter 'config' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidInputError("load parameter 'config' must be a JSON object")
+    policy: dict[str, Any] = {}
+    if "max_batch_size" in config:
+        policy["max_batch_size"] = config["max_batch_size"]
+    dynamic = config.get("dynamic_batching")
+    if isinstance(dynamic, dict):
+        if "max_queue_delay_microseconds" in dynamic:
+            policy["max_queue_delay_us"] = dynamic["max_queue_delay_microseconds"]
+        if "preferred_batch_size" in dynamic:
+            policy["preferred_batch_sizes"] = dynamic["preferred_batch_size"]
+    groups = config.get("instance_group")
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict) and "count" in groups[0]:
+        policy["instances"] = groups[0]["count"]
+    return policy
+
+
+class Gateway:
+    """All components of one gateway process, wired together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(
+            settings.repository_path(), settings.runtime, settings.models
+        )
+        self.router = Router()
+        self._started = False
+        self._draining = False
+        self.http = HttpFrontEnd(
+            self.router,
+            self,
+            settings.http,
+            server_name=settings.server_name,
+            server_version=__version__,
+            is_ready=self.is_ready,
+        )
+        self.inference = InferenceServicer(
+            self.router,
+            self,
+            server_name=settings.server_name,
+            server_version=__version__,
+            extensions=EXTENSIONS,
+            is_ready=self.is_ready,
+        )
+        self.health = HealthServicer(self.router, self.is_ready)
+        self._uvicorn: _Uvicorn | None = None
+        self._uvicorn_task: asyncio.Task[None] | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+        self._lock = asyncio.Lock()
+
+    # -- readiness ------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._started and not self._draining
+
+    # -- ModelControl (the V2 repository extension) ---------------------------------------
+
+    def index(self) -> list[ModelIndexEntry]:
+        return self.repository.index()
+
+    async def load(self, name: str, parameters: Mapping[str, ParamValue]) -> None:
+        """(Re)load every version of ``name``; requests in flight finish on the old ones."""
+        extra: dict[str, Any] = {}
+        for key, value in parameters.items():
+            if key == "config":
+                extra.update(_policy_from_config(value))
+            elif key.startswith("file:"):
+                raise InvalidInputError(
+                    "uploading model files is not supported; place them in the repository"
+                )
+        async with self._lock:
+            loaded = await self.repository.load(name, extra)
+            if not loaded:
+                reasons = "; ".join(
+                    f"version {e.version}: {e.reason}"
+                    for e in self.repository.index()
+                    if e.name == name and e.reason
+                )
+                raise InvalidInputError(f"failed to load model '{name}': {reasons}")
+            stale = set(self.router.versions(name)) - {m.version for m in loaded}
+            for version in stale:
+                for old in self.router.remove(name, version):
+                    await self._retire(old)
+            for model in loaded:
+                await self._install(model)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            removed = self.router.remove(name)
+            if not removed:
+                raise ModelNotFoundError(f"Request for unknown model: '{name}' is not loaded")
+            for endpoint in removed:
+                self.repository.set_state(name, endpoint.model.version, "UNLOADING")
+            for endpoint in removed:
+                await self._retire(endpoint)
+                self.repository.set_state(name, endpoint.model.version, "UNAVAILABLE", "unloaded")
+
+    async def _install(self, model: ModelVersion) -> None:
+        policy = model.policy
+        batcher = Batcher(
+            model,
+            max_queue_size=policy.max_queue_size,
+            instances=policy.instances,
+            max_queue_delay_us=policy.max_queue_delay_us,
+            preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
+            executor=self.repository.executor,
+        )
+        batcher.start()
+        timeout = policy.default_timeout_ms / 1000 if policy.default_timeout_ms else None
+        old = self.router.install(
+            Endpoint(model, batcher, timeout), default_version=policy.default_version
+        )
+        self.repository.set_state(model.name, model.version, "READY")
+        if old is not None:
+            await self._retire(old)
+
+    async def _retire(self, endpoint: Endpoint) -> None:
+        await endpoint.batcher.drain()
+        endpoint.model.close()  # type: ignore[attr-defined]  # ModelVersion.close
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the repository, then open the listeners. Ready once both are up."""
+        settings = self.settings
+        self.repository.start()
+        names = self.repository.model_names()
+        if not names:
+            logger.warning("model repository %s holds no models", self.repository.root)
+        for name in names:
+            try:
+                await self.load(name, {})
+            except Exception as exc:  # one bad model must not stop the others
+                logger.error("model %s is not served: %s", name, exc)
+        sock = _bind(settings.http.host, settings.http.port)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.http.app,
+            lifespan="off",
+            interface="asgi3",
+            http="httptools",
+            access_log=settings.http.access_log,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(settings.grace_period_s),
+            timeout_keep_alive=30,
+        )
+        self._uvicorn = _Uvicorn(config)
+        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        self._grpc = build_server(self.inference, self.health, settings.grpc.max_message_bytes)
+        self.grpc_port = self._grpc.add_insecure_port(f"{settings.grpc.host}:{settings.grpc.port}")
+        await self._grpc.start()
+        while not self._uvicorn.started:
+            if self._uvicorn_task.done():
+                self._uvicorn_task.result()
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self._started = True
+        logger.info(
+            "serving %s on HTTP %s:%d and gRPC %s:%d",
+            ", ".join(f"{e.name}/{e.version}" for e in self.index() if e.state == "READY")
+            or "no models",
+            settings.http.host,
+            self.http_port,
+            settings.grpc.host,
+            self.grpc_port,
+        )
+
+    async def stop(self) -> None:
+        """Readiness goes false at once; in-flight requests finish (up to the grace
+        period); then listeners close, batchers drain and sessions are released."""
+        self._draining = True
+        grace = self.settings.grace_period_s
+        stops = []
+        if self._grpc is not None:
+            stops.append(self._grpc.stop(grace))
+        if self._uvicorn is not None and self._uvicorn_task is not None:
+            self._uvicorn.should_exit = True
+            stops.append(self._uvicorn_task)
+        await asyncio.gather(*stops, return_exceptions=True)
+        for endpoint in list(self.router.endpoints()):
+            self.router.remove(endpoint.model.name, endpoint.model.version)
+            await self._retire(endpoint)
+        self.repository.stop()
+        logger.info("stopped")
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Gateway]:
+    """Start a gateway, yield it (ports bound, ready), stop it on exit."""
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+async def _main(settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(settings) as gateway:
+        del gateway
+        await stop.wait()
+        logger.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit (blocking)."""
+    asyncio.run(_main(settings))
