@@ -1,0 +1,196 @@
+"""Batcher scheduling through its public API, with a fake model (a function of the rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from gateway.batcher import Batcher, merge, split
+from gateway.errors import DeadlineExceededError, ModelExecutionError, OverloadedError
+from gateway.types import ModelRef
+
+Array = npt.NDArray[Any]
+
+
+class FakeModel:
+    """out = 2 * x + row-sum; raises when any value is negative; can block on a gate."""
+
+    def __init__(self, max_batch_size: int = 8, inline: bool = False) -> None:
+        self.ref = ModelRef("fake", "1")
+        self.max_batch_size = max_batch_size
+        self.is_inline = inline
+        self.input_names = ["x"]
+        self.output_names = ["y", "s"]
+        self.calls: list[int] = []
+        self.gate: threading.Event | None = None
+        self.started = threading.Event()
+
+    def run(self, feeds: list[Array]) -> list[Array]:
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        x = feeds[0]
+        self.calls.append(x.shape[0])
+        if (x < 0).any():
+            raise ModelExecutionError("negative input")
+        return [2 * x, x.sum(axis=1)]
+
+
+def test_merge_and_split_return_each_caller_its_rows() -> None:
+    parts = [[np.full((n, 3), i, np.float32)] for i, n in enumerate([1, 4, 2])]
+    merged = merge(parts)
+    assert merged[0].shape == (7, 3)
+    pieces = split([merged[0] * 10], [1, 4, 2])
+    for i, piece in enumerate(pieces):
+        assert np.array_equal(piece[0], parts[i][0] * 10)
+
+
+async def _submit_many(batcher: Batcher, sizes: list[int]) -> list[list[Array]]:
+    calls = [batcher.submit([np.full((n, 2), i, np.float32)], n, None) for i, n in enumerate(sizes)]
+    return await asyncio.gather(*calls)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "pool"])
+def test_concurrent_requests_are_batched_and_split_exactly(inline: bool) -> None:
+    model = FakeModel(max_batch_size=8, inline=inline)
+    sizes = [1, 3, 2, 1, 4, 1, 1, 2, 8, 1]
+
+    async def main() -> list[list[Array]]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(model, max_queue_size=100, executor=pool)
+            batcher.start()
+            return await _submit_many(batcher, sizes)
+
+    results = asyncio.run(main())
+    for i, (n, out) in enumerate(zip(sizes, results, strict=True)):
+        assert np.array_equal(out[0], np.full((n, 2), 2 * i, np.float32))
+        assert np.array_equal(out[1], np.full(n, 2 * i, np.float32))
+    assert sum(model.calls) == sum(sizes)
+    assert max(model.calls) <= 8
+    assert len(model.calls) < len(sizes)  # some requests shared a call
+
+
+def test_lone_request_is_not_held_back() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = Batcher(model, max_queue_size=10)
+        batcher.start()
+        await asyncio.wait_for(batcher.submit([np.ones((1, 2), np.float32)], 1, None), 1)
+        assert batcher.stats.execution_count == 1
+
+    asyncio.run(main())
+
+
+def test_full_queue_rejects_at_once_and_expired_requests_never_run() -> None:
+    model = FakeModel(max_batch_size=1)
+    model.gate = threading.Event()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(model, max_queue_size=2, executor=pool)
+            batcher.start()
+            loop = asyncio.get_running_loop()
+            first = asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+            await loop.run_in_executor(None, model.started.wait, 5)
+            expired = asyncio.create_task(
+                batcher.submit([np.full((1, 2), 7, np.float32)], 1, loop.time() - 1)
+            )
+            waiting = asyncio.create_task(batcher.submit([np.full((1, 2), 3, np.float32)], 1, None))
+            await asyncio.sleep(0)
+            with pytest.raises(OverloadedError):
+                await batcher.submit([np.ones((1, 2), np.float32)], 1, None)
+            assert model.gate is not None
+            model.gate.set()
+            await first
+            with pytest.raises(DeadlineExceededError):
+                await expired
+            assert np.array_equal((await waiting)[0], np.full((1, 2), 6, np.float32))
+            assert batcher.stats.expired == 1
+            assert batcher.stats.rejected == 1
+
+    asyncio.run(main())
+    assert model.calls == [1, 1]  # the expired request never reached the model
+
+
+def test_cancelled_request_leaves_the_queue() -> None:
+    model = FakeModel(max_batch_size=1)
+    model.gate = threading.Event()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(model, max_queue_size=4, executor=pool)
+            batcher.start()
+            loop = asyncio.get_running_loop()
+            first = asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+            await loop.run_in_executor(None, model.started.wait, 5)
+            doomed = asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+            await asyncio.sleep(0)
+            assert batcher.queue_depth == 1
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            assert batcher.queue_depth == 0
+            assert model.gate is not None
+            model.gate.set()
+            await first
+            await batcher.drain()
+
+    asyncio.run(main())
+    assert model.calls == [1]
+
+
+def test_one_failing_request_does_not_fail_its_batch() -> None:
+    model = FakeModel(max_batch_size=8, inline=True)
+
+    async def main() -> list[Any]:
+        batcher = Batcher(model, max_queue_size=10)
+        batcher.start()
+        calls = [batcher.submit([np.full((1, 2), v, np.float32)], 1, None) for v in (1, -1, 2)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    good1, bad, good2 = asyncio.run(main())
+    assert isinstance(bad, ModelExecutionError)
+    assert np.array_equal(good1[0], np.full((1, 2), 2, np.float32))
+    assert np.array_equal(good2[0], np.full((1, 2), 4, np.float32))
+    assert model.calls[0] == 3  # tried together first, then one by one
+
+
+def test_incompatible_shapes_go_in_separate_batches() -> None:
+    model = FakeModel(max_batch_size=8, inline=True)
+
+    async def main() -> None:
+        batcher = Batcher(model, max_queue_size=10)
+        batcher.start()
+        a = batcher.submit([np.ones((2, 2), np.float32)], 2, None)
+        b = batcher.submit([np.ones((1, 3), np.float32)], 1, None)
+        out_a, out_b = await asyncio.gather(a, b)
+        assert out_a[0].shape == (2, 2)
+        assert out_b[0].shape == (1, 3)
+
+    asyncio.run(main())
+    assert sorted(model.calls) == [1, 2]
+
+
+def test_queue_delay_waits_for_company() -> None:
+    model = FakeModel(max_batch_size=8, inline=True)
+
+    async def main() -> None:
+        batcher = Batcher(
+            model, max_queue_size=10, max_queue_delay_us=50_000, preferred_batch_sizes=(4,)
+        )
+        batcher.start()
+        first = asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+        await asyncio.sleep(0.005)
+        assert not model.calls  # still waiting for company
+        rest = [batcher.submit([np.ones((1, 2), np.float32)], 1, None) for _ in range(3)]
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(main())
+    assert model.calls == [4]

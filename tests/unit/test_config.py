@@ -1,0 +1,59 @@
+"""Settings: file, environment and overrides, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_model_policy, load_settings
+
+
+def test_defaults_and_environment_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "gateway.toml"
+    file.write_text("grace_period_s = 5\n[http]\nport = 9000\n[models.m]\ninstances = 2\n")
+    settings = load_settings(
+        file,
+        env={"GATEWAY_HTTP__PORT": "9100", "GATEWAY_RUNTIME__INFERENCE_WORKERS": "3", "OTHER": "x"},
+    )
+    assert settings.http.port == 9100
+    assert settings.runtime.inference_workers == 3
+    assert settings.grace_period_s == 5
+    assert settings.grpc.port == 8001
+    assert settings.models == {"m": {"instances": 2}}
+    over = load_settings(file, env={}, overrides={"http.port": 0})
+    assert over.http.port == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[http]\nport = 'abc'\n", "http.port"),
+        ("[http]\nbogus = 1\n", "bogus"),
+        ("[models.m]\nmax_batch_size = -1\n", "max_batch_size"),
+        ("[models.m]\ninstances = 0\n", "instances"),
+        ("not toml ===", "not valid TOML"),
+    ],
+)
+def test_invalid_settings_name_the_field(tmp_path: Path, text: str, words: str) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_settings(file, env={})
+
+
+def test_model_policy_layers(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("max_batch_size = 16\ninstances = 2\n")
+    policy = load_model_policy(tmp_path, {"instances": 3}, {"max_queue_delay_us": 100})
+    assert (policy.max_batch_size, policy.instances, policy.max_queue_delay_us) == (16, 3, 100)
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[grpc]\nport = 9001\n")
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grpc]\nport = 'x'\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "grpc.port" in capsys.readouterr().err
