@@ -168,6 +168,7 @@ class Gateway:
             instances=policy.instances,
             max_queue_delay_us=policy.max_queue_delay_us,
             preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
+            batching=policy.dynamic_batching,
             executor=self.repository.executor,
         )
         batcher.start()

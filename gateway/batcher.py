@@ -125,6 +125,7 @@ class Batcher:
         instances: int = 1,
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: tuple[int, ...] = (),
+        batching: bool = True,
         executor: Executor | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -133,7 +134,7 @@ class Batcher:
         self.ref = model.ref
         self.stats = ModelStats()
         self._max_rows = max(model.max_batch_size, 1)
-        self._batching = model.max_batch_size > 0
+        self._batching = batching and model.max_batch_size > 0
         self._max_queue = max_queue_size
         self._instances = instances
         self._delay_ns = max_queue_delay_us * 1000

@@ -50,6 +50,9 @@ class ModelPolicy(_Base, frozen=True):
     max_batch_size: int = 64
     """Largest batch (rows) one model call takes; requests above it get 400. 64 fills a CPU
     core's caches for typical tabular models; 0 turns batching off."""
+    dynamic_batching: bool = True
+    """Merge concurrent requests into one model call. Off: each request runs alone (the
+    model still accepts any batch up to max_batch_size)."""
     max_queue_delay_us: int = 0
     """How long (µs) the oldest queued request may wait for company before its batch runs.
     0 is work-conserving: a batch runs as soon as an instance is free (measured best)."""

@@ -114,6 +114,7 @@ class ModelVersion:
             outputs=outputs,
             max_batch_size=self.max_batch_size,
             preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
+            dynamic_batching=policy.dynamic_batching,
             max_queue_delay_us=policy.max_queue_delay_us,
             instances=policy.instances,
             device=self.device,

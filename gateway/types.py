@@ -178,6 +178,7 @@ class ModelSignature:
     max_batch_size: int
     """0 when the model has no batch dimension (then shapes are used as declared)."""
     preferred_batch_sizes: tuple[int, ...] = ()
+    dynamic_batching: bool = True
     max_queue_delay_us: int = 0
     instances: int = 1
     device: str = "CPU"

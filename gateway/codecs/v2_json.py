@@ -331,7 +331,7 @@ def model_config(signature: ModelSignature) -> dict[str, Any]:
         "model_transaction_policy": {"decoupled": False},
         "response_cache": {"enable": False},
     }
-    if batched:
+    if batched and signature.dynamic_batching:
         config["dynamic_batching"] = dynamic
     return config
 
