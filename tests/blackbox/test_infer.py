@@ -3,7 +3,10 @@ bit with onnxruntime run directly on the same model file."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +278,27 @@ def test_statistics_count_requests(server: RunningGateway, protocol: str) -> Non
     assert rows1 - rows0 == 9
     assert ok1 - ok0 == 3
     conn.close()
+
+
+def test_keep_alive_responses_are_not_delayed(server: RunningGateway) -> None:
+    """Responses leave in two writes (headers, body): without TCP_NODELAY on the accepted
+    socket each one waits ~40 ms for the client's delayed ACK."""
+    host, port = server.http_url.split(":")
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT0", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
+    ).encode()
+    request = (
+        f"POST /v2/models/mlp_small/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    took = []
+    with socket.create_connection((host, int(port))) as sock:
+        for _ in range(9):
+            start = time.perf_counter()
+            sock.sendall(request)
+            reply = b""
+            while not (b"\r\n\r\n" in reply and reply.endswith(b"}")):
+                reply += sock.recv(65536)
+            took.append(time.perf_counter() - start)
+            assert reply.startswith(b"HTTP/1.1 200")
+    assert sorted(took)[4] < 0.02, took
