@@ -1,0 +1,671 @@
+"""monitor.py: DriftMonitor: per-request counting, sliding windows and drift reports per model.
+
+``observe()`` runs in inference workers right after a model call: it bins the batch's input and
+output columns into the calling thread's own ring of sub-window count matrices (one numba call
+per tensor part, no lock, no allocation after the thread's first request). A background
+aggregator copies sealed sub-windows into sliding sums by exact integer addition (DRIFT.md §1.3,
+§6). ``report()`` and ``compare()`` turn those sums into statistics and verdicts. The monitor
+knows models only as ``ModelRef`` and tensors only as named numpy arrays: nothing of routing,
+batching, rollout policy or wire formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from gateway.drift import kernels, stats
+from gateway.drift.profile import CategoricalProfile, NumericProfile, Profile, TensorProfile
+from gateway.types import ModelRef
+
+__all__ = ["DriftSettings", "FeatureDrift", "DriftReport", "DriftMonitor"]
+
+logger = logging.getLogger(__name__)
+
+I64Array = npt.NDArray[np.int64]
+F64Array = npt.NDArray[np.float64]
+
+MIN_RING_SLOTS: Final = 3  # current + one lagging epoch + one sealed, whatever sub_windows is
+STOP_TIMEOUT_S: Final = 5.0  # a tick takes milliseconds; waiting longer means it is stuck
+
+
+class DriftSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Drift monitoring knobs (moves to gateway/config.py with the other settings)."""
+
+    bins: int = 20
+    """Bins per numeric feature when a profile is built; 20 keeps PSI power at n=1000 (§4.3)."""
+    sub_window_s: float = 5.0
+    """Sub-window length in s: the unit of sliding, expiry and replica merging (DRIFT.md §1.3)."""
+    sub_windows: int = 12
+    """Sub-windows per sliding window: 12 x 5 s gives the 60 s window of DRIFT.md §1.3."""
+    tick_s: float = 1.0
+    """Aggregator period in s: sealed sub-windows reach the window within a second."""
+    alpha: float = 0.01
+    """False-alarm rate per report, split over features (Bonferroni); PSI and KS each get it."""
+    min_samples: int = 1000
+    """Rows in the window before any verdict against the reference (DRIFT.md §4.4)."""
+    min_samples_per_arm: int = 2000
+    """Rows per window before a canary-vs-stable verdict: two-window variance doubles (§4.3)."""
+    max_rows_per_request: int = 256
+    """Rows counted per request, every k-th row beyond it: 1024 x 256 unsampled costs 1.2 ms."""
+    enabled: bool = True
+    """Off makes observe() return at once and start() start nothing."""
+
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """Drift of one feature (input or output column) over the window.
+
+    ``n`` counts the finite values the statistics use, ``n_baseline`` the reference's (or the
+    stable window's). ``score`` is the largest statistic/threshold ratio of the feature's tests
+    (PSI and KS for numeric, PSI and chi-square for categorical): above 1 is drift. ``ks`` and
+    ``w1`` are 0 for categorical features; rates are fractions of the rows counted, and for
+    categorical features ``nan_rate`` includes ±inf. Thresholds are inf while n is 0.
+    """
+
+    name: str
+    kind: str
+    n: int
+    n_baseline: int
+    psi: float
+    js: float
+    ks: float
+    w1: float
+    chi2: float
+    psi_threshold: float
+    ks_threshold: float
+    chi2_threshold: float
+    score: float
+    verdict: str
+    severity: str
+    below_min_rate: float
+    above_max_rate: float
+    nan_rate: float
+    inf_rate: float
+    unseen_rate: float
+    quality_alert: bool
+
+
+class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Drift of one model version against its reference profile or against another version.
+
+    Features are sorted worst first. ``verdict`` combines all features: drift if any drifts,
+    else insufficient_data if any lacks data (or there are none), else no_drift.
+    ``input_verdict`` and ``output_verdict`` do the same per side: output drift between canary
+    and stable is the rollback signal, input drift against the reference an upstream alert.
+    """
+
+    model: str
+    baseline: str
+    profile_hash: str
+    window_s: float
+    verdict: str
+    input_verdict: str
+    output_verdict: str
+    inputs: tuple[FeatureDrift, ...]
+    outputs: tuple[FeatureDrift, ...]
+    dropped: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Internal state.
+
+
+@dataclass(eq=False)
+class _Ring:
+    """One thread's sub-window counts for one part: ``counts[S, F, W]`` and ``epochs[S]``."""
+
+    counts: I64Array
+    epochs: I64Array
+    collected_upto: int  # the aggregator has copied every epoch <= this one
+
+
+@dataclass(eq=False)
+class _Part:
+    """The numeric or the categorical columns of one tensor: one kernel call per request."""
+
+    key: str
+    names: tuple[str, ...]
+    cols: I64Array
+    packed: npt.NDArray[np.float32]
+    kernel: kernels.RingKernel
+    numeric: NumericProfile | None
+    categorical: CategoricalProfile | None
+    critical: F64Array  # chi-square critical value per feature at alpha / F, fixed per profile
+    ks_coefficient: float
+    rings: list[_Ring] = field(default_factory=list)  # appended by request threads
+    sealed: dict[int, I64Array] = field(default_factory=dict)  # epoch -> counts, in window
+    window: I64Array = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.cols.shape[0]), self._width())
+
+    def _width(self) -> int:
+        if self.numeric is not None:
+            return self.numeric.width
+        assert self.categorical is not None
+        return self.categorical.width
+
+
+@dataclass(eq=False)
+class _TensorPlan:
+    tensor: str
+    is_input: bool
+    n_columns: int
+    parts: tuple[_Part, ...]
+
+
+@dataclass(eq=False)
+class _Registration:
+    ref: ModelRef
+    profile: Profile | None
+    plans: tuple[_TensorPlan, ...]
+    first_epoch: int
+    dropped: int = 0  # racy increments from several threads: a close count, not an exact one
+    warned: bool = False
+
+
+# Per-thread precomputed work for one model: each tensor's name, side, column count and
+# kernel calls (kernel, cols, packed profile, ring counts, ring epochs). Tuples, because the
+# request path only iterates them.
+_Call = tuple[kernels.RingKernel, I64Array, npt.NDArray[np.float32], I64Array, I64Array]
+_Step = tuple[str, bool, int, tuple[_Call, ...]]
+_ThreadEntry = tuple[_Registration, tuple[_Step, ...]]
+_MISSING: Final[Any] = object()
+_FLOAT32: Final = np.dtype(np.float32)
+
+_VERDICT_RANK: Final = {
+    stats.Verdict.DRIFT: 0,
+    stats.Verdict.NO_DRIFT: 1,
+    stats.Verdict.INSUFFICIENT_DATA: 2,
+}
+
+
+def _combine(verdicts: list[str]) -> str:
+    if stats.Verdict.DRIFT in verdicts:
+        return stats.Verdict.DRIFT
+    if not verdicts or stats.Verdict.INSUFFICIENT_DATA in verdicts:
+        return stats.Verdict.INSUFFICIENT_DATA
+    return stats.Verdict.NO_DRIFT
+
+
+def _ratio(statistic: F64Array, threshold: F64Array) -> F64Array:
+    return np.divide(
+        statistic, threshold, out=np.zeros_like(statistic), where=np.isfinite(threshold)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class DriftMonitor:
+    """Counts served batches per model version and reports drift; see the module docstring.
+
+    ``clock_ns`` is a monotonic clock in ns (injected so tests need no sleeps);
+    ``unix_offset_ns`` maps it to Unix time (default: measured at construction), so sub-window
+    epochs line up across replicas. Thread-safe: ``observe`` from any number of threads without
+    locks; the other methods share one lock with the aggregator.
+    """
+
+    def __init__(
+        self,
+        settings: DriftSettings,
+        *,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        unix_offset_ns: int | None = None,
+    ) -> None:
+        if settings.sub_window_s <= 0 or settings.sub_windows < 1 or settings.tick_s <= 0:
+            raise ValueError("drift sub_window_s, sub_windows and tick_s must be positive")
+        if not 0.0 < settings.alpha < 1.0:
+            raise ValueError(f"drift alpha must be in (0, 1), got {settings.alpha}")
+        self._settings = settings
+        self._clock_ns = clock_ns
+        self._offset_ns = time.time_ns() - clock_ns() if unix_offset_ns is None else unix_offset_ns
+        self._sub_ns = round(settings.sub_window_s * 1e9)
+        self._slots = max(settings.sub_windows, MIN_RING_SLOTS)
+        self._max_rows = settings.max_rows_per_request
+        self._models: dict[ModelRef, _Registration] = {}
+        self._local = threading.local()  # .cache: ModelRef -> _ThreadEntry | None
+        self._generation = 0  # bumped by (un)register: thread caches rebuild
+        self._lock = threading.Lock()
+        self._sealed_upto = self._epoch() - 2
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _epoch(self) -> int:
+        return (self._clock_ns() + self._offset_ns) // self._sub_ns
+
+    # -- registration ----------------------------------------------------------------------
+
+    def register(self, ref: ModelRef, profile: Profile | None, input_name: str) -> None:
+        """Monitor ``ref``'s tensor ``input_name`` (and the profile's outputs) from now on.
+
+        Check the profile against the model first (``Profile.check_compatible``): a tensor
+        whose column count differs is dropped at observe time. Replaces any earlier
+        registration of ``ref``, whose windows are dropped. Compiles or loads the kernels the
+        profile needs, so it blocks (ms on a warm numba cache, seconds on a cold one): call
+        before the model reports ready. ``profile`` None (or monitoring disabled in the
+        settings) registers the model without monitoring it.
+        """
+        plans: tuple[_TensorPlan, ...] = ()
+        if profile is not None and self._settings.enabled:
+            plans = (self._plan(profile.inputs, input_name, True, profile.inputs.n_columns),)
+            n_out = sum(t.n_columns for t in profile.outputs.values())
+            plans += tuple(
+                self._plan(tensor, name, False, n_out) for name, tensor in profile.outputs.items()
+            )
+            kernels.warm_up(
+                profile.numeric_depths(), profile.categorical_depths(), count=False, ring=True
+            )
+        with self._lock:
+            self._models[ref] = _Registration(ref, profile, plans, self._epoch())
+            self._generation += 1
+        logger.info(
+            "drift monitoring %s",
+            ref,
+            extra={"profile_hash": profile.hash if profile else None, "input": input_name},
+        )
+
+    def unregister(self, ref: ModelRef) -> None:
+        """Stop monitoring ``ref`` and drop its windows; unknown refs are ignored."""
+        with self._lock:
+            self._models.pop(ref, None)
+            self._generation += 1
+
+    def _plan(self, tensor: TensorProfile, name: str, is_input: bool, family: int) -> _TensorPlan:
+        tail = self._settings.alpha / max(family, 1)
+        ks_c = stats.ks_coefficient(tail)
+        side = "inputs" if is_input else "outputs"
+        parts: list[_Part] = []
+        if tensor.numeric is not None:
+            num = tensor.numeric
+            df = np.asarray((num.ref_counts > 0).sum(axis=1) - 1, np.int64)
+            parts.append(
+                _Part(
+                    key=f"{side}/{name}/numeric",
+                    names=tuple(tensor.names[c] for c in num.cols.tolist()),
+                    cols=num.cols,
+                    packed=num.packed,
+                    kernel=kernels.numeric_ring_kernel(num.depth),
+                    numeric=num,
+                    categorical=None,
+                    critical=stats.chi2_critical(df, tail),
+                    ks_coefficient=ks_c,
+                    window=np.zeros((num.cols.shape[0], num.width), np.int64),
+                )
+            )
+        if tensor.categorical is not None:
+            cat = tensor.categorical
+            df = np.asarray((cat.ref_counts > 0).sum(axis=1) - 1, np.int64)
+            parts.append(
+                _Part(
+                    key=f"{side}/{name}/categorical",
+                    names=tuple(tensor.names[c] for c in cat.cols.tolist()),
+                    cols=cat.cols,
+                    packed=cat.packed,
+                    kernel=kernels.categorical_ring_kernel(cat.depth),
+                    numeric=None,
+                    categorical=cat,
+                    critical=stats.chi2_critical(df, tail),
+                    ks_coefficient=ks_c,
+                    window=np.zeros((cat.cols.shape[0], cat.width), np.int64),
+                )
+            )
+        return _TensorPlan(name, is_input, tensor.n_columns, tuple(parts))
+
+    def warm_up(self) -> None:
+        """Run every registered kernel once (``register`` already compiled them)."""
+        with self._lock:
+            profiles = [r.profile for r in self._models.values() if r.profile is not None]
+        for profile in profiles:
+            kernels.warm_up(
+                profile.numeric_depths(), profile.categorical_depths(), count=False, ring=True
+            )
+
+    # -- request path ----------------------------------------------------------------------
+
+    def observe(
+        self,
+        ref: ModelRef,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]],
+    ) -> None:
+        """Count one served batch; never blocks, never raises, never compiles.
+
+        Tensors are read as ``[rows, columns]`` (all but the first axis flattened); anything
+        but a 2-D C-contiguous float32 array is first copied into one. Missing tensors are
+        skipped; a tensor whose column count does not match the profile, or that is not
+        numeric, is dropped and counted. Cost: about 2 us for 1 row x 32 features.
+        """
+        local = self._local
+        cache: dict[ModelRef, _ThreadEntry | None] | None = getattr(local, "cache", None)
+        if cache is None or local.generation != self._generation:
+            cache = self._refresh_thread_cache(cache)
+        entry = cache.get(ref, _MISSING)
+        if entry is _MISSING:
+            entry = cache[ref] = self._thread_entry(ref)
+        if entry is None:
+            return
+        reg, steps = entry
+        try:
+            epoch = (self._clock_ns() + self._offset_ns) // self._sub_ns
+            for tensor_name, is_input, n_columns, calls in steps:
+                x = (inputs if is_input else outputs).get(tensor_name)
+                if x is None:
+                    continue
+                if x.dtype is not _FLOAT32 or x.ndim != 2:
+                    x = kernels.as_rows(x)
+                n_rows, n_cols = x.shape
+                if n_cols != n_columns:
+                    self._drop(reg, f"{tensor_name} has {n_cols} columns, expected {n_columns}")
+                    continue
+                stride = 1 if n_rows <= self._max_rows else -(-n_rows // self._max_rows)
+                try:
+                    for kernel, cols, packed, counts, epochs in calls:
+                        kernel(x, cols, packed, counts, epochs, epoch, stride)
+                except TypeError:  # float32 but not C-contiguous: the first call refused it
+                    x = np.ascontiguousarray(x)
+                    for kernel, cols, packed, counts, epochs in calls:
+                        kernel(x, cols, packed, counts, epochs, epoch, stride)
+        except Exception as exc:  # the observation path must never fail a response
+            self._drop(reg, f"{type(exc).__name__}: {exc}")
+
+    def _refresh_thread_cache(
+        self, old: dict[ModelRef, _ThreadEntry | None] | None
+    ) -> dict[ModelRef, _ThreadEntry | None]:
+        """This thread's cache after (un)registrations: keep entries still current."""
+        generation = self._generation
+        models = self._models
+        cache: dict[ModelRef, _ThreadEntry | None] = {}
+        for ref, entry in (old or {}).items():
+            if entry is not None and models.get(ref) is entry[0]:
+                cache[ref] = entry
+        self._local.cache = cache
+        self._local.generation = generation
+        return cache
+
+    def _thread_entry(self, ref: ModelRef) -> _ThreadEntry | None:
+        """Create this thread's rings for ``ref`` and hand them to the aggregator."""
+        reg = self._models.get(ref)
+        if reg is None or not reg.plans:
+            return None
+        collected = self._epoch() - 1
+        steps: list[_Step] = []
+        for plan in reg.plans:
+            calls: list[_Call] = []
+            for part in plan.parts:
+                n_feat, width = part.shape
+                ring = _Ring(
+                    counts=np.zeros((self._slots, n_feat, width), np.int64),
+                    epochs=np.full(self._slots, -1, np.int64),
+                    collected_upto=collected,
+                )
+                part.rings.append(ring)  # list.append is atomic under the GIL: no lock
+                calls.append((part.kernel, part.cols, part.packed, ring.counts, ring.epochs))
+            steps.append((plan.tensor, plan.is_input, plan.n_columns, tuple(calls)))
+        return reg, tuple(steps)
+
+    def _drop(self, reg: _Registration, reason: str) -> None:
+        reg.dropped += 1
+        if not reg.warned:
+            reg.warned = True
+            logger.warning("drift: dropping observations of %s (%s)", reg.ref, reason)
+
+    # -- aggregator ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the aggregator thread (daemon), ticking every ``tick_s``; idempotent."""
+        if not self._settings.enabled or self._thread is not None:
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name="drift-aggregator", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the aggregator thread and wait for it (up to 5 s)."""
+        if self._thread is None or self._stop is None:
+            return
+        self._stop.set()
+        self._thread.join(STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            logger.error("drift aggregator did not stop within %.1f s", STOP_TIMEOUT_S)
+        self._thread = None
+        self._stop = None
+
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(self._settings.tick_s):
+                try:
+                    self.tick()
+                except Exception:
+                    logger.exception("drift aggregator tick failed; next tick retries")
+        except BaseException:
+            logger.exception("drift aggregator thread crashed")
+            raise
+
+    def tick(self) -> None:
+        """Move sealed sub-windows (epoch <= current - 2) into the sliding sums; expire old ones.
+
+        The one-epoch lag keeps clear of requests still writing the previous sub-window; the
+        thread calls this every ``tick_s``, tests call it directly.
+        """
+        with self._lock:
+            sealed_upto = self._epoch() - 2
+            oldest = sealed_upto - self._settings.sub_windows + 1
+            for reg in self._models.values():
+                for plan in reg.plans:
+                    for part in plan.parts:
+                        self._collect(part, sealed_upto, oldest)
+            self._sealed_upto = max(self._sealed_upto, sealed_upto)
+
+    @staticmethod
+    def _collect(part: _Part, sealed_upto: int, oldest: int) -> None:
+        for ring in tuple(part.rings):
+            start = ring.collected_upto
+            if sealed_upto <= start:
+                continue
+            for slot in range(ring.epochs.shape[0]):
+                epoch = int(ring.epochs[slot])
+                if start < epoch <= sealed_upto and epoch >= oldest:
+                    block = ring.counts[slot].copy()
+                    merged = part.sealed.get(epoch)
+                    if merged is None:
+                        part.sealed[epoch] = block.copy()
+                    else:
+                        merged += block
+                    part.window += block
+            ring.collected_upto = sealed_upto
+        for epoch in [e for e in part.sealed if e < oldest]:
+            part.window -= part.sealed.pop(epoch)
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def _require(self, ref: ModelRef) -> _Registration:
+        reg = self._models.get(ref)
+        if reg is None:
+            raise KeyError(f"model {ref} is not registered for drift monitoring")
+        return reg
+
+    def _window_s(self, reg: _Registration) -> float:
+        oldest = self._sealed_upto - self._settings.sub_windows + 1
+        covered = self._sealed_upto - max(oldest, reg.first_epoch) + 1
+        return max(covered, 0) * self._settings.sub_window_s
+
+    def report(self, ref: ModelRef) -> DriftReport:
+        """Drift of ``ref``'s current window against its reference profile.
+
+        Raises ``KeyError`` for an unregistered ref. Cost: about 0.1 ms per 32 features.
+        """
+        with self._lock:
+            reg = self._require(ref)
+            windows = [[part.window.copy() for part in plan.parts] for plan in reg.plans]
+            window_s = self._window_s(reg)
+        features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
+        for plan, plan_windows in zip(reg.plans, windows, strict=True):
+            for part, window in zip(plan.parts, plan_windows, strict=True):
+                features[plan.is_input] += self._part_vs_reference(part, window)
+        return self._assemble(reg, "reference", window_s, features)
+
+    def compare(self, ref_a: ModelRef, ref_b: ModelRef) -> DriftReport:
+        """Drift of ``ref_a``'s window (canary) against ``ref_b``'s (stable), inputs and outputs.
+
+        Both must be registered with profiles of the same hash (``ValueError`` otherwise);
+        verdicts need ``min_samples_per_arm`` rows in each window.
+        """
+        with self._lock:
+            reg_a = self._require(ref_a)
+            reg_b = self._require(ref_b)
+            if reg_a.profile is None or reg_b.profile is None:
+                raise ValueError(f"compare {ref_a} with {ref_b}: both need a drift profile")
+            if reg_a.profile.hash != reg_b.profile.hash:
+                raise ValueError(
+                    f"compare {ref_a} with {ref_b}: profiles differ "
+                    f"({reg_a.profile.hash} vs {reg_b.profile.hash})"
+                )
+            pairs = [
+                [
+                    (part_a.window.copy(), part_b.window.copy())
+                    for part_a, part_b in zip(plan_a.parts, plan_b.parts, strict=True)
+                ]
+                for plan_a, plan_b in zip(reg_a.plans, reg_b.plans, strict=True)
+            ]
+            window_s = min(self._window_s(reg_a), self._window_s(reg_b))
+        features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
+        for plan, plan_pairs in zip(reg_a.plans, pairs, strict=True):
+            for part, (win_a, win_b) in zip(plan.parts, plan_pairs, strict=True):
+                features[plan.is_input] += self._part_two_window(part, win_a, win_b)
+        return self._assemble(reg_a, str(ref_b), window_s, features)
+
+    def export_counts(self, ref: ModelRef) -> tuple[int, str, dict[str, I64Array]]:
+        """The newest sealed sub-window of ``ref``, for merging across replicas.
+
+        Returns ``(epoch_unix, profile_hash, counts)``: the sub-window's Unix epoch number (it
+        starts at ``epoch_unix * sub_window_s`` Unix seconds), the profile hash, and per tensor
+        part ("inputs/<name>/numeric", "outputs/<name>/categorical", ...) its int64 count matrix
+        summed over threads. Matrices with equal epoch and hash merge by addition.
+        """
+        with self._lock:
+            reg = self._require(ref)
+            epoch = self._sealed_upto
+            counts = {
+                part.key: part.sealed.get(epoch, np.zeros_like(part.window)).copy()
+                for plan in reg.plans
+                for part in plan.parts
+            }
+        return epoch, reg.profile.hash if reg.profile else "", counts
+
+    # -- statistics to report entries ------------------------------------------------------
+
+    def _part_vs_reference(self, part: _Part, window: I64Array) -> list[FeatureDrift]:
+        if part.numeric is not None:
+            num = part.numeric
+            ws = stats.numeric_vs_reference(window, num.ref_counts, num.mids, num.std)
+            ref_nan, ref_inf = num.nan_rate, num.inf_rate
+        else:
+            assert part.categorical is not None
+            ws = stats.categorical_vs_reference(window, part.categorical.ref_counts)
+            ref_nan, ref_inf = part.categorical.nan_rate, np.zeros(ws.n.shape)
+        chi2_thr = stats.chi2_gof_thresholds(part.critical, ws.n, ws.n_base)
+        return self._features(
+            part, ws, chi2_thr, ws.n, self._settings.min_samples, ref_nan, ref_inf
+        )
+
+    def _part_two_window(self, part: _Part, win_a: I64Array, win_b: I64Array) -> list[FeatureDrift]:
+        if part.numeric is not None:
+            num = part.numeric
+            ws = stats.numeric_two_window(win_a, win_b, num.ref_counts, num.mids, num.std)
+            ref_nan, ref_inf = num.nan_rate, num.inf_rate
+        else:
+            assert part.categorical is not None
+            cat = part.categorical
+            ws = stats.categorical_two_window(win_a, win_b, cat.ref_counts)
+            ref_nan, ref_inf = cat.nan_rate, np.zeros(ws.n.shape)
+        n_min = np.minimum(ws.n, ws.n_base)
+        return self._features(
+            part, ws, part.critical, n_min, self._settings.min_samples_per_arm, ref_nan, ref_inf
+        )
+
+    def _features(
+        self,
+        part: _Part,
+        ws: stats.WindowStats,
+        chi2_thr: F64Array,
+        n_for_verdict: I64Array,
+        min_n: int,
+        ref_nan: F64Array,
+        ref_inf: F64Array,
+    ) -> list[FeatureDrift]:
+        psi_thr = stats.psi_thresholds(part.critical, ws.n, ws.n_base)
+        is_numeric = part.numeric is not None
+        if is_numeric:
+            ks_thr = stats.ks_thresholds(part.ks_coefficient, ws.n, ws.n_base)
+            second = _ratio(ws.ks, ks_thr)
+        else:
+            ks_thr = np.zeros(ws.n.shape)
+            second = _ratio(ws.chi2, chi2_thr)
+        score = np.maximum(_ratio(ws.psi, psi_thr), second)
+        verdict = stats.verdicts(n_for_verdict, score > 1.0, min_n)
+        severity = stats.severities(ws.psi, verdict)
+        alerts = stats.quality_alerts(ws, ref_nan, ref_inf)
+        kind = "numeric" if is_numeric else "categorical"
+        return [
+            FeatureDrift(
+                name=part.names[j],
+                kind=kind,
+                n=int(ws.n[j]),
+                n_baseline=int(ws.n_base[j]),
+                psi=float(ws.psi[j]),
+                js=float(ws.js[j]),
+                ks=float(ws.ks[j]),
+                w1=float(ws.w1[j]),
+                chi2=float(ws.chi2[j]),
+                psi_threshold=float(psi_thr[j]),
+                ks_threshold=float(ks_thr[j]),
+                chi2_threshold=float(chi2_thr[j]),
+                score=float(score[j]),
+                verdict=verdict[j],
+                severity=severity[j],
+                below_min_rate=float(ws.below_min_rate[j]),
+                above_max_rate=float(ws.above_max_rate[j]),
+                nan_rate=float(ws.nan_rate[j]),
+                inf_rate=float(ws.inf_rate[j]),
+                unseen_rate=float(ws.unseen_rate[j]),
+                quality_alert=bool(alerts[j]),
+            )
+            for j in range(len(part.names))
+        ]
+
+    @staticmethod
+    def _assemble(
+        reg: _Registration,
+        baseline: str,
+        window_s: float,
+        features: dict[bool, list[FeatureDrift]],
+    ) -> DriftReport:
+        def worst_first(items: list[FeatureDrift]) -> tuple[FeatureDrift, ...]:
+            return tuple(sorted(items, key=lambda f: (_VERDICT_RANK[f.verdict], -f.score)))
+
+        inputs = worst_first(features[True])
+        outputs = worst_first(features[False])
+        return DriftReport(
+            model=str(reg.ref),
+            baseline=baseline,
+            profile_hash=reg.profile.hash if reg.profile else "",
+            window_s=window_s,
+            verdict=_combine([f.verdict for f in (*inputs, *outputs)]),
+            input_verdict=_combine([f.verdict for f in inputs]),
+            output_verdict=_combine([f.verdict for f in outputs]),
+            inputs=inputs,
+            outputs=outputs,
+            dropped=reg.dropped,
+        )
