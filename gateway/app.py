@@ -279,5 +279,15 @@ async def _main(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and exit (blocking)."""
-    asyncio.run(_main(settings))
+    """Serve until SIGTERM or SIGINT, then drain and exit (blocking).
+
+    The event loop is uvloop's when installed (it is, with uvicorn[standard]): it halves the
+    per-request cost of the loop and socket writes against asyncio's selector loop.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        asyncio.run(_main(settings))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main(settings))
