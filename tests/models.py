@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.models import mlp
 from gateway.config import EXAMPLE_REPOSITORY
 
 # V2 datatype -> ONNX element type, for the identity model over every datatype.
@@ -49,31 +49,6 @@ def identity_all(path: Path) -> None:
         outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["batch", 3]))
         nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
     _save(helper.make_graph(nodes, "identity_all", inputs, outputs), path)
-
-
-def mlp(path: Path, sizes: list[int], seed: int = 0, name: str = "mlp") -> None:
-    """A ReLU MLP with random weights: INPUT0 [batch, sizes[0]] -> OUTPUT0."""
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    prev = "INPUT0"
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-        bias = (rng.standard_normal(b) * 0.1).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
-        out = "OUTPUT0" if i == len(sizes) - 2 else f"h{i}"
-        gemm = f"g{i}" if out != "OUTPUT0" else out
-        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [gemm]))
-        if out != "OUTPUT0":
-            nodes.append(helper.make_node("Relu", [gemm], [out]))
-        prev = out
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", sizes[-1]])],
-        inits,
-    )
-    _save(graph, path)
 
 
 def chain(path: Path, width: int = 512, depth: int = 256) -> None:

@@ -1,0 +1,295 @@
+"""Shared benchmark plumbing: start a gateway process, read its CPU time from /proc, run
+perf_analyzer, record machine and library versions, write JSON and markdown results.
+
+Server CPU per request = (utime + stime of the server process over the measurement) /
+(requests it completed in that time, from its own statistics): the fairest figure on a
+shared 2-core machine, where wall-clock throughput depends on what else runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "RESULTS",
+    "GatewayProcess",
+    "cpu_seconds",
+    "environment",
+    "perf_analyzer",
+    "run_perf_analyzer",
+    "write_results",
+]
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+RESULTS: Final = ROOT / "bench" / "results"
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) and its reaped children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
+    return sum(int(v) for v in fields[11:15]) / _TICKS
+
+
+def environment() -> dict[str, Any]:
+    """What a reader needs to compare runs: commit, machine, library versions."""
+    import grpc
+    import msgspec
+    import numpy
+    import onnxruntime
+    import starlette
+    import uvicorn
+
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    cpu = ""
+    with contextlib.suppress(OSError):
+        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = match.group(1) if match else ""
+    return {
+        "git_sha": sha,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "versions": {
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__,
+            "grpcio": grpc.__version__,
+            "uvicorn": uvicorn.__version__,
+            "starlette": starlette.__version__,
+            "msgspec": msgspec.__version__,
+        },
+    }
+
+
+@dataclass
+class ServerCounters:
+    requests: int
+    rows: int
+    executions: int
+
+
+class GatewayProcess:
+    """``gateway serve`` in a subprocess on free ports, with a settings file."""
+
+    def __init__(self, repository: Path, settings: str = "", name: str = "gateway") -> None:
+        self.repository = repository
+        self.settings = settings
+        self.name = name
+        self.proc: subprocess.Popen[str] | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+        self._log: Any = None
+        self._log_path = Path()
+        self._config: Path | None = None
+
+    def __enter__(self) -> GatewayProcess:
+        fd, config = tempfile.mkstemp(suffix=".toml")
+        os.close(fd)
+        self._config = Path(config)
+        self._config.write_text(self.settings)
+        fd, log = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        self._log_path = Path(log)
+        self._log = self._log_path.open("w")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                config,
+                "--model-repository",
+                str(self.repository),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--log-level",
+                "INFO",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            self._wait_for_ports()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_for_ports(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            match = re.search(
+                r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+)", self._log_path.read_text()
+            )
+            if match:
+                self.http_port, self.grpc_port = int(match.group(1)), int(match.group(2))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start:\n{self._log_path.read_text()[-3000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._config is not None:
+            self._config.unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+            self._log_path.unlink(missing_ok=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def counters(self, model: str) -> ServerCounters:
+        url = f"http://127.0.0.1:{self.http_port}/v2/models/{model}/versions/1/stats"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            stats = json.load(reply)["model_stats"][0]
+        return ServerCounters(
+            stats["inference_stats"]["success"]["count"],
+            stats["inference_count"],
+            stats["execution_count"],
+        )
+
+
+def perf_analyzer() -> str:
+    """The perf_analyzer wrapper, installed on first use."""
+    wrapper = ROOT / "bench" / ".peers" / "perf_analyzer" / "run"
+    if not wrapper.exists():
+        subprocess.run(["bash", str(ROOT / "bench" / "install_perf_analyzer.sh")], check=True)
+    return str(wrapper)
+
+
+def run_perf_analyzer(
+    model: str,
+    protocol: str,
+    url: str,
+    concurrency: int,
+    *,
+    window_ms: int = 2000,
+    streaming: bool = False,
+    extra: list[str] | None = None,
+) -> dict[str, float]:
+    """One perf_analyzer measurement; returns throughput and latency percentiles (ms)."""
+    fd, csv_path = tempfile.mkstemp(suffix=".csv")
+    os.close(fd)
+    cmd = [
+        perf_analyzer(),
+        "-m",
+        model,
+        "-i",
+        protocol,
+        "-u",
+        url,
+        "--input-data",
+        "zero",
+        "--concurrency-range",
+        str(concurrency),
+        "-p",
+        str(window_ms),
+        "-s",
+        "60",
+        "-r",
+        "8",
+        "-f",
+        csv_path,
+        *(extra or []),
+    ]
+    if streaming:
+        cmd.append("--streaming")
+    rows: list[dict[str, str]] = []
+    try:
+        for _attempt in range(3):  # a noisy shared machine can fail the stability check
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            with open(csv_path) as f:
+                rows = list(csv.DictReader(f))
+            if done.returncode == 0 and rows:
+                break
+    finally:
+        os.unlink(csv_path)
+    if done.returncode != 0 or not rows:
+        raise RuntimeError(
+            f"perf_analyzer failed ({done.returncode}): {done.stdout[-1500:]}{done.stderr[-1500:]}"
+        )
+    row = rows[0]
+    return {
+        "throughput": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p90_ms": float(row["p90 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """bench/results/<name>.json and .md"""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS / f"{name}.json"
+    md_path = RESULTS / f"{name}.md"
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def measured(server: GatewayProcess, model: str) -> Iterator[dict[str, float]]:
+    """CPU seconds and completed requests/rows/executions of ``server`` over the block."""
+    out: dict[str, float] = {}
+    before = server.counters(model)
+    cpu0 = cpu_seconds(server.pid)
+    start = time.perf_counter()
+    yield out
+    out["wall_s"] = time.perf_counter() - start
+    out["cpu_s"] = cpu_seconds(server.pid) - cpu0
+    after = server.counters(model)
+    out["requests"] = after.requests - before.requests
+    out["rows"] = after.rows - before.rows
+    out["executions"] = after.executions - before.executions
+    out["cpu_ms_per_request"] = 1000 * out["cpu_s"] / max(out["requests"], 1)
+    out["avg_batch_rows"] = out["rows"] / max(out["executions"], 1)
