@@ -28,7 +28,7 @@ from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.router import Endpoint, Router
-from gateway.types import ModelIndexEntry, ParamValue
+from gateway.types import ModelIndexEntry, ParamValue, Route, ShadowTarget, Variant
 
 __all__ = ["Gateway", "serve", "run"]
 
@@ -89,7 +89,7 @@ class Gateway:
         self.repository = ModelRepository(
             settings.repository_path(), settings.runtime, settings.models
         )
-        self.router = Router()
+        self.router = Router(shadow_max_in_flight=settings.shadow_max_in_flight)
         self._started = False
         self._draining = False
         self.http = HttpFrontEnd(
@@ -201,6 +201,14 @@ class Gateway:
                 await self.load(name, {})
             except Exception as exc:  # one bad model must not stop the others
                 logger.error("model %s is not served: %s", name, exc)
+        for name, spec in settings.routes.items():
+            self.router.set_route(
+                Route(
+                    name,
+                    tuple(Variant(v, w) for v, w in spec.variants.items()),
+                    tuple(ShadowTarget(s.version, s.sample_rate) for s in spec.shadows),
+                )
+            )
         sock = _bind(settings.http.host, settings.http.port)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -249,6 +257,7 @@ class Gateway:
             self._uvicorn.should_exit = True
             stops.append(self._uvicorn_task)
         await asyncio.gather(*stops, return_exceptions=True)
+        await self.router.shadows.stop()
         for endpoint in list(self.router.endpoints()):
             self.router.remove(endpoint.model.name, endpoint.model.version)
             await self._retire(endpoint)

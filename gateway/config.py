@@ -22,6 +22,8 @@ __all__ = [
     "ModelPolicy",
     "RuntimeSettings",
     "HttpSettings",
+    "RouteSettings",
+    "ShadowSettings",
     "GrpcSettings",
     "Settings",
     "ConfigError",
@@ -115,6 +117,24 @@ class GrpcSettings(_Base, frozen=True):
     """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
 
 
+class ShadowSettings(_Base, frozen=True):
+    """A shadow version of a routed model."""
+
+    version: str
+    """The version that receives copies; its answers are compared, never returned."""
+    sample_rate: float = 1.0
+    """Share of routed requests copied to it, 0..1."""
+
+
+class RouteSettings(_Base, frozen=True):
+    """How requests for one model that name no version are split."""
+
+    variants: dict[str, float] = {}
+    """Version -> weight (any non-negative scale; 90/10 and 0.9/0.1 are the same split)."""
+    shadows: list[ShadowSettings] = []
+    """Versions that get a sampled copy of the traffic."""
+
+
 class Settings(_Base, frozen=True):
     """Everything the gateway needs to start, frozen once built."""
 
@@ -129,6 +149,12 @@ class Settings(_Base, frozen=True):
     http: HttpSettings = HttpSettings()
     grpc: GrpcSettings = GrpcSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    routes: dict[str, RouteSettings] = {}
+    """Traffic splits by model name (weighted A/B, canary, shadows); the admin API changes
+    them at run time."""
+    shadow_max_in_flight: int = 32
+    """Mirror calls running at once across all shadows; beyond it copies are dropped and
+    counted, so a slow shadow can never queue work without bound."""
     models: dict[str, dict[str, Any]] = {}
     """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set
     here win over the model's own ``config.toml``."""

@@ -59,6 +59,29 @@ def _guarded(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
     return wrapper
 
 
+_ROUTING_KEY: Final = "x-routing-key"
+_VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: served by
+
+
+def _route_fields(infer: InferRequest, metadata: dict[str, Any]) -> None:
+    """Routing key and version pin from call metadata or the V2 ``routing_key`` parameter."""
+    if not infer.model_version:
+        pinned = metadata.get(_VERSION_KEY)
+        if pinned:
+            infer.model_version = str(pinned)
+    key = metadata.get(_ROUTING_KEY)
+    if key is None and infer.parameters and "routing_key" in infer.parameters:
+        key = infer.parameters["routing_key"]
+    if key is not None:
+        infer.routing_key = str(key)
+
+
+def _apply_metadata(infer: InferRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    metadata = context.invocation_metadata()
+    if metadata or infer.parameters:
+        _route_fields(infer, dict(metadata or ()))
+
+
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -145,7 +168,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             infer = v2_grpc.decode_infer_request(request)
             infer.deadline = _deadline(context)
+            _apply_metadata(infer, context)
             response = await self._router.infer(infer)
+            context.set_trailing_metadata(((_VERSION_KEY, response.model_version),))
             return v2_grpc.encode_infer_response(response, infer)
         finally:
             self.in_flight -= 1
@@ -159,6 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
+        stream_meta = dict(context.invocation_metadata() or ())
 
         async def one(message: pb.ModelInferRequest) -> None:
             self.in_flight += 1
@@ -167,6 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     infer = v2_grpc.decode_infer_request(message)
                     infer.deadline = deadline
+                    _route_fields(infer, stream_meta)
                     response = await self._router.infer(infer)
                     encoded = v2_grpc.encode_infer_response(response, infer)
                     results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
@@ -258,13 +285,16 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._is_ready = is_ready
 
     def _status(self, service: str) -> int:
+        """ "" is the server; "model" the model's default version; "model/version" one
+        variant (so a load balancer can health-check each arm of a split)."""
         if not service:
             return self._Status.SERVING if self._is_ready() else self._Status.NOT_SERVING
+        name, _, version = service.partition("/")
         try:
-            self._router.resolve(service)
+            self._router.resolve(name, version)
         except ModelNotFoundError:
             return self._Status.SERVICE_UNKNOWN
-        ready = self._is_ready() and self._router.is_ready(service)
+        ready = self._is_ready() and self._router.is_ready(name, version)
         return self._Status.SERVING if ready else self._Status.NOT_SERVING
 
     async def Check(  # noqa: N802

@@ -54,6 +54,8 @@ _JSON: Final = b"application/json"
 _OCTET: Final = b"application/octet-stream"
 _HEADER_LENGTH: Final = b"inference-header-content-length"
 _TIMEOUT_HEADER: Final = b"x-request-timeout-ms"
+_ROUTING_KEY: Final = b"x-routing-key"
+_VERSION_HEADER: Final = b"x-model-version"  # request: pin a version; response: served by
 _BODY_TIMEOUT_S: Final = 30.0  # a client that stops sending mid-body gets 408, not a hang
 _ENCODINGS: Final = ("gzip", "deflate")
 
@@ -158,6 +160,8 @@ class HttpFrontEnd:
             content_length = -1
             encoding = accept = ""
             timeout_ms: str | None = None
+            routing_key: str | None = None
+            pinned = ""
             for key, value in scope["headers"]:
                 if key == b"content-length":
                     content_length = int(value) if value.isdigit() else -1
@@ -173,6 +177,10 @@ class HttpFrontEnd:
                     accept = value.decode("latin-1")
                 elif key == _TIMEOUT_HEADER:
                     timeout_ms = value.decode("latin-1")
+                elif key == _ROUTING_KEY:
+                    routing_key = value.decode("latin-1")
+                elif key == _VERSION_HEADER:
+                    pinned = value.decode("latin-1").strip()
             if content_length > self._limit:
                 raise PayloadTooLargeError(
                     f"request body of {content_length} bytes exceeds the limit of "
@@ -181,11 +189,19 @@ class HttpFrontEnd:
             body = await self._read_body(receive)
             if encoding and encoding != "identity":
                 body = _decompress(body, encoding, self._limit)
-            request = v2_json.decode_infer_request(body, header_length, model, version)
+            request = v2_json.decode_infer_request(body, header_length, model, version or pinned)
             request.deadline = self._deadline(request, timeout_ms)
+            params = request.parameters
+            if routing_key is not None:
+                request.routing_key = routing_key
+            elif params and "routing_key" in params:
+                request.routing_key = str(params["routing_key"])
             response = await self._router.infer(request)
             out, json_length = v2_json.encode_infer_response(response, request)
-            headers = [(b"content-type", _OCTET if json_length is not None else _JSON)]
+            headers = [
+                (b"content-type", _OCTET if json_length is not None else _JSON),
+                (_VERSION_HEADER, response.model_version.encode()),
+            ]
             if json_length is not None:
                 headers.append((_HEADER_LENGTH, str(json_length).encode()))
             response_encoding = _pick_encoding(accept) if accept else None
@@ -289,6 +305,7 @@ class HttpFrontEnd:
             route("/v2/models/{model}", self._model_metadata, ["GET"]),
             route("/v2/models/{model}/versions/{version}", self._model_metadata, ["GET"]),
             route("/v2/models/{model}/ready", self._model_ready, ["GET"]),
+            route("/v2/models/{model}/route", self._route, ["GET"]),
             route("/v2/models/{model}/versions/{version}/ready", self._model_ready, ["GET"]),
             route("/v2/models/{model}/config", self._model_config, ["GET"]),
             route("/v2/models/{model}/versions/{version}/config", self._model_config, ["GET"]),
@@ -355,6 +372,34 @@ class HttpFrontEnd:
             suffix = f" version {version}" if version else ""
             raise ModelNotReadyError(f"model '{name}'{suffix} is not ready")
         return _json_response({"name": name, "ready": True})
+
+    async def _route(self, request: Request) -> Response:
+        """The live traffic split of a model and each variant's readiness (for load
+        balancers and external splitters)."""
+        name = request.path_params["model"]
+        self._router.resolve(name)
+        route = self._router.get_route(name)
+        if route is None:
+            default = self._router.resolve(name).model.version
+            variants = [{"version": default, "weight": 1.0}]
+            shadows: list[dict[str, Any]] = []
+        else:
+            total = sum(v.weight for v in route.variants) or 1.0
+            variants = [{"version": v.version, "weight": v.weight / total} for v in route.variants]
+            shadows = [{"version": s.version, "sample_rate": s.sample_rate} for s in route.shadows]
+        traffic = {t.version: t for t in self._router.traffic(name)}
+        for entry in variants + shadows:
+            version = str(entry["version"])
+            entry["ready"] = self._router.is_ready(name, version)
+            seen = traffic.get(version)
+            if seen is not None:
+                entry["requests"] = seen.requests
+                entry["errors"] = seen.errors
+                entry["p99_ms"] = seen.p(0.99)
+        for entry in shadows:
+            seen = traffic.get(str(entry["version"]))
+            entry["comparison"] = seen.shadow if seen is not None else {}
+        return _json_response({"model": name, "variants": variants, "shadows": shadows})
 
     async def _model_config(self, request: Request) -> Response:
         endpoint = self._router.resolve(

@@ -377,7 +377,18 @@ class ModelRepository:
             raise ModelNotFoundError(f"{path.relative_to(self.root)} is missing")
         model = ModelVersion(name, version, path, policy, self._runtime)
         if self._runtime.warmup:
-            model.warm_up()
+            try:
+                model.warm_up()
+            except ModelExecutionError as exc:
+                # Some models reject all-zero inputs (indices, lookups); they still serve.
+                logger.warning(
+                    "model %s version %s: warm-up on zero inputs failed (%s); serving it "
+                    "without warm-up, in the inference pool",
+                    name,
+                    version,
+                    exc.message,
+                )
+                model.is_inline = policy.execution == "inline"
         logger.info(
             "loaded model %s version %s (%s, batch %s, warm-up %.0f us, %s)",
             name,

@@ -1,27 +1,70 @@
-"""router.py: maps a request's model name and version to the batcher that serves it.
+"""router.py: picks the model version that serves each request and hands it to its batcher.
 
-A name maps to its loaded versions; a request that names a version goes there, one that
-names none goes to the model's default version (the highest, unless configured). The table
-is swapped atomically when versions are installed or removed: a request holds the endpoint
-it resolved until it finishes, so a swap never fails a request in flight.
+A request that names a version (or is pinned by a load balancer) goes there. Otherwise the
+model's route splits traffic between versions by weight: with a routing key the variant is
+a deterministic function of (key, weights) by weighted rendezvous hashing, stable across
+replicas and restarts, and when weights change only the keys that must move do; without a
+key the choice is random by weight. Shadow versions get a sampled copy of the traffic
+(``shadow.py``). Tables are swapped atomically: a request keeps the endpoint and route it
+resolved until it finishes, so a swap never fails a request in flight.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
+import random
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy.typing as npt
 
 from gateway.batcher import Batcher, Runnable
-from gateway.errors import ModelNotFoundError, ModelNotReadyError
-from gateway.types import InferRequest, InferResponse, ModelSignature
+from gateway.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from gateway.shadow import ShadowRunner
+from gateway.traffic import VariantSnapshot, VariantStats
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    ModelSignature,
+    Route,
+    ShadowTarget,
+    Variant,
+)
 
-__all__ = ["Servable", "Endpoint", "Router"]
+__all__ = ["Servable", "Endpoint", "Router", "sticky_choice"]
 
 Array = npt.NDArray[Any]
+_U64: Final = struct.Struct("<Q")
+_TWO64: Final = float(2**64)
+
+
+def _unit(key: str, salt: str) -> float:
+    """A uniform number in (0, 1) from (key, salt), the same on every replica."""
+    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
+    value: int = _U64.unpack(digest)[0]
+    return (value + 0.5) / _TWO64
+
+
+def sticky_choice(key: str, model: str, variants: tuple[Variant, ...]) -> str:
+    """Weighted rendezvous hashing: the variant maximising w / -ln(u(key, variant)).
+
+    Each variant wins with probability proportional to its weight, and raising one weight
+    moves keys only onto that variant (a 10% -> 20% change moves about 10% of keys).
+    """
+    best = ""
+    best_score = -math.inf
+    for v in variants:
+        if v.weight <= 0:
+            continue
+        score = v.weight / -math.log(_unit(key, f"{model}/{v.version}"))
+        if score > best_score:
+            best, best_score = v.version, score
+    return best
 
 
 class Servable(Runnable, Protocol):
@@ -45,15 +88,37 @@ class Endpoint:
     default_timeout_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    route: Route
+    live: tuple[Variant, ...]  # weight > 0, in a fixed order
+    cumulative: tuple[float, ...]
+    total: float
+
+
+def _compile(route: Route) -> _CompiledRoute:
+    live = tuple(v for v in sorted(route.variants, key=lambda v: v.version) if v.weight > 0)
+    cumulative = []
+    acc = 0.0
+    for v in live:
+        acc += v.weight
+        cumulative.append(acc)
+    return _CompiledRoute(route, live, tuple(cumulative), acc)
+
+
 class Router:
     """The routing table. Mutated only on the event-loop thread, by whole-dict swaps."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, seed: int | None = None, shadow_max_in_flight: int = 32) -> None:
         self._models: dict[str, dict[str, Endpoint]] = {}
         self._defaults: dict[str, str] = {}
         self._pinned_defaults: dict[str, str] = {}
+        self._routes: dict[str, _CompiledRoute] = {}
+        self._stats: dict[tuple[str, str], VariantStats] = {}
+        self._random = random.Random(seed)
+        self.shadows = ShadowRunner(shadow_max_in_flight)
 
-    # -- table ------------------------------------------------------------------------
+    # -- versions -----------------------------------------------------------------------
 
     def install(self, endpoint: Endpoint, default_version: str = "") -> Endpoint | None:
         """Serve ``endpoint``; return the endpoint it replaces (the caller drains it)."""
@@ -70,7 +135,7 @@ class Router:
         return old
 
     def remove(self, name: str, version: str | None = None) -> list[Endpoint]:
-        """Stop routing to ``name`` (one version, or all); return the removed endpoints."""
+        """Stop serving ``name`` (one version, or all); return the removed endpoints."""
         versions = dict(self._models.get(name, {}))
         if version is None:
             removed = list(versions.values())
@@ -131,11 +196,111 @@ class Router:
         except ModelNotFoundError:
             return False
 
+    # -- routes -------------------------------------------------------------------------
+
+    def set_route(self, route: Route) -> Route | None:
+        """Install ``route`` atomically; return the one it replaces. Weights must be
+        non-negative with a positive sum; every variant and shadow version must be a
+        positive integer string (it may be loaded later: until then it gets no traffic
+        error-free only if its weight is 0)."""
+        for v in route.variants:
+            if v.weight < 0 or not math.isfinite(v.weight):
+                raise InvalidInputError(
+                    f"route '{route.model}': weight of version "
+                    f"{v.version} must be a finite number >= 0"
+                )
+        if route.variants and sum(v.weight for v in route.variants) <= 0:
+            raise InvalidInputError(f"route '{route.model}': weights must not all be 0")
+        for s in route.shadows:
+            if not 0 <= s.sample_rate <= 1:
+                raise InvalidInputError(
+                    f"route '{route.model}': shadow sample_rate of "
+                    f"version {s.version} must be within 0..1"
+                )
+        routes = dict(self._routes)
+        old = routes.get(route.model)
+        if route.variants or route.shadows:
+            routes[route.model] = _compile(route)
+        else:
+            routes.pop(route.model, None)
+        self._routes = routes
+        return old.route if old else None
+
+    def set_weights(self, model: str, weights: Mapping[str, float]) -> Route:
+        """Replace the variant weights of ``model``'s route (shadows are kept)."""
+        old = self._routes.get(model)
+        shadows = old.route.shadows if old else ()
+        route = Route(
+            model,
+            tuple(Variant(v, float(w)) for v, w in sorted(weights.items())),
+            shadows,
+        )
+        self.set_route(route)
+        return route
+
+    def get_route(self, model: str) -> Route | None:
+        compiled = self._routes.get(model)
+        return compiled.route if compiled else None
+
+    def routes(self) -> dict[str, Route]:
+        return {name: c.route for name, c in self._routes.items()}
+
+    def choose(self, model: str, routing_key: str | None = None) -> str:
+        """The version a request for ``model`` without a version goes to ("" = default)."""
+        compiled = self._routes.get(model)
+        if compiled is None or not compiled.live:
+            return ""
+        if len(compiled.live) == 1:
+            return compiled.live[0].version
+        if routing_key:
+            return sticky_choice(routing_key, model, compiled.live)
+        point = self._random.random() * compiled.total
+        for variant, edge in zip(compiled.live, compiled.cumulative, strict=True):
+            if point < edge:
+                return variant.version
+        return compiled.live[-1].version
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def _variant_stats(self, model: str, version: str) -> VariantStats:
+        stats = self._stats.get((model, version))
+        if stats is None:
+            stats = self._stats[(model, version)] = VariantStats(model, version)
+        return stats
+
+    def traffic(self, model: str | None = None) -> list[VariantSnapshot]:
+        """Cumulative per-variant counters (diff two snapshots for a window)."""
+        return [
+            s.snapshot() for (m, _), s in sorted(self._stats.items()) if model is None or m == model
+        ]
+
     # -- requests -----------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        """Validate, queue and run one request; its response names the version that ran."""
-        endpoint = self.resolve(request.model_name, request.model_version)
+        """Route, validate, queue and run one request. The response names the version
+        that served it; routed traffic is mirrored to the route's shadows."""
+        name = request.model_name
+        version = request.model_version or self.choose(name, request.routing_key)
+        endpoint = self.resolve(name, version)
+        model = endpoint.model
+        stats = self._variant_stats(name, model.version)
+        stats.requests += 1
+        start = time.perf_counter()
+        try:
+            response = await self._run(endpoint, request)
+        except BaseException:
+            stats.errors += 1
+            raise
+        stats.latency.observe((time.perf_counter() - start) * 1000)
+        stats.rows += (
+            response.outputs[0].shape[0] if response.outputs and response.outputs[0].shape else 1
+        )
+        compiled = self._routes.get(name)
+        if compiled is not None and compiled.route.shadows:
+            self._mirror(compiled.route.shadows, request, response, model.version)
+        return response
+
+    async def _run(self, endpoint: Endpoint, request: InferRequest) -> InferResponse:
         model = endpoint.model
         if not endpoint.batcher.is_accepting:
             raise ModelNotReadyError(f"model '{model.name}' version {model.version} is unloading")
@@ -145,3 +310,32 @@ class Router:
             deadline = time.monotonic() + endpoint.default_timeout_s
         arrays = await endpoint.batcher.submit(feeds, rows, deadline)
         return model.respond(request, arrays)
+
+    def _mirror(
+        self,
+        shadows: tuple[ShadowTarget, ...],
+        request: InferRequest,
+        response: InferResponse,
+        served: str,
+    ) -> None:
+        name = request.model_name
+        versions = self._models.get(name, {})
+        for target in shadows:
+            if target.version == served:
+                continue
+            if target.sample_rate < 1 and self._random.random() >= target.sample_rate:
+                continue
+            stats = self._variant_stats(name, target.version).shadow
+            endpoint = versions.get(target.version)
+            if endpoint is None:
+                stats.dropped += 1
+                continue
+            copy = InferRequest(
+                name,
+                target.version,
+                request.inputs,
+                id=request.id,
+                parameters=request.parameters,
+                outputs=request.outputs,
+            )
+            self.shadows.mirror(functools.partial(self._run, endpoint, copy), response, stats)

@@ -28,6 +28,9 @@ __all__ = [
     "ModelStats",
     "ModelIndexEntry",
     "ModelControl",
+    "Variant",
+    "ShadowTarget",
+    "Route",
 ]
 
 ParamValue: TypeAlias = "str | int | float | bool"
@@ -273,3 +276,33 @@ class ModelControl(Protocol):
     async def load(self, name: str, parameters: dict[str, ParamValue]) -> None: ...
 
     async def unload(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One arm of a route: a version of the routed model and its traffic weight (>= 0)."""
+
+    version: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowTarget:
+    """A version that receives a copy of a sampled share of traffic; its answers are only
+    compared, never returned."""
+
+    version: str
+    sample_rate: float
+    """Share of primary requests mirrored, 0..1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How requests for ``model`` that name no version are split between its versions."""
+
+    model: str
+    variants: tuple[Variant, ...]
+    shadows: tuple[ShadowTarget, ...] = ()
+
+    def weights(self) -> dict[str, float]:
+        return {v.version: v.weight for v in self.variants}

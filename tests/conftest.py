@@ -67,6 +67,14 @@ class RunningGateway:
         assert self.gateway is not None
         return f"127.0.0.1:{self.gateway.grpc_port}"
 
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        """Run a plain function on the gateway's loop thread (where its state lives)."""
+
+        async def wrapper() -> T:
+            return fn()
+
+        return self.call(wrapper)
+
     def call(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a coroutine on the gateway's loop (control actions from tests)."""
         assert self._loop is not None

@@ -20,11 +20,14 @@ ALLOWED: dict[str, set[str]] = {
     # The datatype table is shared knowledge: the repository maps ONNX types through it.
     "repository": {"config", "types", "errors", "metrics", "codecs.datatypes"},
     "batcher": {"config", "types", "errors", "metrics"},
-    "router": {"batcher", "config", "types", "errors", "metrics"},
+    "router": {"batcher", "config", "types", "errors", "metrics", "shadow", "traffic"},
+    # Helpers of the router layer: mirroring and per-variant statistics.
+    "shadow": {"types", "errors", "traffic"},
+    "traffic": set(),
     "drift": {"config", "types", "metrics", "drift"},
     "rollout": {"router", "drift", "store", "config", "errors", "metrics", "types"},
     "store": {"config", "errors", "types"},
-    "http_api": {"codecs", "status", "router", "config", "types", "errors", "metrics"},
+    "http_api": {"codecs", "status", "router", "config", "types", "errors", "metrics", "traffic"},
     "grpc_api": {"codecs", "status", "router", "config", "types", "errors", "metrics", "_proto"},
     "admin": {
         "rollout",
