@@ -23,6 +23,8 @@ import uvicorn
 from gateway import __version__
 from gateway.batcher import Batcher
 from gateway.config import Settings
+from gateway.drift.build import find_profile, load_checked
+from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
@@ -90,6 +92,8 @@ class Gateway:
             settings.repository_path(), settings.runtime, settings.models
         )
         self.router = Router(shadow_max_in_flight=settings.shadow_max_in_flight)
+        self.monitor = DriftMonitor(settings.drift)
+        self.drift_refused: dict[tuple[str, str], str] = {}
         self._started = False
         self._draining = False
         self.http = HttpFrontEnd(
@@ -163,8 +167,56 @@ class Gateway:
                 await self._retire(endpoint)
                 self.repository.set_state(name, endpoint.model.version, "UNAVAILABLE", "unloaded")
 
+    async def _watch_drift(self, model: ModelVersion) -> bool:
+        """Register the version's drift profile, if it has one; False when it has none or
+        it does not fit the model (refused: logged and reported, the model still serves)."""
+        key = (model.name, model.version)
+        self.drift_refused.pop(key, None)
+        path = find_profile(model.path.parent.parent, model.version)
+        if path is None or not self.settings.drift.enabled:
+            self.monitor.unregister(model.ref)
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            profile, input_name = await loop.run_in_executor(
+                self.repository.executor, load_checked, path, model.session
+            )
+            # Compiles or loads the kernels: before the version reports ready.
+            await loop.run_in_executor(
+                self.repository.executor, self.monitor.register, model.ref, profile, input_name
+            )
+        except (ValueError, OSError) as exc:
+            reason = f"drift profile {path} refused: {exc}"
+            logger.error("model %s version %s: %s", model.name, model.version, reason)
+            self.drift_refused[key] = reason
+            self.monitor.unregister(model.ref)
+            return False
+        return True
+
+    def drift_report(self, model: str, version: str = "", against: str = "") -> DriftReport:
+        """Drift of a served version against its reference profile, or (``against``)
+        against another version's window. Raises ``ModelNotFoundError`` or
+        ``InvalidInputError`` with the reason when there is nothing to report."""
+        endpoint = self.router.resolve(model, version)
+        ref = endpoint.model.ref
+        refused = self.drift_refused.get((ref.name, ref.version))
+        if refused:
+            raise InvalidInputError(refused)
+        try:
+            if against:
+                other = self.router.resolve(model, against).model.ref
+                return self.monitor.compare(ref, other)
+            return self.monitor.report(ref)
+        except KeyError:
+            raise InvalidInputError(
+                f"model '{ref.name}' version {ref.version} has no drift profile"
+            ) from None
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+
     async def _install(self, model: ModelVersion) -> None:
         policy = model.policy
+        watched = await self._watch_drift(model)
         batcher = Batcher(
             model,
             max_queue_size=policy.max_queue_size,
@@ -173,6 +225,7 @@ class Gateway:
             preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
             batching=policy.dynamic_batching,
             executor=self.repository.executor,
+            observer=self.monitor.observe if watched else None,
         )
         batcher.start()
         timeout = policy.default_timeout_ms / 1000 if policy.default_timeout_ms else None
@@ -185,7 +238,10 @@ class Gateway:
 
     async def _retire(self, endpoint: Endpoint) -> None:
         await endpoint.batcher.drain()
-        endpoint.model.close()  # type: ignore[attr-defined]  # ModelVersion.close
+        model = endpoint.model
+        if model.version not in self.router.versions(model.name):
+            self.monitor.unregister(model.ref)  # not replaced by a reload of itself
+        model.close()  # type: ignore[attr-defined]  # ModelVersion.close
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -209,6 +265,7 @@ class Gateway:
                     tuple(ShadowTarget(s.version, s.sample_rate) for s in spec.shadows),
                 )
             )
+        self.monitor.start()
         sock = _bind(settings.http.host, settings.http.port)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -261,6 +318,7 @@ class Gateway:
         for endpoint in list(self.router.endpoints()):
             self.router.remove(endpoint.model.name, endpoint.model.version)
             await self._retire(endpoint)
+        self.monitor.stop()
         self.repository.stop()
         logger.info("stopped")
 

@@ -40,6 +40,38 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 = any)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    profile = sub.add_parser(
+        "profile",
+        help="reference profiles for drift monitoring",
+        description="Build a model's reference profile from a reference sample.",
+    )
+    profile_sub = profile.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    build = profile_sub.add_parser(
+        "build",
+        help="build and save a profile",
+        description="Run the sample through the model, profile its inputs and outputs "
+        "(quantile bins, ties removed) and save <repo>/<model>/profile.npz (all versions "
+        "share it, so canary and stable compare on one binning).",
+    )
+    build.add_argument("--model", required=True, help="model name in the repository")
+    build.add_argument(
+        "--version",
+        default="",
+        help="version whose outputs are profiled (default: the lowest, usually the stable one)",
+    )
+    build.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help=".npy, .npz or .csv reference sample (50k rows or more is best)",
+    )
+    build.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="repository folder (default: the bundled examples)",
+    )
+    build.add_argument("--output", metavar="FILE", help="where to save (default: beside the model)")
+    build.add_argument("--bins", type=int, default=20, help="bins per numeric feature")
     check = sub.add_parser(
         "check-config",
         help="validate a settings file without serving",
@@ -56,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "profile":
+        return _profile_build(args)
     if args.command == "check-config":
         try:
             settings = load_settings(args.file)
@@ -88,4 +122,35 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import run  # deferred: onnxruntime and grpc load only to serve
 
     run(settings)
+    return 0
+
+
+def _profile_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.config import EXAMPLE_REPOSITORY
+    from gateway.drift.build import PROFILE_FILE, profile_for_model
+
+    root = Path(args.model_repository) if args.model_repository else EXAMPLE_REPOSITORY
+    model_dir = root / args.model
+    versions = sorted(
+        (d.name for d in model_dir.glob("*") if d.is_dir() and d.name.isdigit()), key=int
+    )
+    if not versions:
+        print(f"gateway: no versions of model '{args.model}' under {root}", file=sys.stderr)
+        return 2
+    version = args.version or versions[0]
+    output = Path(args.output) if args.output else model_dir / PROFILE_FILE
+    try:
+        profile = profile_for_model(
+            model_dir / version / "model.onnx", Path(args.data), output, bins=args.bins
+        )
+    except (OSError, ValueError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{output}: profile {profile.hash} from {profile.rows} rows, "
+        f"{len(profile.inputs.names)} input features, outputs "
+        f"{', '.join(profile.outputs) or 'none'} (of version {version})"
+    )
     return 0

@@ -24,6 +24,7 @@ __all__ = [
     "HttpSettings",
     "RouteSettings",
     "ShadowSettings",
+    "DriftSettings",
     "GrpcSettings",
     "Settings",
     "ConfigError",
@@ -117,6 +118,29 @@ class GrpcSettings(_Base, frozen=True):
     """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
 
 
+class DriftSettings(_Base, frozen=True):
+    """Inline drift monitoring (DRIFT.md): binning, windows, test levels."""
+
+    bins: int = 20
+    """Bins per numeric feature when a profile is built; 20 keeps PSI power at n=1000 (§4.3)."""
+    sub_window_s: float = 5.0
+    """Sub-window length in s: the unit of sliding, expiry and replica merging (DRIFT.md §1.3)."""
+    sub_windows: int = 12
+    """Sub-windows per sliding window: 12 x 5 s gives the 60 s window of DRIFT.md §1.3."""
+    tick_s: float = 1.0
+    """Aggregator period in s: sealed sub-windows reach the window within a second."""
+    alpha: float = 0.01
+    """False-alarm rate per report, split over features (Bonferroni); PSI and KS each get it."""
+    min_samples: int = 1000
+    """Rows in the window before any verdict against the reference (DRIFT.md §4.4)."""
+    min_samples_per_arm: int = 2000
+    """Rows per window before a canary-vs-stable verdict: two-window variance doubles (§4.3)."""
+    max_rows_per_request: int = 256
+    """Rows counted per request, every k-th row beyond it: 1024 x 256 unsampled costs 1.2 ms."""
+    enabled: bool = True
+    """Off makes observe() return at once and start() start nothing."""
+
+
 class ShadowSettings(_Base, frozen=True):
     """A shadow version of a routed model."""
 
@@ -155,6 +179,7 @@ class Settings(_Base, frozen=True):
     shadow_max_in_flight: int = 32
     """Mirror calls running at once across all shadows; beyond it copies are dropped and
     counted, so a slow shadow can never queue work without bound."""
+    drift: DriftSettings = DriftSettings()
     models: dict[str, dict[str, Any]] = {}
     """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set
     here win over the model's own ``config.toml``."""

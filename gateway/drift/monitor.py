@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from gateway.config import DriftSettings
 from gateway.drift import kernels, stats
 from gateway.drift.profile import CategoricalProfile, NumericProfile, Profile, TensorProfile
 from gateway.types import ModelRef
@@ -35,29 +36,6 @@ F64Array = npt.NDArray[np.float64]
 
 MIN_RING_SLOTS: Final = 3  # current + one lagging epoch + one sealed, whatever sub_windows is
 STOP_TIMEOUT_S: Final = 5.0  # a tick takes milliseconds; waiting longer means it is stuck
-
-
-class DriftSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """Drift monitoring knobs (moves to gateway/config.py with the other settings)."""
-
-    bins: int = 20
-    """Bins per numeric feature when a profile is built; 20 keeps PSI power at n=1000 (§4.3)."""
-    sub_window_s: float = 5.0
-    """Sub-window length in s: the unit of sliding, expiry and replica merging (DRIFT.md §1.3)."""
-    sub_windows: int = 12
-    """Sub-windows per sliding window: 12 x 5 s gives the 60 s window of DRIFT.md §1.3."""
-    tick_s: float = 1.0
-    """Aggregator period in s: sealed sub-windows reach the window within a second."""
-    alpha: float = 0.01
-    """False-alarm rate per report, split over features (Bonferroni); PSI and KS each get it."""
-    min_samples: int = 1000
-    """Rows in the window before any verdict against the reference (DRIFT.md §4.4)."""
-    min_samples_per_arm: int = 2000
-    """Rows per window before a canary-vs-stable verdict: two-window variance doubles (§4.3)."""
-    max_rows_per_request: int = 256
-    """Rows counted per request, every k-th row beyond it: 1024 x 256 unsampled costs 1.2 ms."""
-    enabled: bool = True
-    """Off makes observe() return at once and start() start nothing."""
 
 
 class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
