@@ -28,8 +28,10 @@ from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
+from gateway.metrics import BatcherSample, DriftSample, Snapshot, VariantSample, render
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.router import Endpoint, Router
+from gateway.traffic import LATENCY_BUCKETS_MS
 from gateway.types import ModelIndexEntry, ParamValue, Route, ShadowTarget, Variant
 
 __all__ = ["Gateway", "serve", "run"]
@@ -103,6 +105,7 @@ class Gateway:
             server_name=settings.server_name,
             server_version=__version__,
             is_ready=self.is_ready,
+            metrics=self.metrics,
         )
         self.inference = InferenceServicer(
             self.router,
@@ -120,10 +123,83 @@ class Gateway:
         self.grpc_port = 0
         self._lock = asyncio.Lock()
 
-    # -- readiness ------------------------------------------------------------------------
+    # -- readiness and metrics ------------------------------------------------------------
 
     def is_ready(self) -> bool:
         return self._started and not self._draining
+
+    def metrics(self) -> bytes:
+        """Prometheus exposition of the live counters (built at scrape time)."""
+        return render(self.metrics_snapshot)
+
+    def metrics_snapshot(self) -> Snapshot:
+        batchers = []
+        for endpoint in self.router.endpoints():
+            st = endpoint.batcher.stats
+            batchers.append(
+                BatcherSample(
+                    endpoint.model.name,
+                    endpoint.model.version,
+                    endpoint.batcher.queue_depth,
+                    st.success.count,
+                    st.fail.count,
+                    st.inference_count,
+                    st.execution_count,
+                    st.rejected,
+                    st.expired,
+                    st.queue.ns,
+                    st.compute_input.ns,
+                    st.compute_infer.ns,
+                    st.compute_output.ns,
+                    {size: b.compute_infer.count for size, b in st.batches.items()},
+                )
+            )
+        routes = self.router.routes()
+        variants = []
+        for t in self.router.traffic():
+            route = routes.get(t.model)
+            weight = None
+            if route is not None:
+                total = sum(v.weight for v in route.variants) or 1.0
+                weight = route.weights().get(t.version, 0.0) / total
+            variants.append(
+                VariantSample(
+                    t.model,
+                    t.version,
+                    t.requests,
+                    t.errors,
+                    LATENCY_BUCKETS_MS,
+                    t.latency_counts,
+                    t.latency_total_ms,
+                    weight,
+                    int(t.shadow.get("sent") or 0),
+                    int(t.shadow.get("dropped") or 0),
+                    int(t.shadow.get("errors") or 0),
+                    t.shadow.get("agreement"),
+                )
+            )
+        drift = []
+        for endpoint in self.router.endpoints():
+            ref = endpoint.model.ref
+            try:
+                report = self.monitor.report(ref)
+            except KeyError:
+                continue
+            features = report.inputs + report.outputs
+            drift.append(
+                DriftSample(
+                    ref.name,
+                    ref.version,
+                    report.inputs[0].n if report.inputs else 0,
+                    report.verdict,
+                    sum(1 for f in features if f.verdict == "drift"),
+                    max((f.psi for f in features), default=0.0),
+                    [(f.name, f.psi, f.ks) for f in features],
+                )
+            )
+        responses = {("http", code): n for code, n in self.http.responses.items()}
+        responses.update({("grpc", code): n for code, n in self.inference.responses.items()})
+        return Snapshot(batchers, variants, drift, responses, {}, self.is_ready())
 
     # -- ModelControl (the V2 repository extension) ---------------------------------------
 

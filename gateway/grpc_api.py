@@ -10,6 +10,7 @@ request is answered with ``error_message`` and the stream stays open.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -107,6 +108,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._extensions = extensions
         self._is_ready = is_ready
         self.in_flight = 0
+        self.responses: collections.Counter[str] = collections.Counter()
+        """Infer responses by gRPC status code name (for the metrics endpoint)."""
 
     async def ServerLive(  # noqa: N802 - protocol method name
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -165,15 +168,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         self.in_flight += 1
+        code = "INTERNAL"
         try:
             infer = v2_grpc.decode_infer_request(request)
             infer.deadline = _deadline(context)
             _apply_metadata(infer, context)
             response = await self._router.infer(infer)
             context.set_trailing_metadata(((_VERSION_KEY, response.model_version),))
-            return v2_grpc.encode_infer_response(response, infer)
+            encoded = v2_grpc.encode_infer_response(response, infer)
+            code = "OK"
+            return encoded
+        except GatewayError as exc:
+            code = grpc_code(exc.kind).name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         finally:
             self.in_flight -= 1
+            self.responses[code] += 1
 
     async def ModelStreamInfer(  # noqa: N802
         self,
@@ -197,7 +210,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response = await self._router.infer(infer)
                     encoded = v2_grpc.encode_infer_response(response, infer)
                     results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
+                    self.responses["OK"] += 1
                 except GatewayError as exc:
+                    self.responses[grpc_code(exc.kind).name] += 1
                     results.put_nowait(self._stream_error(message, exc.message))
                 except Exception:
                     logger.exception("unexpected error in a ModelStreamInfer request")

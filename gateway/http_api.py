@@ -10,6 +10,7 @@ live here; tensors and dtypes do not.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gzip
 import logging
 import time
@@ -34,6 +35,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from gateway.metrics import CONTENT_TYPE
 from gateway.router import Router
 from gateway.status import error_body, http_status
 from gateway.types import InferRequest, ModelControl
@@ -124,8 +126,12 @@ class HttpFrontEnd:
         server_name: str,
         server_version: str,
         is_ready: Callable[[], bool],
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._router = router
+        self._metrics = metrics
+        self.responses: collections.Counter[str] = collections.Counter()
+        """Infer responses by HTTP status code (for the metrics endpoint)."""
         self._control = control
         self._limit = settings.max_request_bytes
         self._server_name = server_name
@@ -211,7 +217,9 @@ class HttpFrontEnd:
             headers.append((b"content-length", str(len(out)).encode()))
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": out})
+            self.responses["200"] += 1
         except GatewayError as exc:
+            self.responses[str(http_status(exc.kind))] += 1
             await self._send_error(send, exc)
         except _ClientGoneError:
             pass
@@ -219,6 +227,7 @@ class HttpFrontEnd:
             raise
         except Exception:
             logger.exception("unexpected error serving an infer request for '%s'", model)
+            self.responses["500"] += 1
             await self._send_error(send, GatewayError("internal error while serving the request"))
         finally:
             self.in_flight -= 1
@@ -299,6 +308,7 @@ class HttpFrontEnd:
 
         routes = [
             route("/v2/health/live", self._live, ["GET"]),
+            route("/metrics", self._prometheus, ["GET"]),
             route("/v2/health/ready", self._ready, ["GET"]),
             route("/v2", self._server_metadata, ["GET"]),
             route("/v2/models/stats", self._stats, ["GET"]),
@@ -341,6 +351,11 @@ class HttpFrontEnd:
                 Exception: unexpected,
             },
         )
+
+    async def _prometheus(self, request: Request) -> Response:
+        if self._metrics is None:
+            raise HTTPException(404)
+        return Response(self._metrics(), media_type=CONTENT_TYPE)
 
     async def _live(self, request: Request) -> Response:
         return _json_response({"live": True})

@@ -1,0 +1,258 @@
+"""metrics.py: every Prometheus metric the gateway exports, defined once.
+
+Nothing is counted here: the request path already keeps plain counters (per-version batcher
+statistics, per-variant traffic, front-end status codes, drift windows, rollout state), and
+this collector turns a snapshot of them into metric families when Prometheus scrapes, so
+exporting costs the request path nothing. ``Snapshot`` is the seam: ``app.py`` builds it
+from the live components; this module imports nothing from the gateway.
+
+Label sets are bounded: model and version come from the repository, status codes from the
+status table, and drift exports only each version's top-k features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CONTENT_TYPE",
+    "BatcherSample",
+    "VariantSample",
+    "DriftSample",
+    "Snapshot",
+    "GatewayCollector",
+    "render",
+    "DRIFT_TOP_K",
+]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+DRIFT_TOP_K: Final = 10  # features per model version exported with their own label
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherSample:
+    model: str
+    version: str
+    queue_depth: int
+    requests_ok: int
+    requests_failed: int
+    rows: int
+    executions: int
+    rejected: int
+    expired: int
+    queue_ns: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+    batch_sizes: dict[int, int]  # rows per execution -> executions
+
+
+@dataclass(frozen=True, slots=True)
+class VariantSample:
+    model: str
+    version: str
+    requests: int
+    errors: int
+    latency_bucket_ms: Sequence[float]  # upper bounds
+    latency_counts: Sequence[int]  # per bucket, plus one overflow bucket last
+    latency_sum_ms: float
+    weight: float | None  # share of routed traffic, None when unrouted
+    shadow_sent: int = 0
+    shadow_dropped: int = 0
+    shadow_errors: int = 0
+    shadow_agreement: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSample:
+    model: str
+    version: str
+    rows: int
+    verdict: str
+    drifting_features: int
+    max_psi: float
+    top: Sequence[tuple[str, float, float]]  # (feature, psi, ks), worst first
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    batchers: Sequence[BatcherSample] = ()
+    variants: Sequence[VariantSample] = ()
+    drift: Sequence[DriftSample] = ()
+    responses: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(protocol, status code) -> responses."""
+    rollouts: dict[str, str] = field(default_factory=dict)
+    """model -> rollout status."""
+    ready: bool = True
+
+
+_ROLLOUT_STATES: Final = ("canary", "paused", "awaiting_approval", "promoted", "rolled_back")
+
+
+def _families(s: Snapshot) -> Iterator[Metric]:
+    mv = ["model", "version"]
+    up = GaugeMetricFamily("gateway_ready", "1 when the gateway accepts traffic")
+    up.add_metric([], 1.0 if s.ready else 0.0)
+    yield up
+
+    responses = CounterMetricFamily(
+        "gateway_responses",
+        "Inference responses by protocol and status code",
+        labels=["protocol", "code"],
+    )
+    for (protocol, code), n in sorted(s.responses.items()):
+        responses.add_metric([protocol, code], n)
+    yield responses
+
+    ok = CounterMetricFamily(
+        "gateway_model_requests",
+        "Requests that reached a model version's queue, by outcome",
+        labels=[*mv, "outcome"],
+    )
+    rows = CounterMetricFamily("gateway_model_rows", "Rows inferred", labels=mv)
+    execs = CounterMetricFamily("gateway_model_executions", "Model calls (batches)", labels=mv)
+    rejected = CounterMetricFamily(
+        "gateway_queue_rejected", "Requests refused because the queue was full", labels=mv
+    )
+    expired = CounterMetricFamily(
+        "gateway_queue_expired", "Requests whose deadline passed in the queue", labels=mv
+    )
+    depth = GaugeMetricFamily("gateway_queue_depth", "Requests waiting", labels=mv)
+    stage = CounterMetricFamily(
+        "gateway_stage_seconds", "Cumulative time per request stage", labels=[*mv, "stage"]
+    )
+    batch = HistogramMetricFamily("gateway_batch_size", "Rows per model call", labels=mv)
+    for b in s.batchers:
+        key = [b.model, b.version]
+        ok.add_metric([*key, "success"], b.requests_ok)
+        ok.add_metric([*key, "failure"], b.requests_failed)
+        rows.add_metric(key, b.rows)
+        execs.add_metric(key, b.executions)
+        rejected.add_metric(key, b.rejected)
+        expired.add_metric(key, b.expired)
+        depth.add_metric(key, b.queue_depth)
+        for name, ns in (
+            ("queue", b.queue_ns),
+            ("compute_input", b.compute_input_ns),
+            ("compute_infer", b.compute_infer_ns),
+            ("compute_output", b.compute_output_ns),
+        ):
+            stage.add_metric([*key, name], ns / 1e9)
+        bounds = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+        cumulative = []
+        total = 0
+        sizes = sorted(b.batch_sizes.items())
+        for bound in bounds:
+            total = sum(n for size, n in sizes if size <= bound)
+            cumulative.append((str(bound), total))
+        cumulative.append(("+Inf", sum(n for _, n in sizes)))
+        batch.add_metric(key, cumulative, sum(size * n for size, n in sizes))
+    yield from (ok, rows, execs, rejected, expired, depth, stage, batch)
+
+    requests = CounterMetricFamily(
+        "gateway_variant_requests", "Requests served per variant", labels=mv
+    )
+    errors = CounterMetricFamily("gateway_variant_errors", "Failed requests per variant", labels=mv)
+    latency = HistogramMetricFamily(
+        "gateway_request_duration_seconds",
+        "Latency from routing to response, per variant",
+        labels=mv,
+    )
+    weight = GaugeMetricFamily(
+        "gateway_route_weight", "Share of routed traffic per variant", labels=mv
+    )
+    shadow = CounterMetricFamily(
+        "gateway_shadow_requests", "Mirrored requests by outcome", labels=[*mv, "outcome"]
+    )
+    agreement = GaugeMetricFamily(
+        "gateway_shadow_agreement_ratio",
+        "Share of compared rows where the shadow agreed",
+        labels=mv,
+    )
+    for v in s.variants:
+        key = [v.model, v.version]
+        requests.add_metric(key, v.requests)
+        errors.add_metric(key, v.errors)
+        acc = 0
+        buckets = []
+        for upper_ms, count in zip(v.latency_bucket_ms, v.latency_counts, strict=False):
+            acc += count
+            buckets.append((repr(upper_ms / 1000), acc))
+        buckets.append(("+Inf", sum(v.latency_counts)))
+        latency.add_metric(key, buckets, v.latency_sum_ms / 1000)
+        if v.weight is not None:
+            weight.add_metric(key, v.weight)
+        if v.shadow_sent or v.shadow_dropped:
+            shadow.add_metric([*key, "sent"], v.shadow_sent)
+            shadow.add_metric([*key, "dropped"], v.shadow_dropped)
+            shadow.add_metric([*key, "error"], v.shadow_errors)
+        if v.shadow_agreement is not None:
+            agreement.add_metric(key, v.shadow_agreement)
+    yield from (requests, errors, latency, weight, shadow, agreement)
+
+    psi = GaugeMetricFamily(
+        "gateway_drift_psi",
+        "PSI of the top drifting features against the reference profile",
+        labels=[*mv, "feature"],
+    )
+    ks = GaugeMetricFamily(
+        "gateway_drift_ks", "Binned KS of the top drifting features", labels=[*mv, "feature"]
+    )
+    max_psi = GaugeMetricFamily("gateway_drift_max_psi", "Largest PSI over all features", labels=mv)
+    drifting = GaugeMetricFamily(
+        "gateway_drift_features_drifting", "Features whose verdict is drift", labels=mv
+    )
+    window = GaugeMetricFamily("gateway_drift_window_rows", "Rows in the drift window", labels=mv)
+    verdict = GaugeMetricFamily(
+        "gateway_drift_verdict", "1 for the current overall verdict", labels=[*mv, "verdict"]
+    )
+    for d in s.drift:
+        key = [d.model, d.version]
+        for feature, p, k in list(d.top)[:DRIFT_TOP_K]:
+            psi.add_metric([*key, feature], p)
+            ks.add_metric([*key, feature], k)
+        max_psi.add_metric(key, d.max_psi)
+        drifting.add_metric(key, d.drifting_features)
+        window.add_metric(key, d.rows)
+        for name in ("drift", "no_drift", "insufficient_data"):
+            verdict.add_metric([*key, name], 1.0 if d.verdict == name else 0.0)
+    yield from (psi, ks, max_psi, drifting, window, verdict)
+
+    rollout = GaugeMetricFamily(
+        "gateway_rollout_state", "1 for each model's rollout state", labels=["model", "state"]
+    )
+    for model, state in sorted(s.rollouts.items()):
+        for name in _ROLLOUT_STATES:
+            rollout.add_metric([model, name], 1.0 if state == name else 0.0)
+    yield rollout
+
+
+class GatewayCollector(Collector):
+    """Collects a fresh ``Snapshot`` on every scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        return list(_families(self._snapshot()))
+
+
+def render(snapshot: Callable[[], Snapshot]) -> bytes:
+    """The Prometheus text exposition of one snapshot (plus process metrics)."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(snapshot))
+    ProcessCollector(registry=registry)
+    return generate_latest(registry)
