@@ -111,6 +111,9 @@ class GatewayProcess:
         self._log_path = Path(log)
         self._log = self._log_path.open("w")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        self._data = tempfile.mkdtemp(prefix="gateway-data-")
+        env["GATEWAY_DATA_DIR"] = self._data
+        env["GATEWAY_ADMIN__PORT"] = "0"
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Generator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 import msgspec
 import uvicorn
+from starlette.routing import Route as Route_
 
 from gateway import __version__
+from gateway.admin import Token, build_admin_app
+from gateway.alerts import AlertSender
 from gateway.batcher import Batcher
 from gateway.config import Settings
 from gateway.drift.build import find_profile, load_checked
@@ -28,9 +33,19 @@ from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
-from gateway.metrics import BatcherSample, DriftSample, Snapshot, VariantSample, render
+from gateway.metrics import (
+    CONTENT_TYPE,
+    BatcherSample,
+    DriftSample,
+    Snapshot,
+    VariantSample,
+    render,
+)
 from gateway.repository import ModelRepository, ModelVersion
+from gateway.rollout import RolloutController
 from gateway.router import Endpoint, Router
+from gateway.signals import SignalGatherer
+from gateway.store import SqliteStore
 from gateway.traffic import LATENCY_BUCKETS_MS
 from gateway.types import ModelIndexEntry, ParamValue, Route, ShadowTarget, Variant
 
@@ -116,8 +131,16 @@ class Gateway:
             is_ready=self.is_ready,
         )
         self.health = HealthServicer(self.router, self.is_ready)
-        self._uvicorn: _Uvicorn | None = None
-        self._uvicorn_task: asyncio.Task[None] | None = None
+        self._http_server: _Uvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._admin_server: _Uvicorn | None = None
+        self._admin_task: asyncio.Task[None] | None = None
+        self.admin_port = 0
+        self.store: SqliteStore | None = None
+        self.alerts: AlertSender | None = None
+        self.controller: RolloutController | None = None
+        self.admin_app: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._grpc: grpc.aio.Server | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -324,6 +347,7 @@ class Gateway:
     async def start(self) -> None:
         """Load the repository, then open the listeners. Ready once both are up."""
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         self.repository.start()
         names = self.repository.model_names()
         if not names:
@@ -342,59 +366,154 @@ class Gateway:
                 )
             )
         self.monitor.start()
-        sock = _bind(settings.http.host, settings.http.port)
-        self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.http.app,
-            lifespan="off",
-            interface="asgi3",
-            http="httptools",
-            access_log=settings.http.access_log,
-            proxy_headers=False,
-            server_header=False,
-            date_header=False,
-            log_level="warning",
-            timeout_graceful_shutdown=int(settings.grace_period_s),
-            timeout_keep_alive=30,
+        self._start_control_plane()
+        self._http_server, self._http_task, self.http_port = await self._listen(
+            self.http.app, settings.http.host, settings.http.port, settings.http.access_log
         )
-        self._uvicorn = _Uvicorn(config)
-        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         self._grpc = build_server(self.inference, self.health, settings.grpc.max_message_bytes)
         self.grpc_port = self._grpc.add_insecure_port(f"{settings.grpc.host}:{settings.grpc.port}")
         await self._grpc.start()
-        while not self._uvicorn.started:
-            if self._uvicorn_task.done():
-                self._uvicorn_task.result()
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
+        self._admin_server, self._admin_task, self.admin_port = await self._listen(
+            self.admin_app, settings.admin.host, settings.admin.port, False
+        )
         self._started = True
         logger.info(
-            "serving %s on HTTP %s:%d and gRPC %s:%d",
+            "serving %s on HTTP %s:%d and gRPC %s:%d (admin %s:%d)",
             ", ".join(f"{e.name}/{e.version}" for e in self.index() if e.state == "READY")
             or "no models",
             settings.http.host,
             self.http_port,
             settings.grpc.host,
             self.grpc_port,
+            settings.admin.host,
+            self.admin_port,
         )
+
+    async def _listen(
+        self, app: Any, host: str, port: int, access_log: bool
+    ) -> tuple[_Uvicorn, asyncio.Task[None], int]:
+        """Serve an ASGI app with uvicorn on a socket we bind (port 0 works)."""
+        sock = _bind(host, port)
+        bound = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            interface="asgi3",
+            http="httptools",
+            access_log=access_log,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(self.settings.grace_period_s),
+            timeout_keep_alive=30,
+        )
+        server = _Uvicorn(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"HTTP listener {host}:{port} stopped during start-up")
+            await asyncio.sleep(0.01)
+        return server, task, bound
+
+    def _start_control_plane(self) -> None:
+        """Durable routes and rollouts (restored over the config's routes), the rollout
+        controller's evaluation loop, alert webhooks and the admin app."""
+        settings = self.settings
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteStore(data_dir / "control.sqlite3")
+        if settings.alerts.webhooks:
+            self.alerts = AlertSender(
+                settings.alerts.webhooks,
+                timeout_s=settings.alerts.timeout_s,
+                retries=settings.alerts.retries,
+                backoff_s=settings.alerts.backoff_s,
+            )
+            self.alerts.start()
+        self.controller = RolloutController(
+            self.store,
+            apply_weights=self._apply_weights,
+            gather=SignalGatherer(self.router, self.monitor, self._outcome),
+            alerts=self.alerts,
+        )
+        self.controller.start()
+        tokens = {t.token: Token(t.name, t.role) for t in settings.admin.tokens}
+        self.admin_app = build_admin_app(
+            self.controller,
+            self.store,
+            tokens,
+            self.index,
+            self._drift_json,
+            extra_routes=[
+                Route_("/metrics", self._metrics_endpoint, methods=["GET"]),
+                *self._dashboard_routes(),
+            ],
+        )
+
+    def _apply_weights(self, model: str, weights: dict[str, float]) -> None:
+        """The controller's door into the router: weights change on the loop thread, where
+        requests read the routing table (the controller calls from its worker thread)."""
+        loop = self._loop
+        if loop is None or loop is _running_loop():
+            self.router.set_weights(model, weights)
+            return
+
+        async def apply() -> None:
+            self.router.set_weights(model, weights)
+
+        asyncio.run_coroutine_threadsafe(apply(), loop).result(timeout=10)
+
+    @staticmethod
+    def _dashboard_routes() -> list[Any]:
+        try:
+            module = importlib.import_module("gateway.dashboard")
+        except ImportError:  # pragma: no cover - the dashboard ships with the package
+            return []
+        routes: list[Any] = module.dashboard_routes()
+        return routes
+
+    async def _metrics_endpoint(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(self.metrics(), media_type=CONTENT_TYPE)
+
+    def _drift_json(self, model: str, version: str | None) -> dict[str, Any]:
+        report = self.drift_report(model, version or "")
+        data: dict[str, Any] = msgspec.to_builtins(report)
+        return data
+
+    def _outcome(self, model: str, stable: str, candidate: str) -> tuple[float, bool] | None:
+        return None
 
     async def stop(self) -> None:
         """Readiness goes false at once; in-flight requests finish (up to the grace
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
         grace = self.settings.grace_period_s
-        stops = []
+        if self.controller is not None:
+            await self.controller.stop()
+        stops: list[Any] = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
-        if self._uvicorn is not None and self._uvicorn_task is not None:
-            self._uvicorn.should_exit = True
-            stops.append(self._uvicorn_task)
+        for server, task in (
+            (self._http_server, self._http_task),
+            (self._admin_server, self._admin_task),
+        ):
+            if server is not None and task is not None:
+                server.should_exit = True
+                stops.append(task)
         await asyncio.gather(*stops, return_exceptions=True)
         await self.router.shadows.stop()
         for endpoint in list(self.router.endpoints()):
             self.router.remove(endpoint.model.name, endpoint.model.version)
             await self._retire(endpoint)
         self.monitor.stop()
+        if self.alerts is not None:
+            await asyncio.to_thread(self.alerts.close)
+        if self.store is not None:
+            self.store.close()
         self.repository.stop()
         logger.info("stopped")
 
@@ -434,3 +553,10 @@ def run(settings: Settings) -> None:
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_main(settings))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--output", metavar="FILE", help="where to save (default: beside the model)")
     build.add_argument("--bins", type=int, default=20, help="bins per numeric feature")
+    sub.add_parser(
+        "admin",
+        help="operate rollouts and routes through the admin API (gateway admin --help)",
+        add_help=False,
+    )
     check = sub.add_parser(
         "check-config",
         help="validate a settings file without serving",
@@ -83,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        from gateway.admin_client import main as admin_main
+
+        return admin_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -25,6 +25,9 @@ __all__ = [
     "RouteSettings",
     "ShadowSettings",
     "DriftSettings",
+    "AdminSettings",
+    "AdminToken",
+    "AlertSettings",
     "GrpcSettings",
     "Settings",
     "ConfigError",
@@ -159,6 +162,42 @@ class RouteSettings(_Base, frozen=True):
     """Versions that get a sampled copy of the traffic."""
 
 
+class AdminToken(_Base, frozen=True):
+    """A bearer token for the admin API."""
+
+    name: str
+    """Who holds it: recorded in the audit trail (the secret never is)."""
+    role: Literal["viewer", "operator"]
+    """viewer reads; operator also changes routes and rollouts."""
+    token: str
+    """The secret. Prefer GATEWAY_ADMIN__TOKENS in the environment to a file."""
+
+
+class AdminSettings(_Base, frozen=True):
+    """The admin listener: rollouts, routes, audit trail, drift, metrics, dashboard."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default, so a public load balancer never exposes it."""
+    port: int = 8002
+    """TCP port; 0 picks a free one."""
+    tokens: list[AdminToken] = []
+    """Who may call it. No tokens: every API call is refused (401); metrics and the
+    dashboard page stay readable."""
+
+
+class AlertSettings(_Base, frozen=True):
+    """Webhooks told about automatic rollbacks (JSON POST, retried, never blocking)."""
+
+    webhooks: list[str] = []
+    """URLs to POST to."""
+    timeout_s: float = 2.0
+    """Per attempt."""
+    retries: int = 3
+    """Attempts after the first, with exponential backoff."""
+    backoff_s: float = 0.5
+    """First retry delay; doubles each time."""
+
+
 class Settings(_Base, frozen=True):
     """Everything the gateway needs to start, frozen once built."""
 
@@ -180,6 +219,11 @@ class Settings(_Base, frozen=True):
     """Mirror calls running at once across all shadows; beyond it copies are dropped and
     counted, so a slow shadow can never queue work without bound."""
     drift: DriftSettings = DriftSettings()
+    data_dir: str = "gateway-data"
+    """Folder for durable control-plane state (routes, rollouts, the audit trail) and
+    prediction logs; relative paths are relative to the working directory."""
+    admin: AdminSettings = AdminSettings()
+    alerts: AlertSettings = AlertSettings()
     models: dict[str, dict[str, Any]] = {}
     """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set
     here win over the model's own ``config.toml``."""

@@ -80,7 +80,7 @@ class ModelVersion:
         options.intra_op_num_threads = policy.intra_op_threads or runtime.intra_op_threads
         options.inter_op_num_threads = runtime.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the caller and our log, not stderr
         available = set(ort.get_available_providers())
         providers = [p for p in runtime.execution_providers if p in available]
         missing = [p for p in runtime.execution_providers if p not in available]

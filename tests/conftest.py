@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from gateway.config import Settings, load_settings
 from tests.models import build_repository
 
 T = TypeVar("T")
+_COUNTER = itertools.count()
 
 
 class RunningGateway:
@@ -89,6 +91,9 @@ def gateway_settings(repository: Path, **overrides: Any) -> Settings:
         "grpc.host": "127.0.0.1",
         "grpc.port": 0,
         "grace_period_s": 5.0,
+        "admin.host": "127.0.0.1",
+        "admin.port": 0,
+        "data_dir": str(repository.parent / f"data-{repository.name}-{next(_COUNTER)}"),
     }
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)

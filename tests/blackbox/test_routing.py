@@ -73,7 +73,8 @@ def test_served_version_is_reported_for_load_balancers(server: RunningGateway) -
     assert reply.headers["x-model-version"] == "3"
     assert reply.json()["model_version"] == "3"
     route = httpx.get(f"http://{server.http_url}/v2/models/pair/route").json()
-    assert route["variants"][0]["version"] == "3" and route["variants"][0]["ready"]
+    assert route["variants"][0]["version"] == "3"
+    assert route["variants"][0]["ready"]
     conn = grpcclient.InferenceServerClient(server.grpc_url)
     tensor = grpcclient.InferInput("INPUT0", [1, 32], "FP32")
     tensor.set_data_from_numpy(X)
@@ -111,7 +112,8 @@ def test_weight_swap_under_load_fails_no_request(server: RunningGateway) -> None
     for t in threads:
         t.join(30)
     assert not failures, failures[:3]
-    assert seen["1"] > 0 and seen["3"] > 0
+    assert seen["1"] > 0
+    assert seen["3"] > 0
 
 
 def _comparison(server: RunningGateway, version: str, sent: int) -> dict[str, Any]:
@@ -145,14 +147,15 @@ def test_shadow_agreement_on_a_known_pair(server: RunningGateway, repository: Pa
     base = {v: traffic.get(v, {}) for v in ("2", "3")}
     conn = client("grpc", server.grpc_url)
     for row in x:
-        got, result = infer(
+        _got, result = infer(
             "grpc", server.grpc_url, "pair", {"INPUT0": row[None, :]}, connection=conn
         )
         assert result.get_response().model_version == "1"  # never a shadow's answer
     conn.close()
     same = _comparison(server, "2", int(base["2"].get("compared_rows") or 0) + 200)
     other = _comparison(server, "3", int(base["3"].get("compared_rows") or 0) + 200)
-    assert same["agreement"] == 1.0 and same["mean_abs_diff"] == 0.0
+    assert same["agreement"] == 1.0
+    assert same["mean_abs_diff"] == 0.0
     # Cumulative figures: only this test mirrors to version 3.
     assert other["agreement"] == pytest.approx(expected, abs=1e-9)
 

@@ -18,6 +18,8 @@ import pytest
 
 def _start(repository: Path) -> tuple[subprocess.Popen[str], int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATA_DIR"] = str(repository.parent / "data")
+    env["GATEWAY_ADMIN__PORT"] = "0"
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -27,6 +27,18 @@ ALLOWED: dict[str, set[str]] = {
     "drift": {"config", "types", "metrics", "drift"},
     "rollout": {"router", "drift", "store", "config", "errors", "metrics", "types"},
     "store": {"config", "errors", "types"},
+    # Webhook delivery, part of the rollout layer; the admin CLI talks HTTP only.
+    "alerts": {"config", "errors", "types"},
+    "admin_client": set(),
+    # Gathers rollout signals from the router and the drift monitor (read-only).
+    "signals": {"router", "drift", "rollout", "traffic", "types"},
+    # Ground truth: remembered predictions and outcome statistics (pure numerics).
+    "outcomes": set(),
+    "feedback": {"config", "types", "errors", "outcomes"},
+    # Operability: structured logs, the prediction log writer, dashboard assets.
+    "logs": set(),
+    "predlog": {"config", "types", "errors"},
+    "dashboard": set(),
     "http_api": {"codecs", "status", "router", "config", "types", "errors", "metrics", "traffic"},
     "grpc_api": {"codecs", "status", "router", "config", "types", "errors", "metrics", "_proto"},
     "admin": {

@@ -1,0 +1,104 @@
+"""signals.py: gathers the live measurements a rollout is judged on (``rollout.Signals``).
+
+For one rollout (model, stable version, candidate version): per-variant requests, error
+rates and p99 latency since the current step began (router traffic snapshots, diffed), the
+candidate's worst input feature drift against the reference profile, prediction drift of
+candidate against stable outputs, shadow disagreement when the candidate is a shadow, and
+the outcome comparison from ground-truth feedback when there is one. Called from the rollout
+controller's worker thread: it only reads snapshots and reports, never mutates serving state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gateway.drift.monitor import DriftMonitor, DriftReport
+from gateway.rollout import RolloutState, Signals
+from gateway.router import Router
+from gateway.traffic import VariantSnapshot
+from gateway.types import ModelRef
+
+__all__ = ["SignalGatherer", "OutcomeSource"]
+
+logger = logging.getLogger(__name__)
+
+# (model, stable, candidate) -> (one-sided p-value "candidate worse", worse?) or None.
+OutcomeSource = Callable[[str, str, str], "tuple[float, bool] | None"]
+
+
+class SignalGatherer:
+    """``gather(state) -> Signals`` for the rollout controller."""
+
+    def __init__(
+        self,
+        router: Router,
+        monitor: DriftMonitor,
+        outcomes: OutcomeSource | None = None,
+    ) -> None:
+        self._router = router
+        self._monitor = monitor
+        self._outcomes = outcomes
+        self._lock = threading.Lock()
+        self._baselines: dict[tuple[Any, ...], dict[str, VariantSnapshot]] = {}
+
+    def __call__(self, state: RolloutState) -> Signals:
+        model, stable, candidate = state.model, state.stable_version, state.candidate_version
+        now = {s.version: s for s in self._router.traffic(model)}
+        key = (model, stable, candidate, state.step_index, state.status)
+        with self._lock:
+            base = self._baselines.setdefault(key, now)
+            for old in [k for k in self._baselines if k[0] == model and k != key]:
+                del self._baselines[old]
+        window = {v: (snap.minus(base[v]) if v in base else snap) for v, snap in now.items()}
+        cand = window.get(candidate)
+        stab = window.get(stable)
+        signals: dict[str, Any] = {
+            "candidate_samples": cand.requests if cand else 0,
+            "stable_samples": stab.requests if stab else 0,
+            "candidate_requests_total": now[candidate].requests if candidate in now else 0,
+            "candidate_error_rate": cand.error_rate if cand else None,
+            "stable_error_rate": stab.error_rate if stab else None,
+            "candidate_p99_ms": cand.p(0.99) if cand else None,
+            "stable_p99_ms": stab.p(0.99) if stab else None,
+        }
+        if candidate in now:
+            agreement = now[candidate].shadow.get("agreement")
+            if isinstance(agreement, float):
+                signals["shadow_disagreement"] = 1.0 - agreement
+        signals.update(self._drift(model, stable, candidate))
+        if self._outcomes is not None:
+            try:
+                outcome = self._outcomes(model, stable, candidate)
+            except Exception:  # one broken signal must not stop the evaluation
+                logger.exception("outcome comparison failed for %s", model)
+                outcome = None
+            if outcome is not None:
+                signals["outcome_pvalue"], signals["outcome_worse"] = outcome
+        return Signals(**signals)
+
+    def _drift(self, model: str, stable: str, candidate: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        cand_ref, stable_ref = ModelRef(model, candidate), ModelRef(model, stable)
+        report: DriftReport | None = None
+        try:
+            report = self._monitor.report(cand_ref)
+        except KeyError:
+            return out  # no profile: drift is not measured
+        sufficient = report.input_verdict != "insufficient_data"
+        if report.inputs:
+            worst = report.inputs[0]
+            out["input_drift_psi"] = worst.psi
+            out["input_drift_ks"] = worst.ks
+            out["input_drift_feature"] = worst.name
+        try:
+            versus = self._monitor.compare(cand_ref, stable_ref)
+        except (KeyError, ValueError):
+            versus = None
+        if versus is not None and versus.outputs:
+            out["prediction_drift_psi"] = max(f.psi for f in versus.outputs)
+            sufficient = sufficient and versus.output_verdict != "insufficient_data"
+        out["drift_sufficient"] = sufficient
+        return out
