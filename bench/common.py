@@ -97,6 +97,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.http_port = 0
         self.grpc_port = 0
+        self.admin_port = 0
         self._log: Any = None
         self._log_path = Path()
         self._config: Path | None = None
@@ -151,10 +152,12 @@ class GatewayProcess:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             match = re.search(
-                r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+)", self._log_path.read_text()
+                r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+) \(admin [\d.]+:(\d+)\)",
+                self._log_path.read_text(),
             )
             if match:
                 self.http_port, self.grpc_port = int(match.group(1)), int(match.group(2))
+                self.admin_port = int(match.group(3))
                 return
             if self.proc.poll() is not None:
                 break

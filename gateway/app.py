@@ -471,7 +471,8 @@ class Gateway:
             module = importlib.import_module("gateway.dashboard")
         except ImportError:  # pragma: no cover - the dashboard ships with the package
             return []
-        routes: list[Any] = module.dashboard_routes()
+        build = getattr(module, "dashboard_routes", None)
+        routes: list[Any] = build() if build is not None else []
         return routes
 
     async def _metrics_endpoint(self, request: Any) -> Any:
