@@ -133,8 +133,9 @@ def test_full_queue_answers_at_once_grpc(server: RunningGateway) -> None:
 
 def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
     before = _stats(server, "slow")
-    bodies = [_slow_body(8) for _ in range(3)]
-    # Queued behind three full batches, a 1 ms deadline (V2 timeout parameter, in µs, and
+    # Two full batches ahead, two late requests: four in all, the slow model's queue limit.
+    bodies = [_slow_body(8) for _ in range(2)]
+    # Queued behind two full batches, a 1 ms deadline (V2 timeout parameter, in µs, and
     # the header) passes before the model is free.
     late = [_slow_body(1, parameters={"timeout": 1000}), _slow_body(1)]
 
@@ -153,12 +154,12 @@ def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
             return await asyncio.gather(*first, *second)
 
     responses = asyncio.run(main())
-    assert [r.status_code for r in responses[:3]] == [200, 200, 200]
-    for r in responses[3:]:
+    assert [r.status_code for r in responses[:2]] == [200, 200]
+    for r in responses[2:]:
         assert r.status_code == 504, r.text
         assert "timed out" in r.json()["error"]
     after = _stats(server, "slow")
-    assert after["inference_count"] - before["inference_count"] == 24  # 1-row ones never ran
+    assert after["inference_count"] - before["inference_count"] == 16  # 1-row ones never ran
 
 
 def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> None:
