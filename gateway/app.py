@@ -33,6 +33,7 @@ from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
+from gateway.logs import AccessLog
 from gateway.metrics import (
     CONTENT_TYPE,
     BatcherSample,
@@ -41,13 +42,22 @@ from gateway.metrics import (
     VariantSample,
     render,
 )
+from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.rollout import RolloutController
 from gateway.router import Endpoint, Router
 from gateway.signals import SignalGatherer
 from gateway.store import SqliteStore
 from gateway.traffic import LATENCY_BUCKETS_MS
-from gateway.types import ModelIndexEntry, ParamValue, Route, ShadowTarget, Variant
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ParamValue,
+    Route,
+    ShadowTarget,
+    Variant,
+)
 
 __all__ = ["Gateway", "serve", "run"]
 
@@ -113,6 +123,15 @@ class Gateway:
         self.drift_refused: dict[tuple[str, str], str] = {}
         self._started = False
         self._draining = False
+        self.access_log = AccessLog(settings.access_log_sample_rate)
+        predictions = settings.predictions
+        if predictions.enabled and not predictions.directory:
+            predictions = msgspec.structs.replace(
+                predictions, directory=str(Path(settings.data_dir) / "predictions")
+            )
+        self.predictions = PredictionLogger(predictions) if predictions.enabled else None
+        assign_ids = self.predictions is not None
+        self.router.on_response = self._on_response
         self.http = HttpFrontEnd(
             self.router,
             self,
@@ -121,6 +140,8 @@ class Gateway:
             server_version=__version__,
             is_ready=self.is_ready,
             metrics=self.metrics,
+            access_log=self.access_log,
+            assign_ids=assign_ids,
         )
         self.inference = InferenceServicer(
             self.router,
@@ -129,6 +150,8 @@ class Gateway:
             server_version=__version__,
             extensions=EXTENSIONS,
             is_ready=self.is_ready,
+            access_log=self.access_log,
+            assign_ids=assign_ids,
         )
         self.health = HealthServicer(self.router, self.is_ready)
         self._http_server: _Uvicorn | None = None
@@ -150,6 +173,18 @@ class Gateway:
 
     def is_ready(self) -> bool:
         return self._started and not self._draining
+
+    def _on_response(self, request: InferRequest, response: InferResponse) -> None:
+        """Per successful request, on the loop thread: sampled prediction logging."""
+        log = self.predictions
+        if log is not None and log.is_sampled(request.id):
+            log.submit(
+                response.model_name,
+                response.model_version,
+                request.id,
+                {t.name: t.data for t in request.inputs},
+                {t.name: t.data for t in response.outputs},
+            )
 
     def metrics(self) -> bytes:
         """Prometheus exposition of the live counters (built at scrape time)."""
@@ -366,6 +401,8 @@ class Gateway:
                 )
             )
         self.monitor.start()
+        if self.predictions is not None:
+            self.predictions.start()
         self._start_control_plane()
         self._http_server, self._http_task, self.http_port = await self._listen(
             self.http.app, settings.http.host, settings.http.port, settings.http.access_log
@@ -511,6 +548,8 @@ class Gateway:
             self.router.remove(endpoint.model.name, endpoint.model.version)
             await self._retire(endpoint)
         self.monitor.stop()
+        if self.predictions is not None:
+            await asyncio.to_thread(self.predictions.stop)
         if self.alerts is not None:
             await asyncio.to_thread(self.alerts.close)
         if self.store is not None:

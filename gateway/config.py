@@ -28,6 +28,7 @@ __all__ = [
     "AdminSettings",
     "AdminToken",
     "AlertSettings",
+    "PredictionLogSettings",
     "GrpcSettings",
     "Settings",
     "ConfigError",
@@ -144,6 +145,42 @@ class DriftSettings(_Base, frozen=True):
     """Off makes observe() return at once and start() start nothing."""
 
 
+class PredictionLogSettings(_Base, frozen=True):
+    """Sampled prediction logging: what share of requests, where, and how files rotate."""
+
+    enabled: bool = False
+    """Off by default: logging payloads writes request data to disk, an explicit choice."""
+    directory: str = ""
+    """Folder the ``<model>/<version>/`` sub-folders go under; "" means the composition
+    root's choice (``<data_dir>/predictions``), resolved before the logger is built."""
+    sample_rate: float = 0.01
+    """Share of requests logged, 0..1; 1% is ~500 records/s at 50k req/s, enough for a
+    reference sample within minutes without a disk that keeps up with every request."""
+    max_queue: int = 10_000
+    """Records waiting for the writer before new ones are dropped and counted; 20 s of
+    the 1% example above, which absorbs a slow disk's stall."""
+    max_file_bytes: int = 64 * 1024 * 1024
+    """A file rotates before it would grow past this many bytes (64 MiB: small enough to
+    copy and load whole, large enough to keep the file count low)."""
+    max_file_age_s: float = 3600.0
+    """A file rotates once open this many seconds, so hourly files can be shipped or
+    deleted while serving goes on."""
+    flush_interval_s: float = 1.0
+    """Seconds between flushes of open files: how stale a reader's view may be."""
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError with the field's path
+        # when the settings are decoded, so bad values fail at start-up.
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError("sample_rate must be within 0..1")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if self.max_file_bytes < 1:
+            raise ValueError("max_file_bytes must be >= 1")
+        if not self.max_file_age_s > 0 or not self.flush_interval_s > 0:
+            raise ValueError("max_file_age_s and flush_interval_s must be > 0")
+
+
 class ShadowSettings(_Base, frozen=True):
     """A shadow version of a routed model."""
 
@@ -223,6 +260,12 @@ class Settings(_Base, frozen=True):
     """Folder for durable control-plane state (routes, rollouts, the audit trail) and
     prediction logs; relative paths are relative to the working directory."""
     admin: AdminSettings = AdminSettings()
+    predictions: PredictionLogSettings = PredictionLogSettings()
+    log_format: Literal["json", "text"] = "json"
+    """Log lines as JSON objects (for log pipelines) or as plain text."""
+    access_log_sample_rate: float = 0.01
+    """Share of successful inference requests logged as JSON access lines; every failed
+    one is logged. 1% keeps a busy replica's logs readable."""
     alerts: AlertSettings = AlertSettings()
     models: dict[str, dict[str, Any]] = {}
     """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set

@@ -24,6 +24,8 @@ from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway._proto import health_pb2, health_pb2_grpc
 from gateway.codecs import v2_grpc
 from gateway.errors import GatewayError, InvalidInputError, ModelNotFoundError
+from gateway.logs import AccessLog
+from gateway.logs import request_id as request_id_from
 from gateway.router import Router
 from gateway.status import grpc_code
 from gateway.types import InferRequest, ModelControl
@@ -64,8 +66,11 @@ _ROUTING_KEY: Final = "x-routing-key"
 _VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: served by
 
 
-def _route_fields(infer: InferRequest, metadata: dict[str, Any]) -> None:
-    """Routing key and version pin from call metadata or the V2 ``routing_key`` parameter."""
+def _route_fields(infer: InferRequest, metadata: dict[str, Any], assign_ids: bool = False) -> None:
+    """Routing key, version pin and request id from call metadata or the V2
+    ``routing_key`` parameter."""
+    if not infer.id and (assign_ids or "x-request-id" in metadata or "traceparent" in metadata):
+        infer.id = request_id_from(metadata)
     if not infer.model_version:
         pinned = metadata.get(_VERSION_KEY)
         if pinned:
@@ -77,10 +82,12 @@ def _route_fields(infer: InferRequest, metadata: dict[str, Any]) -> None:
         infer.routing_key = str(key)
 
 
-def _apply_metadata(infer: InferRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+def _apply_metadata(
+    infer: InferRequest, context: grpc.aio.ServicerContext[Any, Any], assign_ids: bool
+) -> None:
     metadata = context.invocation_metadata()
-    if metadata or infer.parameters:
-        _route_fields(infer, dict(metadata or ()))
+    if metadata or infer.parameters or (assign_ids and not infer.id):
+        _route_fields(infer, dict(metadata or ()), assign_ids)
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -100,9 +107,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         server_version: str,
         extensions: tuple[str, ...],
         is_ready: Callable[[], bool],
+        access_log: AccessLog | None = None,
+        assign_ids: bool = False,
     ) -> None:
         self._router = router
         self._control = control
+        self._access = access_log
+        self._assign_ids = assign_ids
         self._server_name = server_name
         self._server_version = server_version
         self._extensions = extensions
@@ -169,11 +180,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         self.in_flight += 1
         code = "INTERNAL"
+        started = time.perf_counter()
+        infer: InferRequest | None = None
+        served = ""
         try:
             infer = v2_grpc.decode_infer_request(request)
             infer.deadline = _deadline(context)
-            _apply_metadata(infer, context)
+            _apply_metadata(infer, context, self._assign_ids)
             response = await self._router.infer(infer)
+            served = response.model_version
             context.set_trailing_metadata(((_VERSION_KEY, response.model_version),))
             encoded = v2_grpc.encode_infer_response(response, infer)
             code = "OK"
@@ -187,6 +202,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self.in_flight -= 1
             self.responses[code] += 1
+            access = self._access
+            if access is not None and access.should_log(code != "OK"):
+                access.log(
+                    infer.id if infer else request.id,
+                    "grpc",
+                    request.model_name,
+                    served or request.model_version,
+                    code,
+                    (time.perf_counter() - started) * 1000,
+                )
 
     async def ModelStreamInfer(  # noqa: N802
         self,
@@ -206,7 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     infer = v2_grpc.decode_infer_request(message)
                     infer.deadline = deadline
-                    _route_fields(infer, stream_meta)
+                    _route_fields(infer, stream_meta, self._assign_ids)
                     response = await self._router.infer(infer)
                     encoded = v2_grpc.encode_infer_response(response, infer)
                     results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))

@@ -35,6 +35,8 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from gateway.logs import AccessLog
+from gateway.logs import request_id as request_id_from
 from gateway.metrics import CONTENT_TYPE
 from gateway.router import Router
 from gateway.status import error_body, http_status
@@ -127,9 +129,13 @@ class HttpFrontEnd:
         server_version: str,
         is_ready: Callable[[], bool],
         metrics: Callable[[], bytes] | None = None,
+        access_log: AccessLog | None = None,
+        assign_ids: bool = False,
     ) -> None:
         self._router = router
         self._metrics = metrics
+        self._access = access_log
+        self._assign_ids = assign_ids
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by HTTP status code (for the metrics endpoint)."""
         self._control = control
@@ -161,6 +167,10 @@ class HttpFrontEnd:
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
         self.in_flight += 1
+        started = time.perf_counter()
+        request_id = ""
+        served = ""
+        status = 500
         try:
             header_length: int | None = None
             content_length = -1
@@ -168,6 +178,8 @@ class HttpFrontEnd:
             timeout_ms: str | None = None
             routing_key: str | None = None
             pinned = ""
+            given_id: str | None = None
+            traceparent: str | None = None
             for key, value in scope["headers"]:
                 if key == b"content-length":
                     content_length = int(value) if value.isdigit() else -1
@@ -187,6 +199,10 @@ class HttpFrontEnd:
                     routing_key = value.decode("latin-1")
                 elif key == _VERSION_HEADER:
                     pinned = value.decode("latin-1").strip()
+                elif key == b"x-request-id":
+                    given_id = value.decode("latin-1")
+                elif key == b"traceparent":
+                    traceparent = value.decode("latin-1")
             if content_length > self._limit:
                 raise PayloadTooLargeError(
                     f"request body of {content_length} bytes exceeds the limit of "
@@ -197,17 +213,25 @@ class HttpFrontEnd:
                 body = _decompress(body, encoding, self._limit)
             request = v2_json.decode_infer_request(body, header_length, model, version or pinned)
             request.deadline = self._deadline(request, timeout_ms)
+            if not request.id and (self._assign_ids or given_id or traceparent):
+                request.id = request_id_from(
+                    {"x-request-id": given_id or "", "traceparent": traceparent or ""}
+                )
+            request_id = request.id
             params = request.parameters
             if routing_key is not None:
                 request.routing_key = routing_key
             elif params and "routing_key" in params:
                 request.routing_key = str(params["routing_key"])
             response = await self._router.infer(request)
+            served = response.model_version
             out, json_length = v2_json.encode_infer_response(response, request)
             headers = [
                 (b"content-type", _OCTET if json_length is not None else _JSON),
                 (_VERSION_HEADER, response.model_version.encode()),
             ]
+            if request_id:
+                headers.append((b"x-request-id", request_id.encode()))
             if json_length is not None:
                 headers.append((_HEADER_LENGTH, str(json_length).encode()))
             response_encoding = _pick_encoding(accept) if accept else None
@@ -218,11 +242,13 @@ class HttpFrontEnd:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": out})
             self.responses["200"] += 1
+            status = 200
         except GatewayError as exc:
-            self.responses[str(http_status(exc.kind))] += 1
-            await self._send_error(send, exc)
+            status = http_status(exc.kind)
+            self.responses[str(status)] += 1
+            await self._send_error(send, exc, request_id)
         except _ClientGoneError:
-            pass
+            status = 499
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -231,6 +257,16 @@ class HttpFrontEnd:
             await self._send_error(send, GatewayError("internal error while serving the request"))
         finally:
             self.in_flight -= 1
+            access = self._access
+            if access is not None and access.should_log(status != 200):
+                access.log(
+                    request_id,
+                    "http",
+                    model,
+                    served or version,
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                )
 
     async def _read_body(self, receive: Receive) -> bytes:
         message = await receive()
@@ -287,8 +323,10 @@ class HttpFrontEnd:
         return time.monotonic() + seconds
 
     @staticmethod
-    async def _send_error(send: Send, exc: GatewayError) -> None:
+    async def _send_error(send: Send, exc: GatewayError, request_id: str = "") -> None:
         headers = [(b"content-type", _JSON)]
+        if request_id:
+            headers.append((b"x-request-id", request_id.encode()))
         if isinstance(exc, UnsupportedMediaTypeError):
             headers.append((b"accept-encoding", b"gzip, deflate"))
         body = error_body(exc.message)

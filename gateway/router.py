@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import random
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,6 +40,7 @@ from gateway.types import (
 __all__ = ["Servable", "Endpoint", "Router", "sticky_choice"]
 
 Array = npt.NDArray[Any]
+logger = logging.getLogger(__name__)
 _U64: Final = struct.Struct("<Q")
 _TWO64: Final = float(2**64)
 
@@ -117,6 +119,9 @@ class Router:
         self._stats: dict[tuple[str, str], VariantStats] = {}
         self._random = random.Random(seed)
         self.shadows = ShadowRunner(shadow_max_in_flight)
+        self.on_response: Callable[[InferRequest, InferResponse], None] | None = None
+        """Called with every successful primary request and its response, on the loop
+        thread (prediction logging and feedback memory hang here); must not block."""
 
     # -- versions -----------------------------------------------------------------------
 
@@ -298,6 +303,12 @@ class Router:
         compiled = self._routes.get(name)
         if compiled is not None and compiled.route.shadows:
             self._mirror(compiled.route.shadows, request, response, model.version)
+        hook = self.on_response
+        if hook is not None:
+            try:
+                hook(request, response)
+            except Exception:  # an observer must never fail the request it observes
+                logger.exception("response hook failed for %s", name)
         return response
 
     async def _run(self, endpoint: Endpoint, request: InferRequest) -> InferResponse:
