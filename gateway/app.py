@@ -31,17 +31,21 @@ from gateway.config import Settings
 from gateway.drift.build import find_profile, load_checked
 from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
-from gateway.grpc_api import HealthServicer, InferenceServicer, build_server
+from gateway.feedback import FeedbackItem, FeedbackResult, PredictionMemory
+from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer, build_server
 from gateway.http_api import EXTENSIONS, HttpFrontEnd
 from gateway.logs import AccessLog
 from gateway.metrics import (
     CONTENT_TYPE,
     BatcherSample,
     DriftSample,
+    OutcomeSample,
     Snapshot,
     VariantSample,
     render,
 )
+from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
+from gateway.outcomes import compare as compare_outcomes
 from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.rollout import RolloutController
@@ -130,7 +134,9 @@ class Gateway:
                 predictions, directory=str(Path(settings.data_dir) / "predictions")
             )
         self.predictions = PredictionLogger(predictions) if predictions.enabled else None
-        assign_ids = self.predictions is not None
+        self.memory = PredictionMemory(settings.feedback)
+        self._outcome_baselines: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        assign_ids = self.predictions is not None or settings.feedback.enabled
         self.router.on_response = self._on_response
         self.http = HttpFrontEnd(
             self.router,
@@ -140,6 +146,8 @@ class Gateway:
             server_version=__version__,
             is_ready=self.is_ready,
             metrics=self.metrics,
+            feedback=self.feedback,
+            outcomes=self.outcomes,
             access_log=self.access_log,
             assign_ids=assign_ids,
         )
@@ -154,6 +162,7 @@ class Gateway:
             assign_ids=assign_ids,
         )
         self.health = HealthServicer(self.router, self.is_ready)
+        self.feedback_servicer = FeedbackServicer(self.feedback)
         self._http_server: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._admin_server: _Uvicorn | None = None
@@ -175,7 +184,15 @@ class Gateway:
         return self._started and not self._draining
 
     def _on_response(self, request: InferRequest, response: InferResponse) -> None:
-        """Per successful request, on the loop thread: sampled prediction logging."""
+        """Per successful request, on the loop thread: remember the prediction for
+        ground-truth feedback, and sampled prediction logging."""
+        if response.outputs and request.id:
+            self.memory.remember(
+                request.id,
+                response.model_name,
+                response.model_version,
+                response.outputs[0].data,
+            )
         log = self.predictions
         if log is not None and log.is_sampled(request.id):
             log.submit(
@@ -257,7 +274,24 @@ class Gateway:
             )
         responses = {("http", code): n for code, n in self.http.responses.items()}
         responses.update({("grpc", code): n for code, n in self.inference.responses.items()})
-        return Snapshot(batchers, variants, drift, responses, {}, self.is_ready())
+        outcomes = []
+        for model, version in self.memory.variants():
+            snap = self.memory.snapshot(model, version)
+            outcomes.append(OutcomeSample(model, version, snap.n, snap.accuracy, snap.mae))
+        counters = self.memory.counters()
+        feedback = {
+            "matched": counters.matched,
+            "unknown": counters.unknown_ids,
+            "expired": counters.expired_ids,
+            "duplicate": counters.duplicate,
+            "invalid": counters.invalid,
+        }
+        rollouts: dict[str, str] = {}
+        if self.controller is not None:
+            rollouts = {state.model: str(state.status) for state in self.controller.rollouts()}
+        return Snapshot(
+            batchers, variants, drift, responses, rollouts, self.is_ready(), outcomes, feedback
+        )
 
     # -- ModelControl (the V2 repository extension) ---------------------------------------
 
@@ -407,7 +441,9 @@ class Gateway:
         self._http_server, self._http_task, self.http_port = await self._listen(
             self.http.app, settings.http.host, settings.http.port, settings.http.access_log
         )
-        self._grpc = build_server(self.inference, self.health, settings.grpc.max_message_bytes)
+        self._grpc = build_server(
+            self.inference, self.health, settings.grpc.max_message_bytes, self.feedback_servicer
+        )
         self.grpc_port = self._grpc.add_insecure_port(f"{settings.grpc.host}:{settings.grpc.port}")
         await self._grpc.start()
         self._admin_server, self._admin_task, self.admin_port = await self._listen(
@@ -523,7 +559,64 @@ class Gateway:
         return data
 
     def _outcome(self, model: str, stable: str, candidate: str) -> tuple[float, bool] | None:
-        return None
+        """Ground truth for a rollout: (one-sided p-value of "candidate worse", whether the
+        observed difference points that way), once both arms have enough joined samples."""
+        loop = self._loop
+        if loop is None:
+            return None
+
+        async def snapshots() -> tuple[OutcomeSnapshot, OutcomeSnapshot]:
+            return self.memory.snapshot(model, candidate), self.memory.snapshot(model, stable)
+
+        # The memory lives on the loop thread; the controller asks from its worker.
+        cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
+        # The window starts when this rollout was first judged (earlier rollouts of the
+        # same versions must not count).
+        start = self._outcome_baselines.setdefault((model, stable, candidate), (cand, stab))
+        cand, stab = cand.minus(start[0]), stab.minus(start[1])
+        try:
+            result = compare_outcomes(cand, stab)
+        except OutcomeKindError:
+            return None
+        if not result.enough_samples or result.p_value is None or result.statistic is None:
+            return None
+        worse = result.statistic < 0 if result.test == "two_proportion_z" else result.statistic > 0
+        return result.p_value, worse
+
+    def outcomes(self, model: str) -> dict[str, Any]:
+        """Outcome metrics per version of ``model`` and each version compared with the
+        stable one (the route's heaviest variant, else the default version)."""
+        versions = self.router.versions(model)
+        route = self.router.get_route(model)
+        if route is not None and route.variants:
+            stable = max(route.variants, key=lambda v: v.weight).version
+        else:
+            stable = self.router.resolve(model).model.version
+        snapshots = {v: self.memory.snapshot(model, v) for v in versions}
+        out: dict[str, Any] = {"model": model, "stable": stable, "versions": {}}
+        for version, snap in snapshots.items():
+            entry: dict[str, Any] = {
+                "kind": snap.kind,
+                "n": snap.n,
+                "accuracy": snap.accuracy,
+                "mae": snap.mae,
+                "rmse": snap.rmse,
+            }
+            if version != stable and stable in snapshots:
+                try:
+                    entry["versus_stable"] = msgspec.to_builtins(
+                        compare_outcomes(snap, snapshots[stable])
+                    )
+                except OutcomeKindError as exc:
+                    entry["versus_stable"] = {"error": str(exc)}
+            out["versions"][version] = entry
+        out["memory"] = msgspec.to_builtins(self.memory.counters())
+        return out
+
+    async def feedback(self, model: str, items: list[FeedbackItem]) -> FeedbackResult:
+        """Join ground truth to remembered predictions (the feedback call, both protocols)."""
+        self.router.resolve(model)
+        return self.memory.join(items, model=model)
 
     async def stop(self) -> None:
         """Readiness goes false at once; in-flight requests finish (up to the grace

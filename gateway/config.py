@@ -29,6 +29,7 @@ __all__ = [
     "AdminToken",
     "AlertSettings",
     "PredictionLogSettings",
+    "FeedbackSettings",
     "GrpcSettings",
     "Settings",
     "ConfigError",
@@ -181,6 +182,31 @@ class PredictionLogSettings(_Base, frozen=True):
             raise ValueError("max_file_age_s and flush_interval_s must be > 0")
 
 
+class FeedbackSettings(_Base, frozen=True):
+    """Ground-truth feedback: how long and how much of the served predictions to remember."""
+
+    enabled: bool = True
+    """Off makes remember() return at once; join() then finds nothing."""
+    ttl_s: float = 3600.0
+    """How long (s) a prediction waits for its ground truth; an hour covers clicks and
+    human review loops while bounding memory by traffic x an hour."""
+    capacity: int = 200_000
+    """Predictions remembered at most (oldest evicted first): an hour at 55 req/s, in about
+    94 MB when answers are small (about 470 B each for a one-row classifier, measured)."""
+    max_bytes: int = 128 * 1024 * 1024
+    """Estimated memory (bytes) of the remembered predictions at most. 200k small answers
+    take about 80 MB, so capacity binds for those and this for large ones (many rows or
+    classes)."""
+    max_rows: int = 1024
+    """Requests with more rows are not remembered (counted as too_large): a 1024 x 1024
+    float32 answer is already 4 MiB."""
+    max_values_per_row: int = 1024
+    """Predictions with more classes or outputs per row are not remembered (too_large)."""
+    max_batch: int = 10_000
+    """Feedback items per join call at most; a larger call is refused with 413 so one call
+    holds the event loop for no more than a few tens of ms."""
+
+
 class ShadowSettings(_Base, frozen=True):
     """A shadow version of a routed model."""
 
@@ -261,6 +287,7 @@ class Settings(_Base, frozen=True):
     prediction logs; relative paths are relative to the working directory."""
     admin: AdminSettings = AdminSettings()
     predictions: PredictionLogSettings = PredictionLogSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     log_format: Literal["json", "text"] = "json"
     """Log lines as JSON objects (for log pipelines) or as plain text."""
     access_log_sample_rate: float = 0.01

@@ -19,11 +19,12 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
+from gateway._proto import feedback_pb2, feedback_pb2_grpc, health_pb2, health_pb2_grpc
 from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
-from gateway._proto import health_pb2, health_pb2_grpc
 from gateway.codecs import v2_grpc
 from gateway.errors import GatewayError, InvalidInputError, ModelNotFoundError
+from gateway.feedback import FeedbackItem, FeedbackResult
 from gateway.logs import AccessLog
 from gateway.logs import request_id as request_id_from
 from gateway.router import Router
@@ -357,8 +358,46 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(0.5)
 
 
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
+    """gateway.feedback.v1.Feedback: ground truth joined to earlier predictions by id."""
+
+    def __init__(
+        self, join: Callable[[str, list[FeedbackItem]], Awaitable[FeedbackResult]]
+    ) -> None:
+        self._join = join
+
+    @_guarded
+    async def Submit(  # noqa: N802
+        self, request: feedback_pb2.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> feedback_pb2.FeedbackResponse:
+        if not request.model_name:
+            raise InvalidInputError("model_name is required")
+        items = []
+        for i, item in enumerate(request.items):
+            if not item.id:
+                raise InvalidInputError(f"items[{i}]: id is required")
+            if item.labels and item.values:
+                raise InvalidInputError(f"items[{i}]: give labels or values, not both")
+            truth: Any = list(item.labels) if item.labels else list(item.values)
+            if not truth:
+                raise InvalidInputError(f"items[{i}]: no truth given")
+            items.append(FeedbackItem(item.id, truth[0] if len(truth) == 1 else truth))
+        result = await self._join(request.model_name, items)
+        return feedback_pb2.FeedbackResponse(
+            matched=result.matched,
+            unknown=result.unknown_ids,
+            expired=result.expired_ids,
+            duplicate=result.duplicate,
+            invalid=result.invalid,
+            errors=list(result.errors),
+        )
+
+
 def build_server(
-    inference: InferenceServicer, health: HealthServicer, max_message_bytes: int
+    inference: InferenceServicer,
+    health: HealthServicer,
+    max_message_bytes: int,
+    feedback: FeedbackServicer | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with both services; the caller binds ports and starts it."""
     server = grpc.aio.server(
@@ -371,4 +410,6 @@ def build_server(
     # Generated registration functions carry no annotations.
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
+    if feedback is not None:
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
     return server

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -35,6 +36,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from gateway.feedback import FeedbackItem, FeedbackResult
 from gateway.logs import AccessLog
 from gateway.logs import request_id as request_id_from
 from gateway.metrics import CONTENT_TYPE
@@ -62,6 +64,13 @@ _ROUTING_KEY: Final = b"x-routing-key"
 _VERSION_HEADER: Final = b"x-model-version"  # request: pin a version; response: served by
 _BODY_TIMEOUT_S: Final = 30.0  # a client that stops sending mid-body gets 408, not a hang
 _ENCODINGS: Final = ("gzip", "deflate")
+
+
+class _FeedbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    items: list[FeedbackItem]
+
+
+_feedback_decoder: Final = msgspec.json.Decoder(_FeedbackBody | list[FeedbackItem])
 
 
 class _ClientGoneError(Exception):
@@ -129,11 +138,15 @@ class HttpFrontEnd:
         server_version: str,
         is_ready: Callable[[], bool],
         metrics: Callable[[], bytes] | None = None,
+        feedback: Callable[[str, list[FeedbackItem]], Awaitable[FeedbackResult]] | None = None,
+        outcomes: Callable[[str], dict[str, Any]] | None = None,
         access_log: AccessLog | None = None,
         assign_ids: bool = False,
     ) -> None:
         self._router = router
         self._metrics = metrics
+        self._feedback = feedback
+        self._outcomes = outcomes
         self._access = access_log
         self._assign_ids = assign_ids
         self.responses: collections.Counter[str] = collections.Counter()
@@ -361,6 +374,8 @@ class HttpFrontEnd:
             route("/v2/models/{model}/versions/{version}/stats", self._stats, ["GET"]),
             route("/v2/models/{model}/infer", self._infer_fallback, ["POST"]),
             route("/v2/models/{model}/versions/{version}/infer", self._infer_fallback, ["POST"]),
+            route("/v2/models/{model}/feedback", self._post_feedback, ["POST"]),
+            route("/v2/models/{model}/outcomes", self._get_outcomes, ["GET"]),
             route("/v2/repository/index", self._repository_index, ["POST"]),
             route("/v2/repository/models/{model}/load", self._load, ["POST"]),
             route("/v2/repository/models/{model}/unload", self._unload, ["POST"]),
@@ -476,6 +491,32 @@ class HttpFrontEnd:
     async def _infer_fallback(self, request: Request) -> Response:
         # Reached only for paths the fast dispatcher did not match (e.g. odd segments).
         raise InvalidInputError(f"invalid inference path {request.url.path}")
+
+    async def _post_feedback(self, request: Request) -> Response:
+        """Ground truth for earlier predictions: ``{"items": [{"id": ..., "truth": ...}]}``
+        (a bare list of items is accepted too). Unknown and expired ids are counted in the
+        answer, never an error for the whole call."""
+        if self._feedback is None:
+            raise HTTPException(404)
+        body = await request.body()
+        try:
+            payload = _feedback_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise InvalidInputError(f"invalid feedback: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise InvalidInputError(f"malformed JSON in feedback: {exc}") from None
+        items = payload if isinstance(payload, list) else payload.items
+        result = await self._feedback(request.path_params["model"], items)
+        return _json_response(msgspec.to_builtins(result))
+
+    async def _get_outcomes(self, request: Request) -> Response:
+        """Per-variant outcome metrics from joined ground truth, and the comparison of each
+        version against the route's first (stable) variant."""
+        if self._outcomes is None:
+            raise HTTPException(404)
+        name = request.path_params["model"]
+        self._router.resolve(name)
+        return _json_response(self._outcomes(name))
 
     async def _repository_index(self, request: Request) -> Response:
         body = await request.body()

@@ -30,6 +30,7 @@ __all__ = [
     "BatcherSample",
     "VariantSample",
     "DriftSample",
+    "OutcomeSample",
     "Snapshot",
     "GatewayCollector",
     "render",
@@ -86,6 +87,15 @@ class DriftSample:
 
 
 @dataclass(frozen=True, slots=True)
+class OutcomeSample:
+    model: str
+    version: str
+    samples: int
+    accuracy: float | None
+    mae: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     batchers: Sequence[BatcherSample] = ()
     variants: Sequence[VariantSample] = ()
@@ -95,6 +105,9 @@ class Snapshot:
     rollouts: dict[str, str] = field(default_factory=dict)
     """model -> rollout status."""
     ready: bool = True
+    outcomes: Sequence[OutcomeSample] = ()
+    feedback: dict[str, int] = field(default_factory=dict)
+    """Feedback items by result (matched, unknown, expired, duplicate, invalid)."""
 
 
 _ROLLOUT_STATES: Final = ("canary", "paused", "awaiting_approval", "promoted", "rolled_back")

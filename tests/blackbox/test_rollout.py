@@ -5,6 +5,7 @@ audited, state survives a restart, a tampered audit trail is detected."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -175,7 +176,11 @@ def test_operator_actions_tokens_restart_and_tamper(
     data = tmp_path / "data"
     server = RunningGateway(_settings(repo, data, hook)).start()
     try:
-        with _admin(server) as admin, _admin(server, VIEWER) as viewer:
+        with (
+            contextlib.ExitStack() as stack,
+            _admin(server) as admin,
+            _admin(server, VIEWER) as viewer,
+        ):
             anonymous = httpx.post(
                 f"{str(admin.base_url).rstrip('/')}/rollouts/pair/rollback", json={}
             )
@@ -217,8 +222,10 @@ def test_operator_actions_tokens_restart_and_tamper(
                         failures.append(str(exc))
                 conn.close()
 
-            thread = threading.Thread(target=traffic)
+            thread = threading.Thread(target=traffic, daemon=True)
             thread.start()
+            stack.callback(thread.join, 30)
+            stack.callback(stop.set)
             # The approval gate: the controller stops before 100% and waits.
             _wait_status(admin, "pair", "awaiting_approval")
             approved = admin.post("/rollouts/pair/approve", json={"reason": "looks good"})

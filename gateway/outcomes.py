@@ -1,0 +1,970 @@
+"""outcomes.py: per-variant outcome statistics (accuracy, log-loss, MAE, RMSE) and the tests
+that say whether a candidate version does worse than the stable one on ground truth.
+
+In: (prediction, truth) pairs per model version, already matched by ``feedback.py``. Out:
+cumulative ``OutcomeStats`` with ``snapshot()`` / ``minus()`` for windows (as in
+``traffic.py``), and ``compare()``: metrics with confidence intervals per arm, a one-sided test
+of "candidate worse", and a sample-size estimate. Pure arithmetic: no scipy at run time (the
+normal, Student t and incomplete-beta functions are implemented here), no clock, no I/O. It
+knows nothing of request ids, routing, rollout policy or wire formats.
+
+``OutcomeStats`` is mutated only on the event-loop thread; readers there take snapshots.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "MAX_CONFUSION_CLASSES",
+    "LOG_LOSS_FLOOR",
+    "PROBA_SUM_TOLERANCE",
+    "SMALL_BATCH",
+    "Alternative",
+    "OutcomeKind",
+    "Moments",
+    "OutcomeSnapshot",
+    "OutcomeStats",
+    "OutcomeKindError",
+    "ClassCounts",
+    "ArmMetrics",
+    "Comparison",
+    "normal_cdf",
+    "normal_sf",
+    "normal_ppf",
+    "regularized_beta",
+    "t_cdf",
+    "t_sf",
+    "t_ppf",
+    "accuracy_ci",
+    "mean_ci",
+    "mae_ci",
+    "rmse",
+    "rmse_ci",
+    "two_proportion_test",
+    "welch_t_test",
+    "samples_needed_two_proportions",
+    "samples_needed_means",
+    "compare",
+]
+
+Alternative = Literal["less", "greater", "two-sided"]
+OutcomeKind = Literal["classification", "regression"]
+
+# A 64 x 64 int64 confusion matrix is 32 KiB per variant (and per snapshot); labels at or
+# above 64 are counted in ``confusion_overflow`` instead, which keeps snapshots cheap.
+MAX_CONFUSION_CLASSES: Final = 64
+LOG_LOSS_FLOOR: Final = 1e-15  # probability floor, as scikit-learn's log_loss clips
+# A row of scores counts as probabilities when it sums to 1 within this: float32 softmax rows
+# are within ~1e-6, so this is lenient yet far from any logit vector that happens to be >= 0.
+PROBA_SUM_TOLERANCE: Final = 1e-3
+# Up to this many rows a Python loop beats numpy's per-call overhead (about 40 numpy calls
+# per batch): a one-row join costs ~10 us instead of ~60 us (bench.feedback_memory).
+SMALL_BATCH: Final = 16
+DEFAULT_POWER: Final = 0.8  # the conventional 80% power for sample-size estimates
+
+F64Array = npt.NDArray[np.float64]
+I64Array = npt.NDArray[np.int64]
+
+# ----------------------------------------------------------------------------------------------
+# Distributions: normal via math.erfc; Student t via the regularised incomplete beta function.
+
+_SQRT2: Final = math.sqrt(2.0)
+_LN_SQRT_2PI: Final = 0.5 * math.log(2.0 * math.pi)
+_CF_EPS: Final = 1e-15  # continued fraction stops when a step changes it by less than this
+_CF_TINY: Final = 1e-300  # Lentz's guard against division by zero
+_CF_MAX_ITER: Final = 100_000  # needs O(sqrt(a)) steps: enough for df up to about 1e9
+_STANDARD_NORMAL: Final = statistics.NormalDist()
+# For df far above t^2 the continued fraction loses about eps * df / (1 + t^2) to cancellation
+# (x is within t^2/df of 1), while the large-a asymptotic form errs by about
+# (1 + t^2)^2 / (4 df^2): the two are equal where (1 + t^2) / df = (4 eps)^(1/3) ~ 9.6e-6, so
+# neither ever errs by more than about 2e-11 relative.
+_T_ASYMPTOTIC_RATIO: Final = (4.0 * 2.220446049250313e-16) ** (1.0 / 3.0)
+
+
+def normal_cdf(x: float) -> float:
+    """P(Z <= x) for a standard normal; accurate to the last digits in both tails."""
+    return 0.5 * math.erfc(-x / _SQRT2)
+
+
+def normal_sf(x: float) -> float:
+    """P(Z > x) for a standard normal."""
+    return 0.5 * math.erfc(x / _SQRT2)
+
+
+def normal_ppf(q: float) -> float:
+    """The ``q`` quantile of a standard normal (0 < q < 1).
+
+    Wichura's AS241 (``statistics.NormalDist.inv_cdf``), then one Newton step on our own
+    ``normal_cdf`` so that quantile and CDF agree to rounding.
+    """
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile level must be in (0, 1), got {q}")
+    x = _STANDARD_NORMAL.inv_cdf(q)
+    pdf = math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    if pdf > 0.0:
+        # Work in the smaller tail so the residual keeps its relative precision.
+        residual = normal_cdf(x) - q if q < 0.5 else (1.0 - q) - normal_sf(x)
+        x -= residual / pdf
+    return x
+
+
+def _lgamma_correction(x: float) -> float:
+    """ln Gamma(x) minus its Stirling approximation, for x >= 10 (error below 1e-18)."""
+    inv = 1.0 / x
+    inv2 = inv * inv
+    return inv * (
+        1.0 / 12.0
+        - inv2
+        * (
+            1.0 / 360.0
+            - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 * (1.0 / 1188.0 - inv2 / 1820.0)))
+        )
+    )
+
+
+def _ln_beta(a: float, b: float) -> float:
+    """ln B(a, b) without cancelling large lgamma values (R's lbeta): accurate for any size."""
+    p, q = min(a, b), max(a, b)
+    if p >= 10.0:
+        corr = _lgamma_correction(p) + _lgamma_correction(q) - _lgamma_correction(p + q)
+        return (
+            -0.5 * math.log(q)
+            + _LN_SQRT_2PI
+            + corr
+            + (p - 0.5) * math.log(p / (p + q))
+            + q * math.log1p(-p / (p + q))
+        )
+    if q >= 10.0:
+        corr = _lgamma_correction(q) - _lgamma_correction(p + q)
+        return (
+            math.lgamma(p) + corr + p - p * math.log(p + q) + (q - 0.5) * math.log1p(-p / (p + q))
+        )
+    return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes 6.4)."""
+    qab = a + b
+    qap = a + 1.0
+    qam = a - 1.0
+    c = 1.0
+    d = 1.0 - qab * x / qap
+    if abs(d) < _CF_TINY:
+        d = _CF_TINY
+    d = 1.0 / d
+    h = d
+    for m in range(1, _CF_MAX_ITER + 1):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        if abs(d) < _CF_TINY:
+            d = _CF_TINY
+        c = 1.0 + aa / c
+        if abs(c) < _CF_TINY:
+            c = _CF_TINY
+        d = 1.0 / d
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        if abs(d) < _CF_TINY:
+            d = _CF_TINY
+        c = 1.0 + aa / c
+        if abs(c) < _CF_TINY:
+            c = _CF_TINY
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < _CF_EPS:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge (a={a}, b={b}, x={x})")
+
+
+def _ibeta(a: float, b: float, x: float, y: float, ln_x: float, ln_y: float) -> float:
+    """I_x(a, b) with y = 1 - x and both logarithms supplied by a caller who knows them
+    precisely (for large a, a * ln(x) amplifies any rounding in ln(x))."""
+    ln_front = a * ln_x + b * ln_y - _ln_beta(a, b)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln_front) * _beta_cf(a, b, x) / a
+    return 1.0 - math.exp(ln_front) * _beta_cf(b, a, y) / b
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function (a, b > 0, 0 <= x <= 1).
+
+    Numerical Recipes' continued fraction with an accurate ln B(a, b); agrees with
+    ``scipy.special.betainc`` to about 1e-12 relative (tested to 1e-10).
+    """
+    if a <= 0.0 or b <= 0.0:
+        raise ValueError(f"a and b must be positive, got a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x == 0.0:
+        return 0.0
+    if x == 1.0:
+        return 1.0
+    return _ibeta(a, b, x, 1.0 - x, math.log(x), math.log1p(-x))
+
+
+def _t_tail(t: float, df: float) -> float:
+    """P(T > |t|) for Student's t with ``df`` degrees of freedom."""
+    t, df = float(t), float(df)
+    if df <= 0.0 or math.isnan(df):
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(df):
+        return normal_sf(abs(t))
+    if t == 0.0:
+        return 0.5
+    if math.isinf(t):
+        return 0.0
+    t = abs(t)
+    root_df = math.sqrt(df)
+    if t < root_df and 1.0 + t * t < _T_ASYMPTOTIC_RATIO * df:
+        # Leading term of DiDonato & Morris' BGRAT expansion: I_x(a, 1/2) ~ Q(1/2, u) with
+        # u = -(a - 1/4) ln x, i.e. erfc(sqrt(u)); relative error about (1 + t^2)^2 / (4 df^2).
+        return 0.5 * math.erfc(math.sqrt((0.5 * df - 0.25) * math.log1p(t * t / df)))
+    # I_x(df/2, 1/2) with x = df / (df + t^2): x, 1 - x and both logs from a ratio below 1,
+    # taken in logs where it could underflow, so nothing overflows and nothing cancels.
+    if t <= root_df:
+        s2 = (t / root_df) ** 2  # x = 1 / (1 + s2)
+        x, y = 1.0 / (1.0 + s2), s2 / (1.0 + s2)
+        ln_x = -math.log1p(s2)
+        ln_y = 2.0 * (math.log(t) - math.log(root_df)) + ln_x  # s2 may underflow to 0
+    else:
+        ln_r = 2.0 * (math.log(root_df) - math.log(t))  # x = r / (1 + r)
+        r = math.exp(ln_r)
+        x, y = r / (1.0 + r), 1.0 / (1.0 + r)
+        ln_y = -math.log1p(r)
+        ln_x = ln_r + ln_y
+    return 0.5 * _ibeta(0.5 * df, 0.5, x, y, ln_x, ln_y)
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom (df may be fractional)."""
+    tail = _t_tail(t, df)
+    return tail if t < 0.0 else 1.0 - tail
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom."""
+    tail = _t_tail(t, df)
+    return tail if t > 0.0 else 1.0 - tail
+
+
+def _t_pdf(t: float, df: float) -> float:
+    return math.exp(
+        -0.5 * (df + 1.0) * math.log1p(t * t / df) - 0.5 * math.log(df) - _ln_beta(0.5 * df, 0.5)
+    )
+
+
+def _t_isf(p: float, df: float) -> float:
+    """The x > 0 with ``t_sf(x, df) == p`` for 0 < p < 0.5: Newton inside a bisection bracket."""
+    lo, hi = 0.0, 1.0
+    while t_sf(hi, df) > p:  # grow the bracket; ratio 2, so bisection converges fast
+        lo, hi = hi, 2.0 * hi
+        if math.isinf(hi):
+            return math.inf  # beyond the largest float (only for df < 1 and tiny p)
+    x = min(max(-normal_ppf(p), lo), hi)
+    if not lo < x < hi:
+        x = 0.5 * (lo + hi)
+    for _ in range(400):
+        f = t_sf(x, df) - p
+        if f > 0.0:
+            lo = x
+        else:
+            hi = x
+        pdf = _t_pdf(x, df)
+        nxt = x + f / pdf if pdf > 0.0 else math.inf  # sf decreases: d(sf)/dx = -pdf
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if abs(nxt - x) <= 1e-15 * abs(x) or hi - lo <= 4e-16 * hi:
+            return nxt
+        x = nxt
+    return x
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (0 < q < 1)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile level must be in (0, 1), got {q}")
+    if df <= 0.0 or math.isnan(df):
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if math.isinf(df):
+        return normal_ppf(q)
+    if q == 0.5:
+        return 0.0
+    return -_t_isf(q, df) if q < 0.5 else _t_isf(1.0 - q, df)
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals, tests and sample sizes on plain numbers.
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+
+
+def accuracy_ci(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion; (0, 1) when n == 0."""
+    _check_level(level)
+    if not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    if n == 0:
+        return (0.0, 1.0)
+    z = normal_ppf(0.5 + 0.5 * level)
+    z2n = z * z / n
+    p = correct / n
+    centre = (p + 0.5 * z2n) / (1.0 + z2n)
+    half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + 0.25 * z2n / n)
+    # The bounds are exactly 0 at no successes and 1 at all (rounding would leave 1e-17).
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def mean_ci(mean: float, var: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Student t interval for a mean from its sample variance (ddof=1); needs n >= 2."""
+    _check_level(level)
+    if n < 2:
+        raise ValueError(f"a t interval needs at least 2 values, got {n}")
+    half = t_ppf(0.5 + 0.5 * level, n - 1) * math.sqrt(max(var, 0.0) / n)
+    return (mean - half, mean + half)
+
+
+def mae_ci(
+    mean_abs_error: float, var_abs_error: float, n: int, level: float = 0.95
+) -> tuple[float, float]:
+    """t interval for the mean absolute error, floored at 0."""
+    low, high = mean_ci(mean_abs_error, var_abs_error, n, level)
+    return (max(0.0, low), high)
+
+
+def rmse(sum_sq_error: float, n: int) -> float:
+    """Root mean squared error from the sum of squared errors."""
+    if n <= 0:
+        raise ValueError(f"rmse needs at least one value, got {n}")
+    return math.sqrt(sum_sq_error / n)
+
+
+def rmse_ci(mse: float, var_sq_error: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """t interval for the mean squared error, square-rooted (monotone, so coverage carries)."""
+    low, high = mean_ci(mse, var_sq_error, n, level)
+    return (math.sqrt(max(0.0, low)), math.sqrt(max(0.0, high)))
+
+
+def _p_value(statistic: float, alternative: Alternative, cdf: float, sf: float) -> float:
+    if alternative == "less":
+        return cdf
+    if alternative == "greater":
+        return sf
+    if alternative == "two-sided":
+        return min(1.0, 2.0 * (sf if statistic > 0.0 else cdf))
+    raise ValueError(f"alternative must be less, greater or two-sided, got {alternative!r}")
+
+
+def two_proportion_test(
+    c1: int, n1: int, c2: int, n2: int, alternative: Alternative = "two-sided"
+) -> tuple[float, float]:
+    """Pooled two-proportion z-test of p1 = c1/n1 against p2 = c2/n2; returns (z, p).
+
+    "less" tests H1: p1 < p2. When both arms are all successes or all failures the pooled
+    variance is 0 and the result is z = 0 (no evidence either way).
+    """
+    if n1 <= 0 or n2 <= 0 or not 0 <= c1 <= n1 or not 0 <= c2 <= n2:
+        raise ValueError(f"need 0 <= c <= n and n > 0, got {c1}/{n1} and {c2}/{n2}")
+    pooled = (c1 + c2) / (n1 + n2)
+    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2))
+    z = (c1 / n1 - c2 / n2) / se if se > 0.0 else 0.0
+    return z, _p_value(z, alternative, normal_cdf(z), normal_sf(z))
+
+
+def welch_t_test(
+    mean1: float,
+    var1: float,
+    n1: int,
+    mean2: float,
+    var2: float,
+    n2: int,
+    alternative: Alternative = "two-sided",
+) -> tuple[float, float, float]:
+    """Welch's unequal-variance t-test from summary statistics; returns (t, df, p).
+
+    ``var`` are sample variances (ddof=1), as ``scipy.stats.ttest_ind_from_stats`` takes their
+    square roots. "greater" tests H1: mean1 > mean2. When both variances are 0 the statistic
+    is +-inf for different means (p 0 or 1) or 0 for equal ones, with df = n1 + n2 - 2.
+    """
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"Welch's test needs at least 2 values per arm, got {n1} and {n2}")
+    if var1 < 0.0 or var2 < 0.0:
+        raise ValueError("variances must be non-negative")
+    s1 = var1 / n1
+    s2 = var2 / n2
+    se2 = s1 + s2
+    diff = mean1 - mean2
+    if se2 == 0.0:
+        t = 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+        df = float(n1 + n2 - 2)
+    else:
+        t = diff / math.sqrt(se2)
+        df = se2 * se2 / (s1 * s1 / (n1 - 1) + s2 * s2 / (n2 - 1))
+    return t, df, _p_value(t, alternative, t_cdf(t, df), t_sf(t, df))
+
+
+def _z_alpha(alpha: float, two_sided: bool) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return normal_ppf(1.0 - (alpha / 2.0 if two_sided else alpha))
+
+
+def _z_power(power: float) -> float:
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    return normal_ppf(power)
+
+
+def samples_needed_two_proportions(
+    p1: float, p2: float, alpha: float = 0.05, power: float = DEFAULT_POWER, two_sided: bool = False
+) -> int | None:
+    """Samples per arm for the pooled z-test to detect p1 vs p2 (normal approximation,
+    one-sided at ``alpha`` unless ``two_sided``); None when p1 == p2 (no n detects nothing)."""
+    if not (0.0 <= p1 <= 1.0 and 0.0 <= p2 <= 1.0):
+        raise ValueError(f"proportions must be in [0, 1], got {p1} and {p2}")
+    if p1 == p2:
+        return None
+    pbar = 0.5 * (p1 + p2)
+    root = _z_alpha(alpha, two_sided) * math.sqrt(2.0 * pbar * (1.0 - pbar)) + _z_power(
+        power
+    ) * math.sqrt(p1 * (1.0 - p1) + p2 * (1.0 - p2))
+    return max(2, math.ceil(root * root / ((p1 - p2) ** 2)))
+
+
+def samples_needed_means(
+    delta: float,
+    sd1: float,
+    sd2: float,
+    alpha: float = 0.05,
+    power: float = DEFAULT_POWER,
+    two_sided: bool = False,
+) -> int | None:
+    """Samples per arm to detect a difference ``delta`` in means with standard deviations
+    ``sd1``, ``sd2`` (normal approximation to Welch's test, one-sided unless ``two_sided``);
+    None when delta == 0."""
+    if delta == 0.0:
+        return None
+    z = _z_alpha(alpha, two_sided) + _z_power(power)
+    return max(2, math.ceil(z * z * (sd1 * sd1 + sd2 * sd2) / (delta * delta)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cumulative statistics per variant.
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """Count, mean and sum of squared deviations (Welford's M2) of a series of values."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def var(self) -> float | None:
+        """Sample variance (ddof=1); None below 2 values."""
+        return self.m2 / (self.n - 1) if self.n >= 2 else None
+
+    @property
+    def total(self) -> float:
+        return self.n * self.mean
+
+    def minus(self, earlier: Moments) -> Moments:
+        """The moments of the values added after ``earlier`` (Chan's merge, run backwards)."""
+        n2 = self.n - earlier.n
+        if n2 <= 0:
+            return Moments()
+        if earlier.n == 0:
+            return self
+        mean2 = (self.n * self.mean - earlier.n * earlier.mean) / n2
+        delta = mean2 - earlier.mean
+        m2 = self.m2 - earlier.m2 - delta * delta * earlier.n * n2 / self.n
+        return Moments(n2, mean2, max(0.0, m2))
+
+
+class _RunningMoments:
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add_one(self, value: float) -> None:
+        """Welford's update."""
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+
+    def add(self, values: F64Array) -> None:
+        """Merge a batch (Chan et al.)."""
+        nb = int(values.shape[0])
+        if nb == 0:
+            return
+        mb = float(values.mean())
+        m2b = float(np.square(values - mb).sum())
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * nb / n
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.n = n
+
+    def freeze(self) -> Moments:
+        return Moments(self.n, self.mean, self.m2)
+
+
+class OutcomeKindError(ValueError):
+    """Outcomes of one kind were added to a variant that holds the other kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeSnapshot:
+    """Cumulative outcome counters of one (model, version) at one instant.
+
+    Classification: ``n`` rows, ``correct`` of them; ``log_loss`` over the rows that came with
+    probabilities; ``confusion[true, predicted]`` for labels below ``MAX_CONFUSION_CLASSES``,
+    the other rows (larger labels, or no predicted class) in ``confusion_overflow``.
+    Regression: ``n`` values (rows x outputs); moments of |error| and error^2, sum of errors
+    (error = prediction - truth).
+    """
+
+    model: str
+    version: str
+    kind: OutcomeKind | None = None
+    n: int = 0
+    correct: int = 0
+    log_loss: Moments = Moments()
+    confusion: I64Array | None = None
+    confusion_overflow: int = 0
+    abs_error: Moments = Moments()
+    sq_error: Moments = Moments()
+    sum_error: float = 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.n if self.kind == "classification" and self.n else None
+
+    @property
+    def mae(self) -> float | None:
+        return self.abs_error.mean if self.abs_error.n else None
+
+    @property
+    def rmse(self) -> float | None:
+        return math.sqrt(self.sq_error.mean) if self.sq_error.n else None
+
+    @property
+    def mean_error(self) -> float | None:
+        """Mean signed error (bias): positive when the model over-predicts."""
+        return self.sum_error / self.n if self.kind == "regression" and self.n else None
+
+    def minus(self, earlier: OutcomeSnapshot) -> OutcomeSnapshot:
+        """The window between ``earlier`` and this snapshot."""
+        confusion = self.confusion
+        if confusion is not None and earlier.confusion is not None:
+            confusion = confusion - earlier.confusion
+        return OutcomeSnapshot(
+            self.model,
+            self.version,
+            self.kind,
+            self.n - earlier.n,
+            self.correct - earlier.correct,
+            self.log_loss.minus(earlier.log_loss),
+            confusion,
+            self.confusion_overflow - earlier.confusion_overflow,
+            self.abs_error.minus(earlier.abs_error),
+            self.sq_error.minus(earlier.sq_error),
+            self.sum_error - earlier.sum_error,
+        )
+
+
+class OutcomeStats:
+    """Ground-truth outcomes of one model version, cumulative since it was first served.
+
+    Event-loop thread only (no lock). A variant holds one kind, fixed by its first outcome;
+    adding the other kind raises ``OutcomeKindError`` (an empty batch adds nothing).
+    Batches of up to ``SMALL_BATCH`` rows are counted in a Python loop, larger ones with
+    numpy; both give the same counts (and the same moments up to rounding), so callers may
+    add one row or ten thousand at a time.
+    """
+
+    __slots__ = (
+        "_abs",
+        "_confusion",
+        "_log_loss",
+        "_sq",
+        "confusion_overflow",
+        "correct",
+        "kind",
+        "model",
+        "n",
+        "sum_error",
+        "version",
+    )
+
+    def __init__(self, model: str, version: str) -> None:
+        self.model = model
+        self.version = version
+        self.kind: OutcomeKind | None = None
+        self.n = 0
+        self.correct = 0
+        self.confusion_overflow = 0
+        self.sum_error = 0.0
+        self._confusion: I64Array | None = None
+        self._log_loss = _RunningMoments()
+        self._abs = _RunningMoments()
+        self._sq = _RunningMoments()
+
+    def _claim(self, kind: OutcomeKind) -> None:
+        if self.kind is None:
+            self.kind = kind
+        elif self.kind != kind:
+            raise OutcomeKindError(
+                f"{self.model}/{self.version} has {self.kind} outcomes; got {kind} ones"
+            )
+
+    def _start_classification(self, rows: int) -> I64Array:
+        self._claim("classification")
+        if self._confusion is None:
+            self._confusion = np.zeros((MAX_CONFUSION_CLASSES, MAX_CONFUSION_CLASSES), np.int64)
+        self.n += rows
+        return self._confusion
+
+    def _count_one(self, confusion: I64Array, truth: int, predicted: int) -> None:
+        if predicted == truth:
+            self.correct += 1
+        if 0 <= predicted < MAX_CONFUSION_CLASSES and truth < MAX_CONFUSION_CLASSES:
+            confusion[truth, predicted] += 1
+        else:
+            self.confusion_overflow += 1
+
+    def _count(self, confusion: I64Array, truth: I64Array, predicted: I64Array) -> None:
+        k = MAX_CONFUSION_CLASSES
+        self.correct += int(np.count_nonzero(predicted == truth))
+        inside = (truth < k) & (predicted < k) & (predicted >= 0)
+        cells = truth[inside] * k + predicted[inside]
+        self.confusion_overflow += int(truth.shape[0]) - int(cells.shape[0])
+        confusion += np.bincount(cells, minlength=k * k).reshape(k, k)
+
+    def add_classification(self, predicted: I64Array, truth: I64Array) -> None:
+        """Count rows of predicted vs true class labels (1-D, same length, truth >= 0).
+
+        A predicted label of -1 means the model gave no usable class: the row counts as
+        wrong and outside the confusion matrix. No probabilities, so no log-loss.
+        """
+        rows = int(truth.shape[0])
+        if predicted.shape != (rows,):
+            raise ValueError(f"{predicted.shape} predictions for {rows} truths")
+        if rows == 0:
+            return
+        if rows <= SMALL_BATCH:
+            pairs = list(zip(truth.tolist(), predicted.tolist(), strict=True))
+            if any(t < 0 or p < -1 for t, p in pairs):
+                raise ValueError("class labels must be non-negative")
+            confusion = self._start_classification(rows)
+            for t, p in pairs:
+                self._count_one(confusion, t, p)
+            return
+        if truth.min() < 0 or predicted.min() < -1:
+            raise ValueError("class labels must be non-negative")
+        self._count(self._start_classification(rows), truth, predicted)
+
+    def add_scores(self, scores: npt.NDArray[np.floating[Any]], truth: I64Array) -> None:
+        """Count rows of a classifier's scores (rows x classes) against true labels.
+
+        The predicted class is the row's argmax (the first on ties); a row with a NaN or inf
+        has none (wrong, outside the confusion matrix). Rows that are probability vectors
+        (in [0, 1], summing to 1 within 1e-3) also add the log-loss -ln max(p[true], 1e-15);
+        other rows are logits or scores and add none. Truth labels must be below the
+        number of columns.
+        """
+        rows = int(truth.shape[0])
+        if scores.ndim != 2 or scores.shape[0] != rows:
+            raise ValueError(f"scores of shape {scores.shape} for {rows} truths")
+        width = int(scores.shape[1])
+        if rows == 0:
+            return
+        if rows <= SMALL_BATCH:
+            pairs = list(zip(scores.tolist(), truth.tolist(), strict=True))
+            if any(not 0 <= t < width for _, t in pairs):
+                raise ValueError(f"class labels must be in 0..{width - 1}")
+            confusion = self._start_classification(rows)
+            log_loss = self._log_loss
+            for row, t in pairs:
+                total = sum(row)
+                if math.isfinite(total) or all(map(math.isfinite, row)):
+                    top = max(row)
+                    predicted = row.index(top)
+                    if top <= 1.0 and min(row) >= 0.0 and abs(total - 1.0) <= PROBA_SUM_TOLERANCE:
+                        log_loss.add_one(-math.log(max(row[t], LOG_LOSS_FLOOR)))
+                else:
+                    predicted = -1
+                self._count_one(confusion, t, predicted)
+            return
+        if truth.min() < 0 or truth.max() >= width:
+            raise ValueError(f"class labels must be in 0..{width - 1}")
+        finite = np.isfinite(scores).all(axis=1)
+        predicted = scores.argmax(axis=1).astype(np.int64)
+        predicted[~finite] = -1
+        in_range = ((scores >= 0.0) & (scores <= 1.0)).all(axis=1)
+        sums = scores.sum(axis=1, dtype=np.float64)
+        proba = in_range & (np.abs(sums - 1.0) <= PROBA_SUM_TOLERANCE)
+        self._count(self._start_classification(rows), truth, predicted)
+        if proba.any():
+            p_true = scores[proba, truth[proba]].astype(np.float64)
+            self._log_loss.add(-np.log(np.maximum(p_true, LOG_LOSS_FLOOR)))
+
+    def add_regression(self, predicted: F64Array, truth: F64Array) -> None:
+        """Count values of predictions vs true values (1-D float64, same length)."""
+        if predicted.shape != truth.shape or predicted.ndim != 1:
+            raise ValueError(f"{predicted.shape} predictions for {truth.shape} truths")
+        values = int(truth.shape[0])
+        if values == 0:
+            return
+        self._claim("regression")
+        self.n += values
+        if values <= SMALL_BATCH:
+            for p, t in zip(predicted.tolist(), truth.tolist(), strict=True):
+                err = p - t
+                self.sum_error += err
+                self._abs.add_one(abs(err))
+                self._sq.add_one(err * err)
+            return
+        err = predicted - truth
+        self.sum_error += float(err.sum())
+        self._abs.add(np.abs(err))
+        self._sq.add(np.square(err))
+
+    def snapshot(self) -> OutcomeSnapshot:
+        confusion = None
+        if self._confusion is not None:
+            confusion = self._confusion.copy()
+            confusion.flags.writeable = False
+        return OutcomeSnapshot(
+            self.model,
+            self.version,
+            self.kind,
+            self.n,
+            self.correct,
+            self._log_loss.freeze(),
+            confusion,
+            self.confusion_overflow,
+            self._abs.freeze(),
+            self._sq.freeze(),
+            self.sum_error,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate against stable.
+
+
+class ClassCounts(msgspec.Struct, frozen=True):
+    """One class of a window: rows truly in it, rows predicted as it, and correct ones."""
+
+    label: int
+    true: int
+    predicted: int
+    correct: int
+
+
+class ArmMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """One arm's metrics over the window; fields of the other kind stay None."""
+
+    model: str
+    version: str
+    n: int
+    """Rows (classification) or values (regression) with ground truth."""
+    accuracy: float | None = None
+    accuracy_ci: tuple[float, float] | None = None
+    """Wilson interval at the comparison's confidence level (1 - alpha)."""
+    log_loss: float | None = None
+    log_loss_ci: tuple[float, float] | None = None
+    log_loss_n: int = 0
+    """Rows that came with probabilities (log-loss is over these only)."""
+    classes: tuple[ClassCounts, ...] = ()
+    mae: float | None = None
+    mae_ci: tuple[float, float] | None = None
+    rmse: float | None = None
+    rmse_ci: tuple[float, float] | None = None
+    mean_error: float | None = None
+
+
+class Comparison(msgspec.Struct, frozen=True, kw_only=True):
+    """Candidate vs stable on ground truth over one window (see ``compare``)."""
+
+    kind: OutcomeKind | None
+    test: Literal["two_proportion_z", "welch_t", "none"]
+    statistic: float | None
+    """z or t with the candidate as arm 1: negative z / positive t point to "worse"."""
+    df: float | None
+    p_value: float | None
+    """One-sided p-value for "candidate worse than stable"; None when no test could run."""
+    difference: float | None
+    """Candidate minus stable: accuracy (share) or MAE (the model's unit)."""
+    alpha: float
+    min_samples: int
+    enough_samples: bool
+    candidate_worse: bool
+    not_worse_enough_samples: bool
+    samples_needed: int | None
+    """Per arm, to detect the observed |difference| at alpha with 80% power; None when 0."""
+    reason: str
+    candidate: ArmMetrics
+    stable: ArmMetrics
+
+
+def _class_counts(confusion: I64Array | None) -> tuple[ClassCounts, ...]:
+    if confusion is None:
+        return ()
+    true = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    diagonal = np.diagonal(confusion)
+    return tuple(
+        ClassCounts(int(i), int(true[i]), int(predicted[i]), int(diagonal[i]))
+        for i in np.flatnonzero((true > 0) | (predicted > 0))
+    )
+
+
+def _arm(snap: OutcomeSnapshot, level: float) -> ArmMetrics:
+    if snap.kind == "classification":
+        ll = snap.log_loss
+        ll_var = ll.var
+        return ArmMetrics(
+            model=snap.model,
+            version=snap.version,
+            n=snap.n,
+            accuracy=snap.accuracy,
+            accuracy_ci=accuracy_ci(snap.correct, snap.n, level) if snap.n else None,
+            log_loss=ll.mean if ll.n else None,
+            log_loss_ci=mean_ci(ll.mean, ll_var, ll.n, level) if ll_var is not None else None,
+            log_loss_n=ll.n,
+            classes=_class_counts(snap.confusion),
+        )
+    if snap.kind == "regression":
+        abs_var = snap.abs_error.var
+        sq_var = snap.sq_error.var
+        return ArmMetrics(
+            model=snap.model,
+            version=snap.version,
+            n=snap.n,
+            mae=snap.mae,
+            mae_ci=(
+                mae_ci(snap.abs_error.mean, abs_var, snap.n, level) if abs_var is not None else None
+            ),
+            rmse=snap.rmse,
+            rmse_ci=rmse_ci(snap.sq_error.mean, sq_var, snap.n, level)
+            if sq_var is not None
+            else None,
+            mean_error=snap.mean_error,
+        )
+    return ArmMetrics(model=snap.model, version=snap.version, n=0)
+
+
+def compare(
+    candidate: OutcomeSnapshot,
+    stable: OutcomeSnapshot,
+    alpha: float = 0.05,
+    min_samples: int = 100,
+    *,
+    max_accuracy_drop: float = 0.01,
+    max_mae_increase_rel: float = 0.05,
+) -> Comparison:
+    """Is the candidate worse than the stable version on ground truth (one window each)?
+
+    Classification: pooled two-proportion z-test on accuracy, H1 "candidate accuracy lower".
+    Regression: Welch's t-test on absolute errors, H1 "candidate MAE higher". Log-loss and
+    RMSE are reported, not tested.
+
+    - ``enough_samples``: each arm has at least ``min_samples`` rows (values).
+    - ``candidate_worse``: enough samples and p < alpha.
+    - ``not_worse_enough_samples``: enough samples, p >= alpha, and the observed candidate
+      metric is within a tolerance of stable: accuracy at most ``max_accuracy_drop`` (share)
+      lower, or MAE at most ``max_mae_increase_rel`` (relative) higher. This is a pragmatic
+      gate, not an equivalence test; ``samples_needed`` says how far the data is from
+      detecting the observed difference.
+
+    Both false means "keep collecting". Raises ``OutcomeKindError`` when the arms hold
+    different kinds of outcomes. Intervals are at confidence level 1 - alpha.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    kinds = {s.kind for s in (candidate, stable)} - {None}
+    if len(kinds) > 1:
+        raise OutcomeKindError(
+            f"cannot compare {candidate.kind} outcomes of {candidate.model}/{candidate.version} "
+            f"with {stable.kind} outcomes of {stable.model}/{stable.version}"
+        )
+    kind: OutcomeKind | None = kinds.pop() if kinds else None
+    level = 1.0 - alpha
+    arm_c, arm_s = _arm(candidate, level), _arm(stable, level)
+    enough = candidate.n >= min_samples and stable.n >= min_samples
+    test: Literal["two_proportion_z", "welch_t", "none"] = "none"
+    statistic = df = p = difference = None
+    samples: int | None = None
+    within_tolerance = False
+    if kind == "classification" and candidate.n and stable.n:
+        test = "two_proportion_z"
+        statistic, p = two_proportion_test(
+            candidate.correct, candidate.n, stable.correct, stable.n, "less"
+        )
+        acc_c, acc_s = candidate.correct / candidate.n, stable.correct / stable.n
+        difference = acc_c - acc_s
+        within_tolerance = difference >= -max_accuracy_drop
+        samples = samples_needed_two_proportions(acc_c, acc_s, alpha, DEFAULT_POWER)
+    elif kind == "regression" and candidate.n >= 2 and stable.n >= 2:
+        test = "welch_t"
+        a_c, a_s = candidate.abs_error, stable.abs_error
+        var_c, var_s = a_c.var or 0.0, a_s.var or 0.0
+        statistic, df, p = welch_t_test(a_c.mean, var_c, a_c.n, a_s.mean, var_s, a_s.n, "greater")
+        difference = a_c.mean - a_s.mean
+        within_tolerance = difference <= max_mae_increase_rel * a_s.mean
+        samples = samples_needed_means(
+            abs(difference), math.sqrt(var_c), math.sqrt(var_s), alpha, DEFAULT_POWER
+        )
+    worse = enough and p is not None and p < alpha
+    fine = enough and p is not None and p >= alpha and within_tolerance
+    if p is None:
+        reason = "no test yet: not enough ground truth in one or both arms"
+    elif worse:
+        reason = f"candidate worse: one-sided p = {p:.3g} < alpha = {alpha}"
+    elif not enough:
+        reason = f"collecting: fewer than {min_samples} samples in an arm (p = {p:.3g})"
+    elif fine:
+        reason = f"not worse: p = {p:.3g} >= alpha and the difference is within tolerance"
+    else:
+        reason = f"undecided: p = {p:.3g} >= alpha but the observed difference exceeds tolerance"
+    return Comparison(
+        kind=kind,
+        test=test,
+        statistic=statistic,
+        df=df,
+        p_value=p,
+        difference=difference,
+        alpha=alpha,
+        min_samples=min_samples,
+        enough_samples=enough,
+        candidate_worse=worse,
+        not_worse_enough_samples=fine,
+        samples_needed=samples,
+        reason=reason,
+        candidate=arm_c,
+        stable=arm_s,
+    )
