@@ -227,6 +227,7 @@ class Gateway:
                     st.compute_infer.ns,
                     st.compute_output.ns,
                     {size: b.compute_infer.count for size, b in st.batches.items()},
+                    dict(getattr(endpoint.model, "schema_violations", {})),
                 )
             )
         routes = self.router.routes()

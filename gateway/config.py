@@ -20,6 +20,7 @@ from gateway.errors import InvalidInputError
 
 __all__ = [
     "ModelPolicy",
+    "FeatureRule",
     "RuntimeSettings",
     "HttpSettings",
     "RouteSettings",
@@ -52,6 +53,17 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     pass
 
 
+class FeatureRule(_Base, frozen=True):
+    """Declared valid values of one input feature (schema validation at ingestion)."""
+
+    min: float | None = None
+    """Smallest valid value (inclusive); None: no lower bound."""
+    max: float | None = None
+    """Largest valid value (inclusive); None: no upper bound."""
+    categories: list[float] | None = None
+    """The only valid values (codes of a categorical feature); None: any value."""
+
+
 class ModelPolicy(_Base, frozen=True):
     """Per-model serving policy: from ``<repo>/<model>/config.toml``, then ``[models.<name>]``."""
 
@@ -82,6 +94,13 @@ class ModelPolicy(_Base, frozen=True):
     """ONNX Runtime intra-op threads for this model; 0 uses runtime.intra_op_threads."""
     default_version: str = ""
     """Version served when a request names none; "" means the highest version number."""
+    schema: dict[str, FeatureRule] = {}
+    """Valid ranges or categories per feature of the model's first numeric input, by
+    feature name (from <model>/feature_names.json, else f0, f1, ...). A NaN violates any
+    rule. Violations are counted per feature (gateway_schema_violations_total)."""
+    reject_invalid: bool = False
+    """Reject a request that violates the schema with 400 naming the feature, instead of
+    only counting it."""
 
 
 class RuntimeSettings(_Base, frozen=True):

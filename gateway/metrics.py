@@ -57,6 +57,7 @@ class BatcherSample:
     compute_infer_ns: int
     compute_output_ns: int
     batch_sizes: dict[int, int]  # rows per execution -> executions
+    schema_violations: dict[str, int] = field(default_factory=dict)  # feature -> requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,15 @@ def _families(s: Snapshot) -> Iterator[Metric]:
             cumulative.append((str(bound), total))
         cumulative.append(("+Inf", sum(n for _, n in sizes)))
         batch.add_metric(key, cumulative, sum(size * n for size, n in sizes))
-    yield from (ok, rows, execs, rejected, expired, depth, stage, batch)
+    schema = CounterMetricFamily(
+        "gateway_schema_violations",
+        "Requests that broke a declared feature rule",
+        labels=[*mv, "feature"],
+    )
+    for b in s.batchers:
+        for feature, n in sorted(b.schema_violations.items()):
+            schema.add_metric([b.model, b.version, feature], n)
+    yield from (ok, rows, execs, rejected, expired, depth, stage, batch, schema)
 
     requests = CounterMetricFamily(
         "gateway_variant_requests", "Requests served per variant", labels=mv

@@ -10,11 +10,13 @@ model calls leave the event loop. It knows nothing of HTTP, gRPC or batching.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,6 +55,33 @@ Array = npt.NDArray[Any]
 
 def _dims(shape: list[int | str | None] | None) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (shape or []))
+
+
+_NUMERIC: Final = frozenset(
+    {
+        "FP32",
+        "FP64",
+        "FP16",
+        "INT64",
+        "INT32",
+        "INT16",
+        "INT8",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Schema:
+    input_index: int
+    columns: npt.NDArray[np.intp]
+    names: list[str]
+    lo: npt.NDArray[np.float64]
+    hi: npt.NDArray[np.float64]
+    categories: list[npt.NDArray[Any] | None]
 
 
 class ModelVersion:
@@ -125,6 +154,60 @@ class ModelVersion:
         self._outputs = {s.name: (i, s) for i, s in enumerate(outputs)}
         self.is_inline = policy.execution == "inline"
         self.warmup_us: float | None = None
+        self.schema_violations: dict[str, int] = {}
+        """Requests that broke each declared feature rule (mutated on the loop thread)."""
+        self._schema = self._compile_schema(path.parent.parent) if policy.schema else None
+
+    def _compile_schema(self, model_dir: Path) -> _Schema:
+        """Column indices and bounds of the declared rules, checked once per request."""
+        index = next(
+            (i for i, s in enumerate(self.signature.inputs) if s.datatype in _NUMERIC), None
+        )
+        if index is None:
+            raise InvalidInputError(f"model '{self.name}': a schema needs a numeric input to check")
+        spec = self.signature.inputs[index]
+        width = math.prod(d for d in spec.shape[1:] if d > 0) if len(spec.shape) > 1 else 1
+        names_file = model_dir / "feature_names.json"
+        names = (
+            list(json.loads(names_file.read_text()))
+            if names_file.is_file()
+            else [f"f{i}" for i in range(width)]
+        )
+        columns, names_out, lo, hi, cats = [], [], [], [], []
+        for feature, rule in self.policy.schema.items():
+            if feature not in names:
+                raise InvalidInputError(
+                    f"model '{self.name}': schema names unknown feature '{feature}'"
+                )
+            columns.append(names.index(feature))
+            names_out.append(feature)
+            lo.append(-math.inf if rule.min is None else rule.min)
+            hi.append(math.inf if rule.max is None else rule.max)
+            cats.append(None if rule.categories is None else np.asarray(rule.categories))
+        return _Schema(index, np.asarray(columns), names_out, np.asarray(lo), np.asarray(hi), cats)
+
+    def _check_schema(self, feeds: list[Array], rows: int) -> None:
+        schema = self._schema
+        assert schema is not None
+        x = feeds[schema.input_index].reshape(max(rows, 1), -1)[:, schema.columns]
+        bad = ~((x >= schema.lo) & (x <= schema.hi))  # NaN fails both comparisons
+        for j, allowed in enumerate(schema.categories):
+            if allowed is not None:
+                bad[:, j] |= ~np.isin(x[:, j], allowed)
+        if not bad.any():
+            return
+        per_feature = bad.any(axis=0)
+        for col in np.flatnonzero(per_feature).tolist():
+            name = schema.names[col]
+            self.schema_violations[name] = self.schema_violations.get(name, 0) + 1
+        if self.policy.reject_invalid:
+            j = int(np.flatnonzero(per_feature)[0])
+            row = int(np.flatnonzero(bad[:, j])[0])
+            raise InvalidInputError(
+                f"model '{self.name}' version {self.version}: feature "
+                f"'{schema.names[j]}' has invalid value {x[row, j]!r} in row {row} "
+                "(outside its declared range or categories)"
+            )
 
     def _v2_type(self, tensor: str, onnx_type: str) -> str:
         try:
@@ -198,6 +281,8 @@ class ModelVersion:
                 )
         else:
             rows = 1
+        if self._schema is not None:
+            self._check_schema(feeds, rows)  # type: ignore[arg-type]  # all filled by now
         if request.outputs:
             for out in request.outputs:
                 if out.name not in self._outputs:

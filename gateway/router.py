@@ -289,13 +289,16 @@ class Router:
         endpoint = self.resolve(name, version)
         model = endpoint.model
         stats = self._variant_stats(name, model.version)
-        stats.requests += 1
         start = time.perf_counter()
         try:
             response = await self._run(endpoint, request)
         except BaseException:
+            # Counted on completion, with the error, so that any window of two snapshots
+            # holds errors <= requests.
+            stats.requests += 1
             stats.errors += 1
             raise
+        stats.requests += 1
         stats.latency.observe((time.perf_counter() - start) * 1000)
         stats.rows += (
             response.outputs[0].shape[0] if response.outputs and response.outputs[0].shape else 1

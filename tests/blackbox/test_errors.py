@@ -364,3 +364,32 @@ def test_size_limits(repository: Path) -> None:
             assert len(stub.ModelInfer(_grpc_request(), timeout=30).raw_output_contents) == 2
     finally:
         running.stop()
+
+
+def test_schema_validation_counts_and_rejects(repository: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import RunningGateway as Running
+
+    root = tmp_path / "repo"
+    shutil.copytree(repository / "breast_cancer", root / "breast_cancer")
+    rules = {"mean radius": {"min": 0.0, "max": 40.0}, "mean texture": {"min": 0.0}}
+    running = Running(
+        gateway_settings(
+            root,
+            **{"models": {"breast_cancer": {"schema": rules, "reject_invalid": True}}},
+        )
+    ).start()
+    try:
+        with httpx.Client(base_url=f"http://{running.http_url}", timeout=30) as http:
+            row = GOOD_ROW.copy()
+            row[0] = 55.0  # mean radius above its declared max
+            bad = http.post("/v2/models/breast_cancer/infer", json=_json_body(data=row.tolist()))
+            _assert_http_error(bad, 400, "'mean radius'", "55.0")
+            ok = http.post("/v2/models/breast_cancer/infer", json=_json_body())
+            assert ok.status_code == 200
+        assert running.gateway is not None
+        model = running.gateway.router.resolve("breast_cancer").model
+        assert model.schema_violations["mean radius"] >= 1  # type: ignore[attr-defined]
+    finally:
+        running.stop()

@@ -132,7 +132,7 @@ def test_expired_ids_and_bad_payloads(repo: Path) -> None:
                         model_name="pair", items=[feedback_pb2.FeedbackItem()]
                     )
                 )
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop()
 

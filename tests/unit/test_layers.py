@@ -49,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "traffic",
         "logs",
+        "feedback",
     },
     "grpc_api": {
         "codecs",
@@ -60,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "_proto",
         "logs",
+        "feedback",
     },
     "admin": {
         "rollout",
