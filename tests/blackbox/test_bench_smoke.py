@@ -1,0 +1,99 @@
+"""bench.loadgen against a real gateway: every mode the gateway speaks runs clean.
+
+A couple of seconds per mode (the whole file stays under ~30 s), no peer, no network: the
+benchmark harness's client must produce zero errors and nonzero throughput, or every
+side-by-side number built on it is suspect.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bench.common import ROOT, GatewayProcess
+from bench.models import write_model
+from bench.peers.servers import gateway_settings
+
+MODES = ("http-binary", "http-json", "grpc", "grpc-stream")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    root = tmp_path_factory.mktemp("bench-smoke")
+    write_model(root / "models", "mlp_small", "max_batch_size = 64\n")
+    with GatewayProcess(root / "models", gateway_settings(root / "data")) as server:
+        yield server
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_loadgen_mode_runs_clean(gateway: GatewayProcess, mode: str) -> None:
+    port = gateway.grpc_port if mode.startswith("grpc") else gateway.http_port
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--mode",
+            mode,
+            "--address",
+            f"127.0.0.1:{port}",
+            "--model",
+            "mlp_small",
+            "--width",
+            "32",
+            "--concurrency",
+            "4",
+            "--warmup-s",
+            "0.5",
+            "--measure-s",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0, result["first_error"]
+    assert result["count"] > 0
+    assert result["throughput"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+
+
+def test_loadgen_counts_http_errors(gateway: GatewayProcess) -> None:
+    """A request the server rejects (unknown model) is an error, not throughput."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--mode",
+            "http-json",
+            "--address",
+            f"127.0.0.1:{gateway.http_port}",
+            "--model",
+            "no_such_model",
+            "--concurrency",
+            "2",
+            "--warmup-s",
+            "0.2",
+            "--measure-s",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["count"] == 0
+    assert result["errors"] > 0
+    assert result["first_error"].startswith("HTTP 4")
