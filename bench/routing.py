@@ -41,6 +41,9 @@ def _route(port: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
     parser.add_argument("--window-ms", type=int, default=2000)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; ratios use the medians"
+    )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     for version, sizes, seed in (
@@ -53,36 +56,37 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment()
     meta["command"] = "python -m bench.routing " + " ".join(argv or sys.argv[1:])
     cells: list[dict[str, Any]] = []
-    for name, settings in CONFIGS.items():
-        with GatewayProcess(root, settings, name=name) as server:
-            for protocol in ("grpc", "http"):
-                port = server.grpc_port if protocol == "grpc" else server.http_port
-                for c in (1, 4) if name == "shadow_slow" or name == "direct" else (1,):
-                    extra = ["-x", "1"] if name == "direct" else []
-                    with measured(server, "m") as m:
-                        pa = run_perf_analyzer(
-                            "m",
-                            protocol,
-                            f"127.0.0.1:{port}",
-                            c,
-                            window_ms=args.window_ms,
-                            extra=extra,
+    for _rnd in range(args.rounds):
+        for name, settings in CONFIGS.items():
+            with GatewayProcess(root, settings, name=name) as server:
+                for protocol in ("grpc", "http"):
+                    port = server.grpc_port if protocol == "grpc" else server.http_port
+                    for c in (1, 4) if name == "shadow_slow" or name == "direct" else (1,):
+                        extra = ["-x", "1"] if name == "direct" else []
+                        with measured(server, "m") as m:
+                            pa = run_perf_analyzer(
+                                "m",
+                                protocol,
+                                f"127.0.0.1:{port}",
+                                c,
+                                window_ms=args.window_ms,
+                                extra=extra,
+                            )
+                        shadows = _route(server.http_port)["shadows"]
+                        cell = {
+                            "config": name,
+                            "protocol": protocol,
+                            "concurrency": c,
+                            **pa,
+                            "cpu_ms_per_request": m["cpu_ms_per_request"],
+                            "shadow": shadows[0]["comparison"] if shadows else None,
+                        }
+                        cells.append(cell)
+                        print(
+                            f"{name:12} {protocol:4} c={c} {pa['throughput']:7.0f}/s p50 "
+                            f"{pa['p50_ms']:.3f} p99 {pa['p99_ms']:.3f}",
+                            flush=True,
                         )
-                    shadows = _route(server.http_port)["shadows"]
-                    cell = {
-                        "config": name,
-                        "protocol": protocol,
-                        "concurrency": c,
-                        **pa,
-                        "cpu_ms_per_request": m["cpu_ms_per_request"],
-                        "shadow": shadows[0]["comparison"] if shadows else None,
-                    }
-                    cells.append(cell)
-                    print(
-                        f"{name:12} {protocol:4} c={c} {pa['throughput']:7.0f}/s p50 "
-                        f"{pa['p50_ms']:.3f} p99 {pa['p99_ms']:.3f}",
-                        flush=True,
-                    )
     summary = summarize(cells)
     payload = {"meta": meta, "cells": cells, "summary": summary}
     lines = [

@@ -28,6 +28,7 @@ from gateway.admin import Token, build_admin_app
 from gateway.alerts import AlertSender
 from gateway.batcher import Batcher
 from gateway.config import Settings
+from gateway.drift.buffer import BufferedObserver
 from gateway.drift.build import find_profile, load_checked
 from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
@@ -124,6 +125,10 @@ class Gateway:
         )
         self.router = Router(shadow_max_in_flight=settings.shadow_max_in_flight)
         self.monitor = DriftMonitor(settings.drift)
+        # One observe call per ~128 rows instead of per batch: the same counts, a third of
+        # the cost for one-row requests (bench: 13 -> 4.7 µs per request).
+        self.observer = BufferedObserver(self.monitor.observe)
+        self._observer_flush: asyncio.Task[None] | None = None
         self.drift_refused: dict[tuple[str, str], str] = {}
         self._started = False
         self._draining = False
@@ -394,7 +399,7 @@ class Gateway:
             preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
             batching=policy.dynamic_batching,
             executor=self.repository.executor,
-            observer=self.monitor.observe if watched else None,
+            observer=self.observer if watched else None,
         )
         batcher.start()
         timeout = policy.default_timeout_ms / 1000 if policy.default_timeout_ms else None
@@ -436,6 +441,7 @@ class Gateway:
                 )
             )
         self.monitor.start()
+        self._observer_flush = asyncio.create_task(self._flush_observations())
         if self.predictions is not None:
             self.predictions.start()
         self._start_control_plane()
@@ -462,6 +468,15 @@ class Gateway:
             settings.admin.host,
             self.admin_port,
         )
+
+    async def _flush_observations(self) -> None:
+        """Counts drift observations buffered by quiet threads (at most 0.1 s late)."""
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                self.observer.flush_all(older_than_s=0.1)
+            except Exception:  # the drift path must never stop serving
+                logger.exception("drift observation flush failed")
 
     async def _listen(
         self, app: Any, host: str, port: int, access_log: bool
@@ -641,6 +656,9 @@ class Gateway:
         for endpoint in list(self.router.endpoints()):
             self.router.remove(endpoint.model.name, endpoint.model.version)
             await self._retire(endpoint)
+        if self._observer_flush is not None:
+            self._observer_flush.cancel()
+        self.observer.flush_all()
         self.monitor.stop()
         if self.predictions is not None:
             await asyncio.to_thread(self.predictions.stop)

@@ -25,7 +25,7 @@ from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.codecs import v2_grpc
 from gateway.errors import GatewayError, InvalidInputError, ModelNotFoundError
 from gateway.feedback import FeedbackItem, FeedbackResult
-from gateway.logs import AccessLog
+from gateway.logs import AccessLog, RequestIds
 from gateway.logs import request_id as request_id_from
 from gateway.router import Router
 from gateway.status import grpc_code
@@ -63,6 +63,7 @@ def _guarded(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
     return wrapper
 
 
+_IDS: Final = RequestIds()
 _ROUTING_KEY: Final = "x-routing-key"
 _VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: served by
 
@@ -70,8 +71,11 @@ _VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: serv
 def _route_fields(infer: InferRequest, metadata: dict[str, Any], assign_ids: bool = False) -> None:
     """Routing key, version pin and request id from call metadata or the V2
     ``routing_key`` parameter."""
-    if not infer.id and (assign_ids or "x-request-id" in metadata or "traceparent" in metadata):
-        infer.id = request_id_from(metadata)
+    if not infer.id:
+        if "x-request-id" in metadata or "traceparent" in metadata:
+            infer.id = request_id_from(metadata)
+        elif assign_ids:
+            infer.id = _IDS.new()
     if not infer.model_version:
         pinned = metadata.get(_VERSION_KEY)
         if pinned:

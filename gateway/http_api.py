@@ -37,7 +37,7 @@ from gateway.errors import (
     UnsupportedMediaTypeError,
 )
 from gateway.feedback import FeedbackItem, FeedbackResult
-from gateway.logs import AccessLog
+from gateway.logs import AccessLog, RequestIds
 from gateway.logs import request_id as request_id_from
 from gateway.metrics import CONTENT_TYPE
 from gateway.router import Router
@@ -149,6 +149,7 @@ class HttpFrontEnd:
         self._outcomes = outcomes
         self._access = access_log
         self._assign_ids = assign_ids
+        self._ids = RequestIds()
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by HTTP status code (for the metrics endpoint)."""
         self._control = control
@@ -226,10 +227,13 @@ class HttpFrontEnd:
                 body = _decompress(body, encoding, self._limit)
             request = v2_json.decode_infer_request(body, header_length, model, version or pinned)
             request.deadline = self._deadline(request, timeout_ms)
-            if not request.id and (self._assign_ids or given_id or traceparent):
-                request.id = request_id_from(
-                    {"x-request-id": given_id or "", "traceparent": traceparent or ""}
-                )
+            if not request.id:
+                if given_id or traceparent:
+                    request.id = request_id_from(
+                        {"x-request-id": given_id or "", "traceparent": traceparent or ""}
+                    )
+                elif self._assign_ids:
+                    request.id = self._ids.new()
             request_id = request.id
             params = request.parameters
             if routing_key is not None:

@@ -55,7 +55,10 @@ def test_request_ids_and_prediction_log(
                 )
                 assert traced.json()["id"] == "0af7651916cd43dd8448eb211c80319c"
                 generated = http.post("/v2/models/mlp_small/infer", json=body)
-                assert len(generated.json()["id"]) == 32
+                other = http.post("/v2/models/mlp_small/infer", json=body)
+                assert generated.json()["id"]
+                assert generated.json()["id"] != other.json()["id"]
+                assert generated.headers["x-request-id"] == generated.json()["id"]
                 bad = http.post(
                     "/v2/models/mlp_small/infer",
                     json={"inputs": []},
