@@ -8,12 +8,13 @@ a numpy object array of ``bytes``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import InvalidInputError
+from gateway.errors import InvalidInputError, UnimplementedError
 
 __all__ = [
     "V2_TO_NUMPY",
@@ -29,6 +30,7 @@ __all__ = [
     "tensor_from_list",
     "tensor_to_bytes",
     "tensor_to_list",
+    "check_tensor_parameters",
 ]
 
 V2_TO_NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
@@ -277,3 +279,20 @@ def tensor_to_list(array: npt.NDArray[np.generic], datatype: str) -> list[object
         ]
     values: list[object] = flat.tolist()
     return values
+
+
+_SHM_KEYS: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, object] | None) -> None:
+    """Refuse (UNIMPLEMENTED) the tensor parameters of extensions this server does not
+    offer: shared memory, and classification on outputs. ``kind`` is "input" or "output"."""
+    if not parameters:
+        return
+    for key in _SHM_KEYS:
+        if key in parameters:
+            raise UnimplementedError(
+                f"{kind} '{name}': shared memory is not supported by this server"
+            )
+    if kind == "output" and "classification" in parameters:
+        raise UnimplementedError(f"output '{name}': the classification extension is not supported")

@@ -17,7 +17,12 @@ from google.protobuf import json_format
 from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import model_config_pb2 as mc
 from gateway.codecs import v2_json
-from gateway.codecs.datatypes import tensor_from_buffer, tensor_from_list, tensor_to_bytes
+from gateway.codecs.datatypes import (
+    check_tensor_parameters,
+    tensor_from_buffer,
+    tensor_from_list,
+    tensor_to_bytes,
+)
 from gateway.errors import InvalidInputError, UnimplementedError
 from gateway.types import (
     InferRequest,
@@ -55,7 +60,6 @@ _CONTENTS_FIELD: Final = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-_SHM_KEYS: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _param_value(p: pb.InferParameter) -> ParamValue:
@@ -90,11 +94,7 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         shape = tuple(inp.shape)
         datatype = inp.datatype
         if inp.parameters:
-            for key in _SHM_KEYS:
-                if key in inp.parameters:
-                    raise UnimplementedError(
-                        f"input '{inp.name}': shared memory is not supported by this server"
-                    )
+            check_tensor_parameters("input", inp.name, inp.parameters)
         if n_raw:
             if inp.HasField("contents"):
                 raise InvalidInputError(
@@ -118,16 +118,7 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         outputs = []
         for out in msg.outputs:
             oparams = decode_parameters(out.parameters)
-            if oparams:
-                for key in _SHM_KEYS:
-                    if key in oparams:
-                        raise UnimplementedError(
-                            f"output '{out.name}': shared memory is not supported"
-                        )
-                if "classification" in oparams:
-                    raise UnimplementedError(
-                        f"output '{out.name}': the classification extension is not supported"
-                    )
+            check_tensor_parameters("output", out.name, oparams)
             outputs.append(RequestedOutput(out.name, None, oparams))
     parameters = decode_parameters(msg.parameters)
     return InferRequest(

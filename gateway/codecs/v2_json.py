@@ -16,12 +16,13 @@ import msgspec
 
 from gateway.codecs.datatypes import (
     V2_TO_CONFIG,
+    check_tensor_parameters,
     tensor_from_buffer,
     tensor_from_list,
     tensor_to_bytes,
     tensor_to_list,
 )
-from gateway.errors import InvalidInputError, UnimplementedError
+from gateway.errors import InvalidInputError
 from gateway.types import (
     InferRequest,
     InferResponse,
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 BINARY_DATA_SIZE: Final = "binary_data_size"
-_SHM_KEYS: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _UNSET: Final = msgspec.UNSET
 
 
@@ -131,11 +131,7 @@ def decode_infer_request(
         params = inp.parameters
         binary_size = None
         if params:
-            for key in _SHM_KEYS:
-                if key in params:
-                    raise UnimplementedError(
-                        f"input '{inp.name}': shared memory is not supported by this server"
-                    )
+            check_tensor_parameters("input", inp.name, params)
             binary_size = params.get(BINARY_DATA_SIZE)
         if binary_size is not None:
             if inp.data is not _UNSET:
@@ -178,15 +174,7 @@ def decode_infer_request(
             oparams = _params(out.parameters, f"output '{out.name}'")
             binary = None
             if oparams:
-                for key in _SHM_KEYS:
-                    if key in oparams:
-                        raise UnimplementedError(
-                            f"output '{out.name}': shared memory is not supported"
-                        )
-                if "classification" in oparams:
-                    raise UnimplementedError(
-                        f"output '{out.name}': the classification extension is not supported"
-                    )
+                check_tensor_parameters("output", out.name, oparams)
                 flag = oparams.get("binary_data")
                 if flag is not None:
                     binary = bool(flag)

@@ -18,7 +18,7 @@ from gateway.codecs.datatypes import (
     tensor_from_buffer,
     tensor_from_list,
 )
-from gateway.errors import InvalidInputError
+from gateway.errors import InvalidInputError, UnimplementedError
 from gateway.types import InferRequest, InferResponse, ModelSignature, Tensor, TensorSpec
 
 Array = npt.NDArray[Any]
@@ -196,3 +196,34 @@ def test_metadata_and_config_agree_across_protocols() -> None:
     assert grpc.max_batch_size == 16
     meta = v2_grpc.model_metadata(sig, ["1"])
     assert list(meta.inputs[0].shape) == v2_json.model_metadata(sig, ["1"])["inputs"][0]["shape"]
+
+
+def test_unoffered_extensions_are_refused_on_both_codecs() -> None:
+    body = msgspec.json.encode(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1],
+                    "datatype": "FP32",
+                    "data": [1.0],
+                    "parameters": {"shared_memory_region": "r"},
+                }
+            ]
+        }
+    )
+    with pytest.raises(UnimplementedError, match="shared memory"):
+        v2_json.decode_infer_request(body, None, "m", "")
+    body = msgspec.json.encode(
+        {
+            "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}],
+            "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+        }
+    )
+    with pytest.raises(UnimplementedError, match="classification"):
+        v2_json.decode_infer_request(body, None, "m", "")
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    msg.outputs.add(name="y").parameters["classification"].int64_param = 2
+    with pytest.raises(UnimplementedError, match="classification"):
+        v2_grpc.decode_infer_request(msg)
