@@ -11,6 +11,7 @@ resolved until it finishes, so a swap never fails a request in flight.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -19,6 +20,7 @@ import random
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -111,7 +113,13 @@ def _compile(route: Route) -> _CompiledRoute:
 class Router:
     """The routing table. Mutated only on the event-loop thread, by whole-dict swaps."""
 
-    def __init__(self, *, seed: int | None = None, shadow_max_in_flight: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        shadow_max_in_flight: int = 32,
+        shadow_executor: Executor | None = None,
+    ) -> None:
         self._models: dict[str, dict[str, Endpoint]] = {}
         self._defaults: dict[str, str] = {}
         self._pinned_defaults: dict[str, str] = {}
@@ -119,6 +127,7 @@ class Router:
         self._stats: dict[tuple[str, str], VariantStats] = {}
         self._random = random.Random(seed)
         self.shadows = ShadowRunner(shadow_max_in_flight)
+        self._shadow_executor = shadow_executor
         self.on_response: Callable[[InferRequest, InferResponse], None] | None = None
         """Called with every successful primary request and its response, on the loop
         thread (prediction logging and feedback memory hang here); must not block."""
@@ -352,4 +361,19 @@ class Router:
                 parameters=request.parameters,
                 outputs=request.outputs,
             )
-            self.shadows.mirror(functools.partial(self._run, endpoint, copy), response, stats)
+            self.shadows.mirror(
+                functools.partial(self._run_shadow, endpoint, copy), response, stats
+            )
+
+    async def _run_shadow(self, endpoint: Endpoint, request: InferRequest) -> InferResponse:
+        """A mirror call: a cheap (inline) model runs through its batcher like any request;
+        a model that needs the inference pool runs on the shadow executor instead, a
+        low-priority thread, so a slow shadow cannot take the cores the primary path and
+        its callers need (its copies queue, then drop, behind ``shadow_max_in_flight``)."""
+        model = endpoint.model
+        if self._shadow_executor is None or model.is_inline:
+            return await self._run(endpoint, request)
+        feeds, _rows = model.prepare(request)
+        loop = asyncio.get_running_loop()
+        arrays = await loop.run_in_executor(self._shadow_executor, model.run, feeds)
+        return model.respond(request, arrays)
