@@ -123,7 +123,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._server_version = server_version
         self._extensions = extensions
         self._is_ready = is_ready
-        self.in_flight = 0
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
 
@@ -183,7 +182,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(  # noqa: N802
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
-        self.in_flight += 1
         code = "INTERNAL"
         started = time.perf_counter()
         infer: InferRequest | None = None
@@ -205,7 +203,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            self.in_flight -= 1
             self.responses[code] += 1
             access = self._access
             if access is not None and access.should_log(code != "OK"):
@@ -230,25 +227,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream_meta = dict(context.invocation_metadata() or ())
 
         async def one(message: pb.ModelInferRequest) -> None:
-            self.in_flight += 1
             try:
-                infer: InferRequest | None = None
-                try:
-                    infer = v2_grpc.decode_infer_request(message)
-                    infer.deadline = deadline
-                    _route_fields(infer, stream_meta, self._assign_ids)
-                    response = await self._router.infer(infer)
-                    encoded = v2_grpc.encode_infer_response(response, infer)
-                    results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
-                    self.responses["OK"] += 1
-                except GatewayError as exc:
-                    self.responses[grpc_code(exc.kind).name] += 1
-                    results.put_nowait(self._stream_error(message, exc.message))
-                except Exception:
-                    logger.exception("unexpected error in a ModelStreamInfer request")
-                    results.put_nowait(self._stream_error(message, "internal error"))
+                infer = v2_grpc.decode_infer_request(message)
+                infer.deadline = deadline
+                _route_fields(infer, stream_meta, self._assign_ids)
+                response = await self._router.infer(infer)
+                encoded = v2_grpc.encode_infer_response(response, infer)
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
+                self.responses["OK"] += 1
+            except GatewayError as exc:
+                self.responses[grpc_code(exc.kind).name] += 1
+                results.put_nowait(self._stream_error(message, exc.message))
+            except Exception:
+                logger.exception("unexpected error in a ModelStreamInfer request")
+                results.put_nowait(self._stream_error(message, "internal error"))
             finally:
-                self.in_flight -= 1
                 slots.release()
 
         async def read() -> None:

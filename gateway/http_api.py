@@ -157,7 +157,6 @@ class HttpFrontEnd:
         self._server_name = server_name
         self._server_version = server_version
         self._is_ready = is_ready
-        self.in_flight = 0
         self._rest = self._build_rest()
 
     # -- ASGI entry ---------------------------------------------------------------------
@@ -180,7 +179,6 @@ class HttpFrontEnd:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
-        self.in_flight += 1
         started = time.perf_counter()
         request_id = ""
         served = ""
@@ -273,7 +271,6 @@ class HttpFrontEnd:
             self.responses["500"] += 1
             await self._send_error(send, GatewayError("internal error while serving the request"))
         finally:
-            self.in_flight -= 1
             access = self._access
             if access is not None and access.should_log(status != 200):
                 access.log(
