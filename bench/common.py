@@ -29,6 +29,8 @@ __all__ = [
     "GatewayProcess",
     "cpu_seconds",
     "environment",
+    "git_sha",
+    "cpu_name",
     "perf_analyzer",
     "run_perf_analyzer",
     "write_results",
@@ -46,6 +48,30 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / _TICKS
 
 
+def git_sha() -> str:
+    """The short commit of the checkout, or "" outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what platform knows)."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        if match:
+            return match.group(1)
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """What a reader needs to compare runs: commit, machine, library versions."""
     import grpc
@@ -55,18 +81,11 @@ def environment() -> dict[str, Any]:
     import starlette
     import uvicorn
 
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    cpu = ""
-    with contextlib.suppress(OSError):
-        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu = match.group(1) if match else ""
     return {
-        "git_sha": sha,
+        "git_sha": git_sha(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "python": platform.python_version(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "versions": {

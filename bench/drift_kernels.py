@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from bench.common import cpu_name, git_sha
 from gateway.drift import kernels
 from gateway.drift.monitor import DriftMonitor, DriftSettings
 from gateway.drift.profile import NumericProfile, build_profile
@@ -91,26 +91,6 @@ def best_ns(calls: dict[str, Callable[[int], object]]) -> dict[str, float]:
                 call(i)
             best[name] = min(best[name], (time.perf_counter_ns() - start) / n)
     return best
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_rows(
@@ -204,11 +184,11 @@ def run() -> dict[str, Any]:
     }
     return {
         "benchmark": "drift_kernels",
-        "git_sha": _git_sha(),
+        "git_sha": git_sha() or None,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()),
         "seed": SEED,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -28,6 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from bench.common import cpu_name, git_sha
 from gateway.feedback import FeedbackItem, FeedbackSettings, PredictionMemory
 
 SEED: Final = 20240917
@@ -188,26 +188,6 @@ def measure_memory(ids: list[str], rng: np.random.Generator) -> dict[str, float]
     }
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run() -> dict[str, Any]:
     """Run every measurement; return the result document."""
     rng = np.random.default_rng(SEED)
@@ -218,11 +198,11 @@ def run() -> dict[str, Any]:
     memory = measure_memory(ids, rng)
     return {
         "benchmark": "feedback_memory",
-        "git_sha": _git_sha(),
+        "git_sha": git_sha() or None,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "msgspec": msgspec.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["MODELS", "mlp", "write_model"]
+__all__ = ["MODELS", "mlp", "failing", "write_model"]
 
 MODELS: Final[dict[str, list[int]]] = {
     "mlp_small": [32, 64, 2],
@@ -45,6 +45,31 @@ def mlp(path: Path, sizes: list[int], seed: int = 0, name: str = "mlp") -> None:
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", sizes[0]])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", sizes[-1]])],
         inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gateway-bench"
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def failing(path: Path, outputs: int = 2) -> None:
+    """INPUT0 [batch, 32] -> OUTPUT0 [batch, outputs], but the runtime always raises (a
+    Reshape to rows of 5 cannot hold 32 values): a candidate that fails every request."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["INPUT0", "shape"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["OUTPUT0"]),
+        ],
+        "failing",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", outputs])],
+        [
+            numpy_helper.from_array(np.ones((5, outputs), np.float32), "w"),
+            numpy_helper.from_array(np.array([-1, 5], np.int64), "shape"),
+        ],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gateway-bench"

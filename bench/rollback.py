@@ -19,37 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from bench.common import GatewayProcess, environment, table
 from bench.common import write_results as write
-from bench.models import mlp
+from bench.models import failing, mlp
 
 TOKEN = "bench-operator-token"
 REPEATS = 5
-
-
-def _failing(path: Path) -> None:
-    """INPUT0 [batch, 32] -> OUTPUT0 [batch, 2]; the runtime always raises (bad Reshape)."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["INPUT0", "shape"], ["r"]),
-            helper.make_node("MatMul", ["r", "w"], ["OUTPUT0"]),
-        ],
-        "failing",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 2])],
-        [
-            numpy_helper.from_array(np.ones((5, 2), np.float32), "w"),
-            numpy_helper.from_array(np.array([-1, 5], np.int64), "shape"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
 
 
 def _call(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
@@ -104,7 +79,7 @@ def _trial(server: GatewayProcess, interval_s: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-rollback-"))
     mlp(root / "m" / "1" / "model.onnx", [32, 64, 2])
-    _failing(root / "m" / "2" / "model.onnx")
+    failing(root / "m" / "2" / "model.onnx")
     (root / "m" / "config.toml").write_text('default_version = "1"\n')
     settings = f'[[admin.tokens]]\nname = "bench"\nrole = "operator"\ntoken = "{TOKEN}"\n'
     meta = environment()

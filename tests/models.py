@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.models import mlp
+from bench.models import failing, mlp
 from gateway.config import EXAMPLE_REPOSITORY
 
 # V2 datatype -> ONNX element type, for the identity model over every datatype.
@@ -73,24 +73,6 @@ def chain(path: Path, width: int = 512, depth: int = 256) -> None:
     _save(graph, path)
 
 
-def failing(path: Path) -> None:
-    """INPUT0 [batch, 32] -> OUTPUT0 [batch, 3], but the runtime always raises (a Reshape
-    to rows of 5 cannot hold 32 values)."""
-    w = numpy_helper.from_array(np.ones((5, 3), np.float32), "w")
-    shape = numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["INPUT0", "shape"], ["r"]),
-            helper.make_node("MatMul", ["r", "w"], ["OUTPUT0"]),
-        ],
-        "failing",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 3])],
-        [w, shape],
-    )
-    _save(graph, path)
-
-
 def fixed_shape(path: Path) -> None:
     """No batch dimension: x [2, 3] -> y = x + 1."""
     one = numpy_helper.from_array(np.ones((2, 3), np.float32), "one")
@@ -140,7 +122,7 @@ def build_repository(root: Path) -> Path:
     mlp(root / "pair" / "1" / "model.onnx", [32, 16, 3], seed=0, name="pair")
     mlp(root / "pair" / "2" / "model.onnx", [32, 16, 3], seed=0, name="pair")
     mlp(root / "pair" / "3" / "model.onnx", [32, 16, 3], seed=9, name="pair")
-    failing(root / "pair" / "4" / "model.onnx")
+    failing(root / "pair" / "4" / "model.onnx", outputs=3)
     mlp(root / "pair" / "5" / "model.onnx", [32, *[1024] * 24, 3], seed=3, name="pair")
     (root / "pair" / "config.toml").write_text('default_version = "1"\n')
     broken = root / "broken" / "1" / "model.onnx"
