@@ -230,8 +230,15 @@ def run_perf_analyzer(
     window_ms: int = 2000,
     streaming: bool = False,
     extra: list[str] | None = None,
+    stability_pct: int = 60,
+    max_trials: int = 8,
+    attempts: int = 3,
+    timeout_s: float = 300,
 ) -> dict[str, float]:
-    """One perf_analyzer measurement; returns throughput and latency percentiles (ms)."""
+    """One perf_analyzer measurement; returns throughput and latency percentiles (ms).
+
+    ``stability_pct`` / ``max_trials`` are its -s / -r; a run that fails its stability
+    check is tried again, ``attempts`` times in all (a noisy shared machine)."""
     fd, csv_path = tempfile.mkstemp(suffix=".csv")
     os.close(fd)
     cmd = [
@@ -249,9 +256,9 @@ def run_perf_analyzer(
         "-p",
         str(window_ms),
         "-s",
-        "60",
+        str(stability_pct),
         "-r",
-        "8",
+        str(max_trials),
         "-f",
         csv_path,
         *(extra or []),
@@ -260,8 +267,8 @@ def run_perf_analyzer(
         cmd.append("--streaming")
     rows: list[dict[str, str]] = []
     try:
-        for _attempt in range(3):  # a noisy shared machine can fail the stability check
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        for _attempt in range(attempts):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
             with open(csv_path) as f:
                 rows = list(csv.DictReader(f))
             if done.returncode == 0 and rows:
@@ -278,6 +285,7 @@ def run_perf_analyzer(
         "p50_ms": float(row["p50 latency"]) / 1000,
         "p90_ms": float(row["p90 latency"]) / 1000,
         "p99_ms": float(row["p99 latency"]) / 1000,
+        "mean_ms": float(row.get("Avg latency", 0) or 0) / 1000,
     }
 
 

@@ -22,10 +22,8 @@ bench/results/tmp/), --peers a,b (gateway,pytriton,kserve,mlserver,ray,bentoml),
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import os
 import platform
 import shlex
 import shutil
@@ -37,7 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
-from bench.common import RESULTS, environment, perf_analyzer, table, write_results
+from bench.common import (
+    RESULTS,
+    environment,
+    perf_analyzer,
+    run_perf_analyzer,
+    table,
+    write_results,
+)
 from bench.models import MODELS, write_model
 from bench.peers import install
 from bench.peers.servers import (
@@ -140,49 +145,26 @@ def run_perf_analyzer_cell(
     per request over the whole run / the requests the server itself counted (V2 stats)."""
     port = server.grpc_port if protocol == "grpc" else server.http_port
     window_ms = max(500, int(measure_s * 1000 / 3))
-    fd, csv_path = tempfile.mkstemp(suffix=".csv")
-    os.close(fd)
-    command = [
-        perf_analyzer(),
-        "-m",
-        model,
-        "-i",
-        protocol,
-        "-u",
-        f"127.0.0.1:{port}",
-        "--input-data",
-        "zero",
-        "--concurrency-range",
-        str(concurrency),
-        "-p",
-        str(window_ms),
-        # Three windows (its minimum) accepted whatever their spread (-s is the allowed
-        # spread in percent; 100 still failed at c=64 here): a fixed-length run like the
-        # loadgen's, not a hunt for stability on a noisy shared machine.
-        "-s",
-        "1000",
-        "-r",
-        "4",
-        "-f",
-        csv_path,
-    ]
     before_requests = server.served_requests(model)
     cpu0 = server.cpu_seconds()
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        wall = time.perf_counter() - start
-        cpu1 = server.cpu_seconds()
-        after_requests = server.served_requests(model)
-        with open(csv_path) as f:
-            rows = list(csv.DictReader(f))
-    finally:
-        os.unlink(csv_path)
-    if done.returncode != 0 or not rows:
-        raise RuntimeError(
-            f"perf_analyzer failed ({done.returncode}): {done.stdout[-800:]}{done.stderr[-800:]}"
-        )
-    row = rows[0]
+    # Three windows (its minimum) accepted whatever their spread (-s is the allowed spread
+    # in percent; 100 still failed at c=64 here): a fixed-length run like the loadgen's,
+    # not a hunt for stability on a noisy shared machine.
+    pa = run_perf_analyzer(
+        model,
+        protocol,
+        f"127.0.0.1:{port}",
+        concurrency,
+        window_ms=window_ms,
+        stability_pct=1000,
+        max_trials=4,
+        attempts=1,
+        timeout_s=120,
+    )
+    wall = time.perf_counter() - start
+    cpu1 = server.cpu_seconds()
+    after_requests = server.served_requests(model)
     served = (
         after_requests - before_requests
         if after_requests is not None and before_requests is not None
@@ -194,11 +176,11 @@ def run_perf_analyzer_cell(
         "window_s": round(3 * window_ms / 1000, 3),
         "count": served,
         "errors": 0,
-        "throughput": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1000,
-        "p90_ms": float(row["p90 latency"]) / 1000,
-        "p99_ms": float(row["p99 latency"]) / 1000,
-        "mean_ms": float(row.get("Avg latency", 0) or 0) / 1000,
+        "throughput": pa["throughput"],
+        "p50_ms": pa["p50_ms"],
+        "p90_ms": pa["p90_ms"],
+        "p99_ms": pa["p99_ms"],
+        "mean_ms": pa["mean_ms"],
         "client_cpu_ms_per_request": float("nan"),
         "server_cpu_s": cpu1 - cpu0,
         "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / served if served else float("nan"),
