@@ -8,6 +8,7 @@ with ``python -m tests.unit.test_admin`` after changing an endpoint or a body or
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import logging
@@ -778,9 +779,25 @@ def openapi_document() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ERROR}},
                 },
             },
-            "schemas": dict(sorted(schemas.items())),
+            "schemas": _clean_descriptions(dict(sorted(schemas.items()))),
         },
     }
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Docstring-derived descriptions with their indentation removed (``inspect.cleandoc``):
+    msgspec releases and Python versions differ in whether they dedent docstrings, and the
+    committed file must not depend on which ones the registry serves."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
 
 
 if __name__ == "__main__":
