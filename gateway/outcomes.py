@@ -5,7 +5,7 @@ In: (prediction, truth) pairs per model version, already matched by ``feedback.p
 cumulative ``OutcomeStats`` with ``snapshot()`` / ``minus()`` for windows (as in
 ``traffic.py``), and ``compare()``: metrics with confidence intervals per arm, a one-sided test
 of "candidate worse", and a sample-size estimate. Pure arithmetic: no scipy at run time (the
-normal, Student t and incomplete-beta functions are implemented here), no clock, no I/O. It
+distributions come from ``distributions.py``), no clock, no I/O. It
 knows nothing of request ids, routing, rollout policy or wire formats.
 
 ``OutcomeStats`` is mutated only on the event-loop thread; readers there take snapshots.
@@ -14,13 +14,14 @@ knows nothing of request ids, routing, rollout policy or wire formats.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
+
+from gateway.distributions import normal_cdf, normal_ppf, normal_sf, t_cdf, t_ppf, t_sf
 
 __all__ = [
     "MAX_CONFUSION_CLASSES",
@@ -36,13 +37,6 @@ __all__ = [
     "ClassCounts",
     "ArmMetrics",
     "Comparison",
-    "normal_cdf",
-    "normal_sf",
-    "normal_ppf",
-    "regularized_beta",
-    "t_cdf",
-    "t_sf",
-    "t_ppf",
     "accuracy_ci",
     "mean_ci",
     "mae_ci",
@@ -72,238 +66,6 @@ DEFAULT_POWER: Final = 0.8  # the conventional 80% power for sample-size estimat
 
 F64Array = npt.NDArray[np.float64]
 I64Array = npt.NDArray[np.int64]
-
-# ----------------------------------------------------------------------------------------------
-# Distributions: normal via math.erfc; Student t via the regularised incomplete beta function.
-
-_SQRT2: Final = math.sqrt(2.0)
-_LN_SQRT_2PI: Final = 0.5 * math.log(2.0 * math.pi)
-_CF_EPS: Final = 1e-15  # continued fraction stops when a step changes it by less than this
-_CF_TINY: Final = 1e-300  # Lentz's guard against division by zero
-_CF_MAX_ITER: Final = 100_000  # needs O(sqrt(a)) steps: enough for df up to about 1e9
-_STANDARD_NORMAL: Final = statistics.NormalDist()
-# For df far above t^2 the continued fraction loses about eps * df / (1 + t^2) to cancellation
-# (x is within t^2/df of 1), while the large-a asymptotic form errs by about
-# (1 + t^2)^2 / (4 df^2): the two are equal where (1 + t^2) / df = (4 eps)^(1/3) ~ 9.6e-6, so
-# neither ever errs by more than about 2e-11 relative.
-_T_ASYMPTOTIC_RATIO: Final = (4.0 * 2.220446049250313e-16) ** (1.0 / 3.0)
-
-
-def normal_cdf(x: float) -> float:
-    """P(Z <= x) for a standard normal; accurate to the last digits in both tails."""
-    return 0.5 * math.erfc(-x / _SQRT2)
-
-
-def normal_sf(x: float) -> float:
-    """P(Z > x) for a standard normal."""
-    return 0.5 * math.erfc(x / _SQRT2)
-
-
-def normal_ppf(q: float) -> float:
-    """The ``q`` quantile of a standard normal (0 < q < 1).
-
-    Wichura's AS241 (``statistics.NormalDist.inv_cdf``), then one Newton step on our own
-    ``normal_cdf`` so that quantile and CDF agree to rounding.
-    """
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"quantile level must be in (0, 1), got {q}")
-    x = _STANDARD_NORMAL.inv_cdf(q)
-    pdf = math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    if pdf > 0.0:
-        # Work in the smaller tail so the residual keeps its relative precision.
-        residual = normal_cdf(x) - q if q < 0.5 else (1.0 - q) - normal_sf(x)
-        x -= residual / pdf
-    return x
-
-
-def _lgamma_correction(x: float) -> float:
-    """ln Gamma(x) minus its Stirling approximation, for x >= 10 (error below 1e-18)."""
-    inv = 1.0 / x
-    inv2 = inv * inv
-    return inv * (
-        1.0 / 12.0
-        - inv2
-        * (
-            1.0 / 360.0
-            - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 * (1.0 / 1188.0 - inv2 / 1820.0)))
-        )
-    )
-
-
-def _ln_beta(a: float, b: float) -> float:
-    """ln B(a, b) without cancelling large lgamma values (R's lbeta): accurate for any size."""
-    p, q = min(a, b), max(a, b)
-    if p >= 10.0:
-        corr = _lgamma_correction(p) + _lgamma_correction(q) - _lgamma_correction(p + q)
-        return (
-            -0.5 * math.log(q)
-            + _LN_SQRT_2PI
-            + corr
-            + (p - 0.5) * math.log(p / (p + q))
-            + q * math.log1p(-p / (p + q))
-        )
-    if q >= 10.0:
-        corr = _lgamma_correction(q) - _lgamma_correction(p + q)
-        return (
-            math.lgamma(p) + corr + p - p * math.log(p + q) + (q - 0.5) * math.log1p(-p / (p + q))
-        )
-    return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes 6.4)."""
-    qab = a + b
-    qap = a + 1.0
-    qam = a - 1.0
-    c = 1.0
-    d = 1.0 - qab * x / qap
-    if abs(d) < _CF_TINY:
-        d = _CF_TINY
-    d = 1.0 / d
-    h = d
-    for m in range(1, _CF_MAX_ITER + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        if abs(d) < _CF_TINY:
-            d = _CF_TINY
-        c = 1.0 + aa / c
-        if abs(c) < _CF_TINY:
-            c = _CF_TINY
-        d = 1.0 / d
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        if abs(d) < _CF_TINY:
-            d = _CF_TINY
-        c = 1.0 + aa / c
-        if abs(c) < _CF_TINY:
-            c = _CF_TINY
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _CF_EPS:
-            return h
-    raise ArithmeticError(f"incomplete beta did not converge (a={a}, b={b}, x={x})")
-
-
-def _ibeta(a: float, b: float, x: float, y: float, ln_x: float, ln_y: float) -> float:
-    """I_x(a, b) with y = 1 - x and both logarithms supplied by a caller who knows them
-    precisely (for large a, a * ln(x) amplifies any rounding in ln(x))."""
-    ln_front = a * ln_x + b * ln_y - _ln_beta(a, b)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln_front) * _beta_cf(a, b, x) / a
-    return 1.0 - math.exp(ln_front) * _beta_cf(b, a, y) / b
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularised incomplete beta function (a, b > 0, 0 <= x <= 1).
-
-    Numerical Recipes' continued fraction with an accurate ln B(a, b); agrees with
-    ``scipy.special.betainc`` to about 1e-12 relative (tested to 1e-10).
-    """
-    if a <= 0.0 or b <= 0.0:
-        raise ValueError(f"a and b must be positive, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x}")
-    if x == 0.0:
-        return 0.0
-    if x == 1.0:
-        return 1.0
-    return _ibeta(a, b, x, 1.0 - x, math.log(x), math.log1p(-x))
-
-
-def _t_tail(t: float, df: float) -> float:
-    """P(T > |t|) for Student's t with ``df`` degrees of freedom."""
-    t, df = float(t), float(df)
-    if df <= 0.0 or math.isnan(df):
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
-    if math.isnan(t):
-        return math.nan
-    if math.isinf(df):
-        return normal_sf(abs(t))
-    if t == 0.0:
-        return 0.5
-    if math.isinf(t):
-        return 0.0
-    t = abs(t)
-    root_df = math.sqrt(df)
-    if t < root_df and 1.0 + t * t < _T_ASYMPTOTIC_RATIO * df:
-        # Leading term of DiDonato & Morris' BGRAT expansion: I_x(a, 1/2) ~ Q(1/2, u) with
-        # u = -(a - 1/4) ln x, i.e. erfc(sqrt(u)); relative error about (1 + t^2)^2 / (4 df^2).
-        return 0.5 * math.erfc(math.sqrt((0.5 * df - 0.25) * math.log1p(t * t / df)))
-    # I_x(df/2, 1/2) with x = df / (df + t^2): x, 1 - x and both logs from a ratio below 1,
-    # taken in logs where it could underflow, so nothing overflows and nothing cancels.
-    if t <= root_df:
-        s2 = (t / root_df) ** 2  # x = 1 / (1 + s2)
-        x, y = 1.0 / (1.0 + s2), s2 / (1.0 + s2)
-        ln_x = -math.log1p(s2)
-        ln_y = 2.0 * (math.log(t) - math.log(root_df)) + ln_x  # s2 may underflow to 0
-    else:
-        ln_r = 2.0 * (math.log(root_df) - math.log(t))  # x = r / (1 + r)
-        r = math.exp(ln_r)
-        x, y = r / (1.0 + r), 1.0 / (1.0 + r)
-        ln_y = -math.log1p(r)
-        ln_x = ln_r + ln_y
-    return 0.5 * _ibeta(0.5 * df, 0.5, x, y, ln_x, ln_y)
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom (df may be fractional)."""
-    tail = _t_tail(t, df)
-    return tail if t < 0.0 else 1.0 - tail
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with ``df`` degrees of freedom."""
-    tail = _t_tail(t, df)
-    return tail if t > 0.0 else 1.0 - tail
-
-
-def _t_pdf(t: float, df: float) -> float:
-    return math.exp(
-        -0.5 * (df + 1.0) * math.log1p(t * t / df) - 0.5 * math.log(df) - _ln_beta(0.5 * df, 0.5)
-    )
-
-
-def _t_isf(p: float, df: float) -> float:
-    """The x > 0 with ``t_sf(x, df) == p`` for 0 < p < 0.5: Newton inside a bisection bracket."""
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > p:  # grow the bracket; ratio 2, so bisection converges fast
-        lo, hi = hi, 2.0 * hi
-        if math.isinf(hi):
-            return math.inf  # beyond the largest float (only for df < 1 and tiny p)
-    x = min(max(-normal_ppf(p), lo), hi)
-    if not lo < x < hi:
-        x = 0.5 * (lo + hi)
-    for _ in range(400):
-        f = t_sf(x, df) - p
-        if f > 0.0:
-            lo = x
-        else:
-            hi = x
-        pdf = _t_pdf(x, df)
-        nxt = x + f / pdf if pdf > 0.0 else math.inf  # sf decreases: d(sf)/dx = -pdf
-        if not lo < nxt < hi:
-            nxt = 0.5 * (lo + hi)
-        if abs(nxt - x) <= 1e-15 * abs(x) or hi - lo <= 4e-16 * hi:
-            return nxt
-        x = nxt
-    return x
-
-
-def t_ppf(q: float, df: float) -> float:
-    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (0 < q < 1)."""
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"quantile level must be in (0, 1), got {q}")
-    if df <= 0.0 or math.isnan(df):
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
-    if math.isinf(df):
-        return normal_ppf(q)
-    if q == 0.5:
-        return 0.0
-    return -_t_isf(q, df) if q < 0.5 else _t_isf(1.0 - q, df)
-
 
 # ----------------------------------------------------------------------------------------------
 # Intervals, tests and sample sizes on plain numbers.

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.config import DriftSettings
+from gateway.distributions import ks_coefficient
 from gateway.drift import kernels, stats
 from gateway.drift.profile import CategoricalProfile, NumericProfile, Profile, TensorProfile
 from gateway.types import ModelRef
@@ -260,7 +261,7 @@ class DriftMonitor:
 
     def _plan(self, tensor: TensorProfile, name: str, is_input: bool, family: int) -> _TensorPlan:
         tail = self._settings.alpha / max(family, 1)
-        ks_c = stats.ks_coefficient(tail)
+        ks_c = ks_coefficient(tail)
         side = "inputs" if is_input else "outputs"
         parts: list[_Part] = []
         if tensor.numeric is not None:

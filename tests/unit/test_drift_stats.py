@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 from scipy.spatial.distance import jensenshannon
 
+from gateway import distributions
 from gateway.drift import kernels, stats
 from gateway.drift.profile import build_tensor_profile
 
@@ -31,19 +32,11 @@ def numeric_counts(
     return counts, num.ref_counts, num.mids, num.std
 
 
-@pytest.mark.parametrize("df", [1, 2, 3, 7, 19, 63, 255])
-@pytest.mark.parametrize("tail", [0.5, 0.05, 0.01, 0.01 / 32, 0.01 / 256, 1e-9])
-def test_chi2_quantile_matches_scipy(df: int, tail: float) -> None:
-    assert stats.chi2_ppf(1.0 - tail, df) == pytest.approx(sps.chi2.ppf(1.0 - tail, df), rel=1e-6)
-    assert stats.chi2_isf(tail, df) == pytest.approx(sps.chi2.isf(tail, df), rel=1e-9)
-    assert stats.chi2_sf(stats.chi2_isf(tail, df), df) == pytest.approx(tail, rel=1e-9)
-
-
 def test_critical_values_match_drift_md() -> None:
     # DRIFT.md §4.4: chi2_19 at 1 - 0.01/F and c(0.01/F) for F = 1, 32, 256.
     for n_feat, chi2_q, ks_c in [(1, 36.2, 1.628), (32, 47.4, 2.093), (256, 53.5, 2.328)]:
-        assert stats.chi2_isf(0.01 / n_feat, 19) == pytest.approx(chi2_q, abs=0.05)
-        assert stats.ks_coefficient(0.01 / n_feat) == pytest.approx(ks_c, abs=5e-4)
+        assert distributions.chi2_isf(0.01 / n_feat, 19) == pytest.approx(chi2_q, abs=0.05)
+        assert distributions.ks_coefficient(0.01 / n_feat) == pytest.approx(ks_c, abs=5e-4)
     crit = stats.chi2_critical(np.array([19, 0]), 0.01 / 32)
     assert crit[1] == math.inf
     threshold = stats.psi_thresholds(crit[:1], np.array([1000]), np.array([50_000]))

@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     # Helpers of the router layer: mirroring and per-variant statistics.
     "shadow": {"types", "errors", "traffic"},
     "traffic": set(),
-    "drift": {"config", "types", "metrics", "drift"},
+    "drift": {"config", "types", "metrics", "drift", "distributions"},
     "rollout": {"router", "drift", "store", "config", "errors", "metrics", "types"},
     "store": {"config", "errors", "types"},
     # Webhook delivery, part of the rollout layer; the admin CLI talks HTTP only.
@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     # Gathers rollout signals from the router and the drift monitor (read-only).
     "signals": {"router", "drift", "rollout", "traffic", "types"},
     # Ground truth: remembered predictions and outcome statistics (pure numerics).
-    "outcomes": set(),
+    "outcomes": {"distributions"},
+    "distributions": set(),
     "feedback": {"config", "types", "errors", "outcomes"},
     # Operability: structured logs, the prediction log writer, dashboard assets.
     "logs": set(),
