@@ -40,7 +40,8 @@ from gateway.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from gateway.rollout import RolloutController, RolloutPolicy, RolloutState
+from gateway.rollout.controller import RolloutController
+from gateway.rollout.policy import RolloutPolicy, RolloutState
 from gateway.status import error_body, http_status
 from gateway.store import MAX_AUDIT_LIMIT, Store
 from gateway.types import ModelIndexEntry

@@ -52,9 +52,9 @@ from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
 from gateway.outcomes import compare as compare_outcomes
 from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository, ModelVersion
-from gateway.rollout import RolloutController
+from gateway.rollout.controller import RolloutController
+from gateway.rollout.signals import SignalGatherer
 from gateway.router import Endpoint, Router
-from gateway.signals import SignalGatherer
 from gateway.store import SqliteStore
 from gateway.traffic import LATENCY_BUCKETS_MS
 from gateway.types import (

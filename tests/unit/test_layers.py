@@ -25,16 +25,25 @@ ALLOWED: dict[str, set[str]] = {
     "shadow": {"types", "errors", "traffic"},
     "traffic": set(),
     "drift": {"config", "types", "metrics", "drift", "distributions"},
-    "rollout": {"router", "drift", "store", "config", "errors", "metrics", "types"},
+    "rollout": {
+        "router",
+        "drift",
+        "store",
+        "config",
+        "errors",
+        "metrics",
+        "types",
+        "traffic",
+        "rollout",
+    },
+    "distributions": set(),
     "store": {"config", "errors", "types"},
     # Webhook delivery, part of the rollout layer; the admin CLI talks HTTP only.
     "alerts": {"config", "errors", "types"},
     "admin_client": set(),
     # Gathers rollout signals from the router and the drift monitor (read-only).
-    "signals": {"router", "drift", "rollout", "traffic", "types"},
     # Ground truth: remembered predictions and outcome statistics (pure numerics).
     "outcomes": {"distributions"},
-    "distributions": set(),
     "feedback": {"config", "types", "errors", "outcomes"},
     # Operability: structured logs, the prediction log writer, dashboard assets.
     "logs": set(),

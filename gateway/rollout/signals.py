@@ -1,4 +1,4 @@
-"""signals.py: gathers the live measurements a rollout is judged on (``rollout.Signals``).
+"""rollout/signals.py: gathers the live measurements a rollout is judged on (``Signals``).
 
 For one rollout (model, stable version, candidate version): per-variant requests, error
 rates and p99 latency since the current step began (router traffic snapshots, diffed), the
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.drift.monitor import DriftMonitor, DriftReport
-from gateway.rollout import RolloutState, Signals
+from gateway.rollout.policy import RolloutState, Signals
 from gateway.router import Router
 from gateway.traffic import VariantSnapshot
 from gateway.types import ModelRef

@@ -1,0 +1,312 @@
+"""rollout/decide.py: the pure transition table of a canary rollout:
+``decide(state, signals, policy, now) -> Decision``.
+
+Each status has exactly one rule (CANARY -> advance / promote / await approval / roll back /
+stay; the others hold). Pure: no I/O, no clock, no mutation; the controller gathers signals
+and applies what this decides. It knows nothing of the store, the router or alerts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeAlias, get_args
+
+from gateway.rollout.policy import (
+    FULL_WEIGHT,
+    Action,
+    Decision,
+    Measured,
+    RolloutPolicy,
+    RolloutState,
+    RolloutStatus,
+    Signals,
+    Verdict,
+)
+
+__all__ = ["decide"]
+
+_MIN_P99_MS: Final = 1e-3  # floor for the stable p99 in the ratio: a 0 ms bucket is not "free"
+
+# -- the pure decision ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Analysis:
+    verdict: Verdict
+    breaches: tuple[str, ...]
+    missing: tuple[str, ...]
+    values: Measured
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _measured(s: Signals) -> Measured:
+    delta = None
+    if s.candidate_error_rate is not None and s.stable_error_rate is not None:
+        delta = s.candidate_error_rate - s.stable_error_rate
+    ratio = None
+    if s.candidate_p99_ms is not None and s.stable_p99_ms is not None:
+        ratio = s.candidate_p99_ms / max(s.stable_p99_ms, _MIN_P99_MS)
+    return {
+        "candidate_samples": s.candidate_samples,
+        "stable_samples": s.stable_samples,
+        "candidate_requests_total": s.candidate_requests_total,
+        "candidate_error_rate": s.candidate_error_rate,
+        "stable_error_rate": s.stable_error_rate,
+        "error_rate_delta": delta,
+        "candidate_p99_ms": s.candidate_p99_ms,
+        "stable_p99_ms": s.stable_p99_ms,
+        "p99_latency_ratio": ratio,
+        "input_drift_psi": s.input_drift_psi,
+        "input_drift_ks": s.input_drift_ks,
+        "input_drift_feature": s.input_drift_feature,
+        "prediction_drift_psi": s.prediction_drift_psi,
+        "shadow_disagreement": s.shadow_disagreement,
+        "outcome_pvalue": s.outcome_pvalue,
+        "outcome_worse": s.outcome_worse,
+        "drift_sufficient": s.drift_sufficient,
+    }
+
+
+def _analyse(s: Signals, policy: RolloutPolicy) -> _Analysis:
+    """Judge every configured threshold: "fail" on any breach, else "insufficient" when a
+    configured check lacked data, else "pass". Below ``min_samples``: "insufficient"."""
+    values = _measured(s)
+    n_min = policy.min_samples
+    if s.candidate_samples < n_min:
+        why = f"candidate has {s.candidate_samples}/{n_min} samples"
+        return _Analysis("insufficient", (), (why,), values)
+    t = policy.thresholds
+    stable_why = f"stable has {s.stable_samples}/{n_min} samples"
+    stable_ok = s.stable_samples >= n_min
+    drift_why = "drift statistics lack data"
+
+    def num(key: str, usable: bool = True) -> float | None:
+        value = values[key]
+        return _finite(float(value)) if usable and isinstance(value, int | float) else None
+
+    checks: tuple[tuple[str, float | None, float | None, str], ...] = (
+        ("candidate_error_rate", num("candidate_error_rate"), t.max_error_rate, "no requests"),
+        (
+            "error_rate_delta",
+            num("error_rate_delta", stable_ok),
+            t.max_error_rate_delta,
+            stable_why,
+        ),
+        (
+            "p99_latency_ratio",
+            num("p99_latency_ratio", stable_ok),
+            t.max_p99_latency_ratio,
+            stable_why if not stable_ok else "no latency observed",
+        ),
+        (
+            "input_drift_psi",
+            num("input_drift_psi", s.drift_sufficient),
+            t.max_input_drift_psi,
+            drift_why,
+        ),
+        (
+            "input_drift_ks",
+            num("input_drift_ks", s.drift_sufficient),
+            t.max_input_drift_ks,
+            drift_why,
+        ),
+        (
+            "prediction_drift_psi",
+            num("prediction_drift_psi", s.drift_sufficient),
+            t.max_prediction_drift_psi,
+            drift_why,
+        ),
+        (
+            "shadow_disagreement",
+            num("shadow_disagreement"),
+            t.max_shadow_disagreement,
+            "no shadow comparisons",
+        ),
+    )
+    breaches: list[str] = []
+    missing: list[str] = []
+    for name, value, limit, why in checks:
+        if limit is None:
+            continue
+        if value is None:
+            missing.append(f"{name}: {why}")
+        elif value > limit:
+            where = ""
+            if name.startswith("input_drift") and s.input_drift_feature:
+                where = f" (feature {s.input_drift_feature})"
+            breaches.append(f"{name} {value:.4g} > {limit:.4g}{where}")
+    level = t.candidate_worse_pvalue
+    p = _finite(s.outcome_pvalue)
+    if level is not None and p is not None and s.outcome_worse and p <= level:
+        breaches.append(f"outcome worse: p={p:.3g} <= {level:.3g}")
+    if breaches:
+        return _Analysis("fail", tuple(breaches), tuple(missing), values)
+    if missing:
+        return _Analysis("insufficient", (), tuple(missing), values)
+    return _Analysis("pass", (), (), values)
+
+
+def _decision(
+    state: RolloutState,
+    action: Action,
+    reason: str,
+    *,
+    status: RolloutStatus | None = None,
+    step_index: int | None = None,
+    weight: float | None = None,
+    analysis: _Analysis | None = None,
+    failures: int | None = None,
+) -> Decision:
+    w = state.candidate_weight if weight is None else weight
+    return Decision(
+        action=action,
+        status=state.status if status is None else status,
+        step_index=state.step_index if step_index is None else step_index,
+        candidate_weight=w,
+        weights=state.weights(w),
+        verdict="not_evaluated" if analysis is None else analysis.verdict,
+        reason=reason,
+        consecutive_failures=state.consecutive_failures if failures is None else failures,
+        values={} if analysis is None else analysis.values,
+        breaches=() if analysis is None else analysis.breaches,
+    )
+
+
+def _judge_breaches(state: RolloutState, policy: RolloutPolicy, a: _Analysis) -> Decision | None:
+    """The shared part of every evaluated status: insufficient data holds, a breach counts
+    towards rollback. Returns None when the analysis passed (the caller decides)."""
+    if a.verdict == "insufficient":
+        return _decision(state, "stay", "insufficient data: " + "; ".join(a.missing), analysis=a)
+    if a.verdict == "fail":
+        failures = state.consecutive_failures + 1
+        needed = policy.consecutive_failures
+        breach = "; ".join(a.breaches)
+        if failures >= needed:
+            return _decision(
+                state,
+                "rollback",
+                f"rolled back after {failures}/{needed} failing evaluations: {breach}",
+                status="rolled_back",
+                weight=0.0,
+                analysis=a,
+                failures=failures,
+            )
+        return _decision(
+            state, "stay", f"breach {failures}/{needed}: {breach}", analysis=a, failures=failures
+        )
+    return None
+
+
+def _from_canary(state: RolloutState, s: Signals, policy: RolloutPolicy, now: float) -> Decision:
+    a = _analyse(s, policy)
+    held = _judge_breaches(state, policy, a)
+    if held is not None:
+        return held
+    i, steps = state.step_index, policy.steps
+    elapsed_s = now - state.step_started_at
+    baseline = state.step_requests_at_start
+    requests = 0 if baseline is None else s.candidate_requests_total - baseline
+    by_time = policy.step_duration_s is not None and elapsed_s >= policy.step_duration_s
+    by_requests = policy.step_requests is not None and requests >= policy.step_requests
+    where = f"step {i + 1}/{len(steps)} at {state.candidate_weight:g}%"
+    if not (by_time or by_requests):
+        return _decision(
+            state,
+            "stay",
+            f"analysis passed; {where} for {elapsed_s:.0f} s and {requests} requests",
+            analysis=a,
+            failures=0,
+        )
+    trigger = f"{elapsed_s:.0f} s" if by_time else f"{requests} requests"
+    next_weight = steps[i + 1] if i + 1 < len(steps) else FULL_WEIGHT
+    if next_weight < FULL_WEIGHT:
+        return _decision(
+            state,
+            "advance",
+            f"analysis passed after {trigger} at {state.candidate_weight:g}%; "
+            f"advancing to {next_weight:g}%",
+            step_index=i + 1,
+            weight=next_weight,
+            analysis=a,
+            failures=0,
+        )
+    if policy.thresholds.promote_requires_not_worse and (
+        s.outcome_pvalue is None or s.outcome_worse is not False
+    ):
+        return _decision(
+            state,
+            "stay",
+            f"analysis passed; {where}; promotion waits for an outcome comparison that is "
+            "not worse",
+            analysis=a,
+            failures=0,
+        )
+    if policy.require_approval:
+        return _decision(
+            state,
+            "await_approval",
+            f"analysis passed after {trigger} at {state.candidate_weight:g}%; "
+            "promotion to 100% awaits approval",
+            status="awaiting_approval",
+            analysis=a,
+            failures=0,
+        )
+    return _decision(
+        state,
+        "promote",
+        f"analysis passed after {trigger} at {state.candidate_weight:g}%; promoted to 100%",
+        status="promoted",
+        step_index=len(steps),
+        weight=FULL_WEIGHT,
+        analysis=a,
+        failures=0,
+    )
+
+
+def _from_awaiting_approval(
+    state: RolloutState, s: Signals, policy: RolloutPolicy, now: float
+) -> Decision:
+    # The candidate still serves its last step's share while a person decides, possibly for
+    # hours, so breaches keep counting towards rollback; only promotion needs the person.
+    a = _analyse(s, policy)
+    held = _judge_breaches(state, policy, a)
+    if held is not None:
+        return held
+    return _decision(state, "stay", "analysis passed; awaiting approval", analysis=a, failures=0)
+
+
+def _hold(why: str) -> Callable[[RolloutState, Signals, RolloutPolicy, float], Decision]:
+    def rule(state: RolloutState, s: Signals, policy: RolloutPolicy, now: float) -> Decision:
+        return _decision(state, "stay", why)
+
+    return rule
+
+
+_Rule: TypeAlias = Callable[[RolloutState, Signals, RolloutPolicy, float], Decision]
+
+# The transition table: each status has exactly one rule.
+#   canary            -> advance | await_approval | promote | rollback | stay
+#   awaiting_approval -> rollback | stay        (promotion only through approve/promote)
+#   paused            -> stay                   (resume through the API)
+#   promoted          -> stay                   (rollback through the API)
+#   rolled_back       -> stay                   (terminal)
+_TABLE: Final[Mapping[str, _Rule]] = {
+    "canary": _from_canary,
+    "awaiting_approval": _from_awaiting_approval,
+    "paused": _hold("paused: not evaluated until resumed"),
+    "promoted": _hold("promoted: the rollout is finished"),
+    "rolled_back": _hold("rolled back: the rollout is finished"),
+}
+assert set(_TABLE) == set(get_args(RolloutStatus)), "every status needs exactly one rule"
+
+
+def decide(state: RolloutState, signals: Signals, policy: RolloutPolicy, now: float) -> Decision:
+    """The next step for ``state`` given ``signals`` at unix time ``now``. Pure: no I/O,
+    no clock, no mutation. A breach needs ``min_samples``; ``policy.consecutive_failures``
+    breaches in a row roll back; a passing evaluation resets the count."""
+    return _TABLE[state.status](state, signals, policy, now)
