@@ -35,6 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.errors import (
     GatewayError,
+    InternalError,
     InvalidInputError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -42,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.rollout.controller import RolloutController
 from gateway.rollout.policy import RolloutPolicy, RolloutState
-from gateway.status import error_body, http_status
+from gateway.status import error_response
 from gateway.store import MAX_AUDIT_LIMIT, Store
 from gateway.types import ModelIndexEntry
 
@@ -70,7 +71,6 @@ AUTH_AUDIT_WINDOW_S: Final = 60.0
 UNKNOWN_ACTOR: Final = "unknown"
 MAX_LOGGED_PATH: Final = 256  # every admin path is under 100 characters
 _JSON: Final = "application/json"
-_CHALLENGE: Final = 'Bearer realm="gateway-admin"'
 
 Role: TypeAlias = Literal["viewer", "operator"]
 ModelLister: TypeAlias = Callable[[], Sequence[ModelIndexEntry]]
@@ -117,15 +117,6 @@ class StartRolloutBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def _json(payload: object, status: int = 200) -> Response:
     return Response(_encode(payload), status_code=status, media_type=_JSON)
-
-
-def _error(exc: GatewayError) -> Response:
-    response = Response(error_body(exc.message), http_status(exc.kind), media_type=_JSON)
-    if isinstance(exc, UnauthenticatedError):
-        response.headers["WWW-Authenticate"] = _CHALLENGE
-    elif isinstance(exc, PermissionDeniedError):
-        response.headers["WWW-Authenticate"] = f'{_CHALLENGE}, error="insufficient_scope"'
-    return response
 
 
 def _path(request: Request) -> str:
@@ -301,11 +292,11 @@ def build_admin_app(
                 token = await auth.check(request, role)
                 return await handler(request, token)
             except GatewayError as exc:
-                return _error(exc)
+                return error_response(exc)
             except Exception:
                 # The one place unexpected failures are logged, with the traceback.
                 logger.exception("admin %s %s failed", request.method, request.url.path)
-                return Response(error_body("internal error"), 500, media_type=_JSON)
+                return error_response(InternalError("internal error"))
 
         return run
 
@@ -416,6 +407,6 @@ def build_admin_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths and methods get the same JSON error body as everything else.
         assert isinstance(exc, HTTPException)
-        return Response(error_body(exc.detail), exc.status_code, media_type=_JSON)
+        return error_response((exc.status_code, str(exc.detail)))
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -18,7 +18,6 @@ __all__ = [
     "ModelNotReadyError",
     "OverloadedError",
     "DeadlineExceededError",
-    "CancelledError",
     "ConflictError",
     "PayloadTooLargeError",
     "UnsupportedMediaTypeError",
@@ -84,12 +83,6 @@ class DeadlineExceededError(GatewayError, TimeoutError):
     """The request's deadline passed before it could be answered."""
 
     kind = ErrorKind.DEADLINE
-
-
-class CancelledError(GatewayError):
-    """The caller went away; nothing will read the answer."""
-
-    kind = ErrorKind.CANCELLED
 
 
 class ConflictError(GatewayError):

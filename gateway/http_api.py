@@ -31,6 +31,7 @@ from gateway.config import HttpSettings
 from gateway.errors import (
     DeadlineExceededError,
     GatewayError,
+    InternalError,
     InvalidInputError,
     ModelNotReadyError,
     PayloadTooLargeError,
@@ -41,7 +42,7 @@ from gateway.logs import AccessLog, RequestIds
 from gateway.logs import request_id as request_id_from
 from gateway.metrics import CONTENT_TYPE
 from gateway.router import Router
-from gateway.status import error_body, http_status
+from gateway.status import error_response, http_status, render_error
 from gateway.types import InferRequest, ModelControl
 
 __all__ = ["HttpFrontEnd", "EXTENSIONS"]
@@ -79,18 +80,6 @@ class _ClientGoneError(Exception):
 
 def _json_response(payload: Any, status: int = 200) -> Response:
     return Response(v2_json.encode_json(payload), status, media_type="application/json")
-
-
-def _error_response(exc: GatewayError) -> Response:
-    headers = (
-        {"Accept-Encoding": "gzip, deflate"} if isinstance(exc, UnsupportedMediaTypeError) else None
-    )
-    return Response(
-        error_body(exc.message),
-        http_status(exc.kind),
-        headers=headers,
-        media_type="application/json",
-    )
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -338,16 +327,8 @@ class HttpFrontEnd:
 
     @staticmethod
     async def _send_error(send: Send, exc: GatewayError, request_id: str = "") -> None:
-        headers = [(b"content-type", _JSON)]
-        if request_id:
-            headers.append((b"x-request-id", request_id.encode()))
-        if isinstance(exc, UnsupportedMediaTypeError):
-            headers.append((b"accept-encoding", b"gzip, deflate"))
-        body = error_body(exc.message)
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send(
-            {"type": "http.response.start", "status": http_status(exc.kind), "headers": headers}
-        )
+        status, headers, body = render_error(exc, request_id)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     # -- everything else (Starlette) -----------------------------------------------------
@@ -384,18 +365,18 @@ class HttpFrontEnd:
 
         async def gateway_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, GatewayError)
-            return _error_response(exc)
+            return error_response(exc)
 
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
             message = {404: "Not Found", 405: "Method Not Allowed"}.get(
                 exc.status_code, str(exc.detail)
             )
-            return Response(error_body(message), exc.status_code, media_type="application/json")
+            return error_response((exc.status_code, message))
 
         async def unexpected(request: Request, exc: Exception) -> Response:
             logger.exception("unexpected error serving %s", request.url.path, exc_info=exc)
-            return Response(error_body("internal error"), 500, media_type="application/json")
+            return error_response(InternalError("internal error"))
 
         return Starlette(
             routes=routes,
