@@ -31,13 +31,14 @@ from gateway.admin import Token, build_admin_app
 from gateway.alerts import AlertSender
 from gateway.batcher import Batcher
 from gateway.config import Settings
+from gateway.dataplane import DataPlane
 from gateway.drift.buffer import BufferedObserver
 from gateway.drift.build import find_profile, load_checked
 from gateway.drift.monitor import DriftMonitor, DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
-from gateway.feedback import FeedbackItem, FeedbackResult, PredictionMemory
+from gateway.feedback import PredictionMemory
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer, build_server
-from gateway.http_api import EXTENSIONS, HttpFrontEnd
+from gateway.http_api import HttpFrontEnd
 from gateway.logs import AccessLog
 from gateway.metrics import (
     CONTENT_TYPE,
@@ -58,8 +59,6 @@ from gateway.router import Endpoint, Router
 from gateway.store import SqliteStore
 from gateway.traffic import LATENCY_BUCKETS_MS
 from gateway.types import (
-    InferRequest,
-    InferResponse,
     ModelIndexEntry,
     ParamValue,
     Route,
@@ -152,33 +151,24 @@ class Gateway:
         self.predictions = PredictionLogger(predictions) if predictions.enabled else None
         self.memory = PredictionMemory(settings.feedback)
         self._outcome_baselines: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        assign_ids = self.predictions is not None or settings.feedback.enabled
-        self.router.on_response = self._on_response
-        self.http = HttpFrontEnd(
+        self.plane = DataPlane(
             self.router,
+            server_name=settings.server_name,
+            server_version=__version__,
+            is_ready=self.is_ready,
+            memory=self.memory,
+            predictions=self.predictions,
+        )
+        self.http = HttpFrontEnd(
+            self.plane,
             self,
             settings.http,
-            server_name=settings.server_name,
-            server_version=__version__,
-            is_ready=self.is_ready,
             metrics=self.metrics,
-            feedback=self.feedback,
-            outcomes=self.outcomes,
             access_log=self.access_log,
-            assign_ids=assign_ids,
         )
-        self.inference = InferenceServicer(
-            self.router,
-            self,
-            server_name=settings.server_name,
-            server_version=__version__,
-            extensions=EXTENSIONS,
-            is_ready=self.is_ready,
-            access_log=self.access_log,
-            assign_ids=assign_ids,
-        )
-        self.health = HealthServicer(self.router, self.is_ready)
-        self.feedback_servicer = FeedbackServicer(self.feedback)
+        self.inference = InferenceServicer(self.plane, self, access_log=self.access_log)
+        self.health = HealthServicer(self.plane)
+        self.feedback_servicer = FeedbackServicer(self.plane)
         self._http_server: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._admin_server: _Uvicorn | None = None
@@ -198,26 +188,6 @@ class Gateway:
 
     def is_ready(self) -> bool:
         return self._started and not self._draining
-
-    def _on_response(self, request: InferRequest, response: InferResponse) -> None:
-        """Per successful request, on the loop thread: remember the prediction for
-        ground-truth feedback, and sampled prediction logging."""
-        if response.outputs and request.id:
-            self.memory.remember(
-                request.id,
-                response.model_name,
-                response.model_version,
-                response.outputs[0].data,
-            )
-        log = self.predictions
-        if log is not None and log.is_sampled(request.id):
-            log.submit(
-                response.model_name,
-                response.model_version,
-                request.id,
-                {t.name: t.data for t in request.inputs},
-                {t.name: t.data for t in response.outputs},
-            )
 
     def metrics(self) -> bytes:
         """Prometheus exposition of the live counters (built at scrape time)."""
@@ -609,41 +579,6 @@ class Gateway:
             return None
         worse = result.statistic < 0 if result.test == "two_proportion_z" else result.statistic > 0
         return result.p_value, worse
-
-    def outcomes(self, model: str) -> dict[str, Any]:
-        """Outcome metrics per version of ``model`` and each version compared with the
-        stable one (the route's heaviest variant, else the default version)."""
-        versions = self.router.versions(model)
-        route = self.router.get_route(model)
-        if route is not None and route.variants:
-            stable = max(route.variants, key=lambda v: v.weight).version
-        else:
-            stable = self.router.resolve(model).model.version
-        snapshots = {v: self.memory.snapshot(model, v) for v in versions}
-        out: dict[str, Any] = {"model": model, "stable": stable, "versions": {}}
-        for version, snap in snapshots.items():
-            entry: dict[str, Any] = {
-                "kind": snap.kind,
-                "n": snap.n,
-                "accuracy": snap.accuracy,
-                "mae": snap.mae,
-                "rmse": snap.rmse,
-            }
-            if version != stable and stable in snapshots:
-                try:
-                    entry["versus_stable"] = msgspec.to_builtins(
-                        compare_outcomes(snap, snapshots[stable])
-                    )
-                except OutcomeKindError as exc:
-                    entry["versus_stable"] = {"error": str(exc)}
-            out["versions"][version] = entry
-        out["memory"] = msgspec.to_builtins(self.memory.counters())
-        return out
-
-    async def feedback(self, model: str, items: list[FeedbackItem]) -> FeedbackResult:
-        """Join ground truth to remembered predictions (the feedback call, both protocols)."""
-        self.router.resolve(model)
-        return self.memory.join(items, model=model)
 
     async def stop(self) -> None:
         """Readiness goes false at once; in-flight requests finish (up to the grace

@@ -34,6 +34,7 @@ import numpy.typing as npt
 from gateway.config import FeedbackSettings
 from gateway.errors import PayloadTooLargeError
 from gateway.outcomes import OutcomeKind, OutcomeSnapshot, OutcomeStats
+from gateway.types import FeedbackItem, FeedbackResult, Truth
 
 __all__ = [
     "MAX_ERRORS",
@@ -48,7 +49,6 @@ __all__ = [
     "PredictionMemory",
 ]
 
-Truth: TypeAlias = "int | float | str | list[int | float | str | list[float]]"
 PredictionKind = Literal["auto", "classification", "regression"]
 
 MAX_ERRORS: Final = 20  # error strings returned per join call; the counts cover the rest
@@ -71,34 +71,6 @@ _SCORES: Final = 0  # float32 (rows, classes): class scores; outcomes.add_scores
 _LABELS: Final = 1  # int32 (rows,): predicted class labels (no probabilities, no log-loss)
 _VALUES: Final = 2  # float64 (rows, outputs): a regressor's values
 _KIND_OF_LAYOUT: Final[tuple[OutcomeKind, ...]] = ("classification", "classification", "regression")
-
-
-class FeedbackItem(msgspec.Struct, frozen=True):
-    """Ground truth for one earlier request: its id and one truth per row of that request.
-
-    A class label is an int or an int in a string ("3"); a regression truth is a number (a
-    list of numbers per row for multi-output models). One-row requests may give a scalar.
-    """
-
-    id: str
-    truth: Truth
-
-
-class FeedbackResult(msgspec.Struct, frozen=True, kw_only=True):
-    """What one join call did with its items."""
-
-    received: int
-    matched: int
-    unknown_ids: int
-    """Never remembered, already evicted or expired and swept, or remembered nowhere here."""
-    expired_ids: int
-    """Still held but older than ttl_s (removed now)."""
-    duplicate: int
-    """Already joined (the first truth counts; later ones are ignored)."""
-    invalid: int
-    """Wrong type or shape for the remembered prediction; the prediction stays joinable."""
-    errors: tuple[str, ...] = ()
-    """Messages for the first MAX_ERRORS invalid items."""
 
 
 class MemoryCounters(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,10 +1,11 @@
-"""grpc_api.py: the KServe V2 gRPC front end (grpc.aio) and the gRPC health service.
+"""grpc_api.py: the KServe V2 gRPC adapter (grpc.aio): decode -> dataplane -> encode; and the
+gRPC health and feedback services.
 
-Servicer methods translate between messages and the core through ``v2_grpc``; deadlines
-come from the call, errors leave through one wrapper that maps ``GatewayError`` kinds to
-status codes (``status.py``). ModelStreamInfer runs the requests of one stream
-concurrently (bounded) and answers each as it completes, with its ``id`` echoed; a failed
-request is answered with ``error_message`` and the stream stays open.
+Servicer methods translate between messages and the data plane through the codecs; call
+metadata and deadlines are read here and handed over as plain values. Errors leave through one
+wrapper that maps ``GatewayError`` kinds to status codes (``status.py``). ModelStreamInfer runs
+the requests of one stream concurrently (bounded) and answers each as it completes, with its
+``id`` echoed; a failed request is answered with ``error_message`` and the stream stays open.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -23,11 +24,10 @@ from gateway._proto import feedback_pb2, feedback_pb2_grpc, health_pb2, health_p
 from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.codecs import v2_grpc
-from gateway.errors import GatewayError, InvalidInputError, ModelNotFoundError
-from gateway.feedback import FeedbackItem, FeedbackResult
-from gateway.logs import AccessLog, RequestIds
-from gateway.logs import request_id as request_id_from
-from gateway.router import Router
+from gateway.codecs.feedback import decode_feedback_message, encode_feedback_message
+from gateway.dataplane import DataPlane
+from gateway.errors import GatewayError, InvalidInputError
+from gateway.logs import AccessLog
 from gateway.status import grpc_code
 from gateway.types import InferRequest, ModelControl
 
@@ -63,36 +63,30 @@ def _guarded(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
     return wrapper
 
 
-_IDS: Final = RequestIds()
 _ROUTING_KEY: Final = "x-routing-key"
 _VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: served by
 
 
-def _route_fields(infer: InferRequest, metadata: dict[str, Any], assign_ids: bool = False) -> None:
-    """Routing key, version pin and request id from call metadata or the V2
-    ``routing_key`` parameter."""
-    if not infer.id:
-        if "x-request-id" in metadata or "traceparent" in metadata:
-            infer.id = request_id_from(metadata)
-        elif assign_ids:
-            infer.id = _IDS.new()
-    if not infer.model_version:
-        pinned = metadata.get(_VERSION_KEY)
-        if pinned:
-            infer.model_version = str(pinned)
-    key = metadata.get(_ROUTING_KEY)
-    if key is None and infer.parameters and "routing_key" in infer.parameters:
-        key = infer.parameters["routing_key"]
-    if key is not None:
-        infer.routing_key = str(key)
-
-
-def _apply_metadata(
-    infer: InferRequest, context: grpc.aio.ServicerContext[Any, Any], assign_ids: bool
+def _admit(
+    plane: DataPlane,
+    infer: InferRequest,
+    deadline: float | None,
+    metadata: Sequence[tuple[str, Any]] | None,
 ) -> None:
-    metadata = context.invocation_metadata()
-    if metadata or infer.parameters or (assign_ids and not infer.id):
-        _route_fields(infer, dict(metadata or ()), assign_ids)
+    """Hand the call's deadline and metadata (request id, trace, routing key, pin) to the
+    data plane; the metadata dict is built only when the call carries any."""
+    if metadata:
+        fields = dict(metadata)
+        plane.admit(
+            infer,
+            deadline,
+            request_id=fields.get("x-request-id"),
+            traceparent=fields.get("traceparent"),
+            routing_key=fields.get(_ROUTING_KEY),
+            pinned=fields.get(_VERSION_KEY),
+        )
+    else:
+        plane.admit(infer, deadline)
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -101,28 +95,18 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the shared router and codecs."""
+    """inference.GRPCInferenceService over the data plane and the codecs."""
 
     def __init__(
         self,
-        router: Router,
+        plane: DataPlane,
         control: ModelControl,
         *,
-        server_name: str,
-        server_version: str,
-        extensions: tuple[str, ...],
-        is_ready: Callable[[], bool],
         access_log: AccessLog | None = None,
-        assign_ids: bool = False,
     ) -> None:
-        self._router = router
+        self._plane = plane
         self._control = control
         self._access = access_log
-        self._assign_ids = assign_ids
-        self._server_name = server_name
-        self._server_version = server_version
-        self._extensions = extensions
-        self._is_ready = is_ready
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
 
@@ -134,49 +118,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(  # noqa: N802
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._plane.is_ready())
 
     async def ModelReady(  # noqa: N802
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelReadyResponse:
-        # Unknown models are "not ready", not an error (what V2 clients expect).
-        return pb.ModelReadyResponse(ready=self._router.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self._plane.is_model_ready(request.name, request.version)
+        )
 
     async def ServerMetadata(  # noqa: N802
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ServerMetadataResponse:
+        plane = self._plane
         return pb.ServerMetadataResponse(
-            name=self._server_name, version=self._server_version, extensions=self._extensions
+            name=plane.server_name, version=plane.server_version, extensions=plane.extensions
         )
 
     @_guarded
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelMetadataResponse:
-        endpoint = self._router.resolve(request.name, request.version)
-        return v2_grpc.model_metadata(endpoint.model.signature, self._router.versions(request.name))
+        endpoint = self._plane.model(request.name, request.version)
+        return v2_grpc.model_metadata(endpoint.model.signature, self._plane.versions(request.name))
 
     @_guarded
     async def ModelConfig(  # noqa: N802
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelConfigResponse:
-        endpoint = self._router.resolve(request.name, request.version)
+        endpoint = self._plane.model(request.name, request.version)
         return v2_grpc.model_config(endpoint.model.signature)
 
     @_guarded
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelStatisticsResponse:
-        if not request.name:
-            endpoints = list(self._router.endpoints())
-        elif request.version:
-            endpoints = [self._router.resolve(request.name, request.version)]
-        else:
-            self._router.resolve(request.name)
-            endpoints = [e for e in self._router.endpoints() if e.model.name == request.name]
-        return v2_grpc.model_statistics(
-            (e.model.name, e.model.version, e.batcher.stats) for e in endpoints
-        )
+        return v2_grpc.model_statistics(self._plane.statistics(request.name, request.version))
 
     @_guarded
     async def ModelInfer(  # noqa: N802
@@ -188,9 +165,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = ""
         try:
             infer = v2_grpc.decode_infer_request(request)
-            infer.deadline = _deadline(context)
-            _apply_metadata(infer, context, self._assign_ids)
-            response = await self._router.infer(infer)
+            _admit(self._plane, infer, _deadline(context), context.invocation_metadata())
+            response = await self._plane.infer(infer)
             served = response.model_version
             context.set_trailing_metadata(((_VERSION_KEY, response.model_version),))
             encoded = v2_grpc.encode_infer_response(response, infer)
@@ -224,14 +200,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
-        stream_meta = dict(context.invocation_metadata() or ())
+        stream_meta = context.invocation_metadata()
 
         async def one(message: pb.ModelInferRequest) -> None:
             try:
                 infer = v2_grpc.decode_infer_request(message)
-                infer.deadline = deadline
-                _route_fields(infer, stream_meta, self._assign_ids)
-                response = await self._router.infer(infer)
+                _admit(self._plane, infer, deadline, stream_meta)
+                response = await self._plane.infer(infer)
                 encoded = v2_grpc.encode_infer_response(response, infer)
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
                 self.responses["OK"] += 1
@@ -318,21 +293,19 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     _Status = health_pb2.HealthCheckResponse
 
-    def __init__(self, router: Router, is_ready: Callable[[], bool]) -> None:
-        self._router = router
-        self._is_ready = is_ready
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     def _status(self, service: str) -> int:
         """ "" is the server; "model" the model's default version; "model/version" one
         variant (so a load balancer can health-check each arm of a split)."""
         if not service:
-            return self._Status.SERVING if self._is_ready() else self._Status.NOT_SERVING
-        name, _, version = service.partition("/")
-        try:
-            self._router.resolve(name, version)
-        except ModelNotFoundError:
-            return self._Status.SERVICE_UNKNOWN
-        ready = self._is_ready() and self._router.is_ready(name, version)
+            ready: bool | None = self._plane.is_ready()
+        else:
+            name, _, version = service.partition("/")
+            ready = self._plane.is_serving(name, version)
+            if ready is None:
+                return self._Status.SERVICE_UNKNOWN
         return self._Status.SERVING if ready else self._Status.NOT_SERVING
 
     async def Check(  # noqa: N802
@@ -358,36 +331,16 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """gateway.feedback.v1.Feedback: ground truth joined to earlier predictions by id."""
 
-    def __init__(
-        self, join: Callable[[str, list[FeedbackItem]], Awaitable[FeedbackResult]]
-    ) -> None:
-        self._join = join
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     @_guarded
     async def Submit(  # noqa: N802
         self, request: feedback_pb2.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feedback_pb2.FeedbackResponse:
-        if not request.model_name:
-            raise InvalidInputError("model_name is required")
-        items = []
-        for i, item in enumerate(request.items):
-            if not item.id:
-                raise InvalidInputError(f"items[{i}]: id is required")
-            if item.labels and item.values:
-                raise InvalidInputError(f"items[{i}]: give labels or values, not both")
-            truth: Any = list(item.labels) if item.labels else list(item.values)
-            if not truth:
-                raise InvalidInputError(f"items[{i}]: no truth given")
-            items.append(FeedbackItem(item.id, truth[0] if len(truth) == 1 else truth))
-        result = await self._join(request.model_name, items)
-        return feedback_pb2.FeedbackResponse(
-            matched=result.matched,
-            unknown=result.unknown_ids,
-            expired=result.expired_ids,
-            duplicate=result.duplicate,
-            invalid=result.invalid,
-            errors=list(result.errors),
-        )
+        items = decode_feedback_message(request)
+        result = await self._plane.feedback(request.model_name, items)
+        return encode_feedback_message(result)
 
 
 def build_server(

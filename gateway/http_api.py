@@ -1,10 +1,11 @@
-"""http_api.py: the KServe V2 REST front end (ASGI, served by uvicorn).
+"""http_api.py: the KServe V2 REST adapter (ASGI, served by uvicorn): decode -> dataplane ->
+encode.
 
 The infer route is a raw ASGI handler, the hot path: it reads the body, hands it to
-``v2_json``, awaits the router and writes the answer in one ``send``. Every other V2 route
-(health, metadata, config, statistics, repository) is a Starlette route. Errors become
-``{"error": message}`` with the status from ``status.py``. Paths, headers and status codes
-live here; tensors and dtypes do not.
+``v2_json``, lets the data plane admit and answer it, and writes the answer. Every other V2
+route (health, metadata, config, statistics, repository, feedback) is a Starlette route.
+Errors are rendered by ``status.py``. Paths, headers and status codes live here; tensors,
+dtypes, request ids and routing rules do not.
 """
 
 from __future__ import annotations
@@ -27,36 +28,25 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.codecs import v2_json
+from gateway.codecs.feedback import decode_feedback_json
 from gateway.config import HttpSettings
+from gateway.dataplane import DataPlane
 from gateway.errors import (
-    DeadlineExceededError,
     GatewayError,
     InternalError,
     InvalidInputError,
-    ModelNotReadyError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from gateway.feedback import FeedbackItem, FeedbackResult
-from gateway.logs import AccessLog, RequestIds
-from gateway.logs import request_id as request_id_from
+from gateway.logs import AccessLog
 from gateway.metrics import CONTENT_TYPE
-from gateway.router import Router
 from gateway.status import error_response, http_status, render_error
-from gateway.types import InferRequest, ModelControl
+from gateway.types import ModelControl
 
-__all__ = ["HttpFrontEnd", "EXTENSIONS"]
+__all__ = ["HttpFrontEnd"]
 
 logger = logging.getLogger(__name__)
 
-EXTENSIONS: Final = (
-    "binary_tensor_data",
-    "model_configuration",
-    "model_repository",
-    "model_repository(unload_dependents)",
-    "statistics",
-    "parameters",
-)
 _JSON: Final = b"application/json"
 _OCTET: Final = b"application/octet-stream"
 _HEADER_LENGTH: Final = b"inference-header-content-length"
@@ -65,13 +55,6 @@ _ROUTING_KEY: Final = b"x-routing-key"
 _VERSION_HEADER: Final = b"x-model-version"  # request: pin a version; response: served by
 _BODY_TIMEOUT_S: Final = 30.0  # a client that stops sending mid-body gets 408, not a hang
 _ENCODINGS: Final = ("gzip", "deflate")
-
-
-class _FeedbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    items: list[FeedbackItem]
-
-
-_feedback_decoder: Final = msgspec.json.Decoder(_FeedbackBody | list[FeedbackItem])
 
 
 class _ClientGoneError(Exception):
@@ -106,6 +89,13 @@ def _compress(body: bytes, encoding: str) -> bytes:
     return zlib.compress(body, 1)
 
 
+def _timeout_s(header: str) -> float:
+    try:
+        return float(header) / 1000
+    except ValueError:
+        raise InvalidInputError("x-request-timeout-ms must be a number of milliseconds") from None
+
+
 def _pick_encoding(accept: str) -> str | None:
     for part in accept.split(","):
         token = part.split(";")[0].strip().lower()
@@ -119,33 +109,20 @@ class HttpFrontEnd:
 
     def __init__(
         self,
-        router: Router,
+        plane: DataPlane,
         control: ModelControl,
         settings: HttpSettings,
         *,
-        server_name: str,
-        server_version: str,
-        is_ready: Callable[[], bool],
         metrics: Callable[[], bytes] | None = None,
-        feedback: Callable[[str, list[FeedbackItem]], Awaitable[FeedbackResult]] | None = None,
-        outcomes: Callable[[str], dict[str, Any]] | None = None,
         access_log: AccessLog | None = None,
-        assign_ids: bool = False,
     ) -> None:
-        self._router = router
+        self._plane = plane
         self._metrics = metrics
-        self._feedback = feedback
-        self._outcomes = outcomes
         self._access = access_log
-        self._assign_ids = assign_ids
-        self._ids = RequestIds()
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by HTTP status code (for the metrics endpoint)."""
         self._control = control
         self._limit = settings.max_request_bytes
-        self._server_name = server_name
-        self._server_version = server_version
-        self._is_ready = is_ready
         self._rest = self._build_rest()
 
     # -- ASGI entry ---------------------------------------------------------------------
@@ -212,22 +189,18 @@ class HttpFrontEnd:
             body = await self._read_body(receive)
             if encoding and encoding != "identity":
                 body = _decompress(body, encoding, self._limit)
-            request = v2_json.decode_infer_request(body, header_length, model, version or pinned)
-            request.deadline = self._deadline(request, timeout_ms)
-            if not request.id:
-                if given_id or traceparent:
-                    request.id = request_id_from(
-                        {"x-request-id": given_id or "", "traceparent": traceparent or ""}
-                    )
-                elif self._assign_ids:
-                    request.id = self._ids.new()
+            request = v2_json.decode_infer_request(body, header_length, model, version)
+            plane = self._plane
+            plane.admit(
+                request,
+                plane.deadline(request, None if timeout_ms is None else _timeout_s(timeout_ms)),
+                request_id=given_id,
+                traceparent=traceparent,
+                routing_key=routing_key,
+                pinned=pinned,
+            )
             request_id = request.id
-            params = request.parameters
-            if routing_key is not None:
-                request.routing_key = routing_key
-            elif params and "routing_key" in params:
-                request.routing_key = str(params["routing_key"])
-            response = await self._router.infer(request)
+            response = await plane.infer(request)
             served = response.model_version
             out, json_length = v2_json.encode_infer_response(response, request)
             headers = [
@@ -302,30 +275,6 @@ class HttpFrontEnd:
         return b"".join(chunks)
 
     @staticmethod
-    def _deadline(request: InferRequest, timeout_ms: str | None) -> float | None:
-        """A deadline from the V2 ``timeout`` parameter (µs) or the timeout header (ms)."""
-        seconds = None
-        if timeout_ms is not None:
-            try:
-                seconds = float(timeout_ms) / 1000
-            except ValueError:
-                raise InvalidInputError(
-                    "x-request-timeout-ms must be a number of milliseconds"
-                ) from None
-        elif request.parameters and "timeout" in request.parameters:
-            value = request.parameters["timeout"]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidInputError(
-                    "parameter 'timeout' must be a non-negative integer (microseconds)"
-                )
-            seconds = value / 1e6 if value else None
-        if seconds is None:
-            return None
-        if seconds <= 0:
-            raise DeadlineExceededError("the request's timeout had passed on arrival")
-        return time.monotonic() + seconds
-
-    @staticmethod
     async def _send_error(send: Send, exc: GatewayError, request_id: str = "") -> None:
         status, headers, body = render_error(exc, request_id)
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -396,78 +345,45 @@ class HttpFrontEnd:
         return _json_response({"live": True})
 
     async def _ready(self, request: Request) -> Response:
-        ready = self._is_ready()
+        ready = self._plane.is_ready()
         return _json_response({"ready": ready}, 200 if ready else 503)
 
     async def _server_metadata(self, request: Request) -> Response:
         return _json_response(
             {
-                "name": self._server_name,
-                "version": self._server_version,
-                "extensions": list(EXTENSIONS),
+                "name": self._plane.server_name,
+                "version": self._plane.server_version,
+                "extensions": list(self._plane.extensions),
             }
         )
 
     async def _model_metadata(self, request: Request) -> Response:
         name = request.path_params["model"]
-        endpoint = self._router.resolve(name, request.path_params.get("version", ""))
+        endpoint = self._plane.model(name, request.path_params.get("version", ""))
         return _json_response(
-            v2_json.model_metadata(endpoint.model.signature, self._router.versions(name))
+            v2_json.model_metadata(endpoint.model.signature, self._plane.versions(name))
         )
 
     async def _model_ready(self, request: Request) -> Response:
         name = request.path_params["model"]
-        version = request.path_params.get("version", "")
-        if not self._router.is_ready(name, version):
-            suffix = f" version {version}" if version else ""
-            raise ModelNotReadyError(f"model '{name}'{suffix} is not ready")
+        self._plane.require_ready(name, request.path_params.get("version", ""))
         return _json_response({"name": name, "ready": True})
 
     async def _route(self, request: Request) -> Response:
         """The live traffic split of a model and each variant's readiness (for load
         balancers and external splitters)."""
-        name = request.path_params["model"]
-        self._router.resolve(name)
-        route = self._router.get_route(name)
-        if route is None:
-            default = self._router.resolve(name).model.version
-            variants = [{"version": default, "weight": 1.0}]
-            shadows: list[dict[str, Any]] = []
-        else:
-            total = sum(v.weight for v in route.variants) or 1.0
-            variants = [{"version": v.version, "weight": v.weight / total} for v in route.variants]
-            shadows = [{"version": s.version, "sample_rate": s.sample_rate} for s in route.shadows]
-        traffic = {t.version: t for t in self._router.traffic(name)}
-        for entry in variants + shadows:
-            version = str(entry["version"])
-            entry["ready"] = self._router.is_ready(name, version)
-            seen = traffic.get(version)
-            if seen is not None:
-                entry["requests"] = seen.requests
-                entry["errors"] = seen.errors
-                entry["p99_ms"] = seen.p(0.99)
-        for entry in shadows:
-            seen = traffic.get(str(entry["version"]))
-            entry["comparison"] = seen.shadow if seen is not None else {}
-        return _json_response({"model": name, "variants": variants, "shadows": shadows})
+        return _json_response(self._plane.route_view(request.path_params["model"]))
 
     async def _model_config(self, request: Request) -> Response:
-        endpoint = self._router.resolve(
+        endpoint = self._plane.model(
             request.path_params["model"], request.path_params.get("version", "")
         )
         return _json_response(v2_json.model_config(endpoint.model.signature))
 
     async def _stats(self, request: Request) -> Response:
-        name = request.path_params.get("model")
-        version = request.path_params.get("version", "")
-        if name is None:
-            endpoints = list(self._router.endpoints())
-        elif version:
-            endpoints = [self._router.resolve(name, version)]
-        else:
-            self._router.resolve(name)
-            endpoints = [e for e in self._router.endpoints() if e.model.name == name]
-        entries = [(e.model.name, e.model.version, e.batcher.stats) for e in endpoints]
+        entries = self._plane.statistics(
+            request.path_params.get("model"), request.path_params.get("version", "")
+        )
         return _json_response(v2_json.model_statistics(entries))
 
     async def _infer_fallback(self, request: Request) -> Response:
@@ -478,27 +394,14 @@ class HttpFrontEnd:
         """Ground truth for earlier predictions: ``{"items": [{"id": ..., "truth": ...}]}``
         (a bare list of items is accepted too). Unknown and expired ids are counted in the
         answer, never an error for the whole call."""
-        if self._feedback is None:
-            raise HTTPException(404)
-        body = await request.body()
-        try:
-            payload = _feedback_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            raise InvalidInputError(f"invalid feedback: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise InvalidInputError(f"malformed JSON in feedback: {exc}") from None
-        items = payload if isinstance(payload, list) else payload.items
-        result = await self._feedback(request.path_params["model"], items)
+        items = decode_feedback_json(await request.body())
+        result = await self._plane.feedback(request.path_params["model"], items)
         return _json_response(msgspec.to_builtins(result))
 
     async def _get_outcomes(self, request: Request) -> Response:
         """Per-variant outcome metrics from joined ground truth, and the comparison of each
         version against the route's first (stable) variant."""
-        if self._outcomes is None:
-            raise HTTPException(404)
-        name = request.path_params["model"]
-        self._router.resolve(name)
-        return _json_response(self._outcomes(name))
+        return _json_response(self._plane.outcomes(request.path_params["model"]))
 
     async def _repository_index(self, request: Request) -> Response:
         body = await request.body()

@@ -130,7 +130,7 @@ class Router:
         self._shadow_executor = shadow_executor
         self.on_response: Callable[[InferRequest, InferResponse], None] | None = None
         """Called with every successful primary request and its response, on the loop
-        thread (prediction logging and feedback memory hang here); must not block."""
+        thread (the data plane's remember step hangs here); must not block."""
 
     # -- versions -----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -31,6 +32,9 @@ __all__ = [
     "Variant",
     "ShadowTarget",
     "Route",
+    "Truth",
+    "FeedbackItem",
+    "FeedbackResult",
 ]
 
 ParamValue: TypeAlias = "str | int | float | bool"
@@ -306,3 +310,34 @@ class Route:
 
     def weights(self) -> dict[str, float]:
         return {v.version: v.weight for v in self.variants}
+
+
+Truth: TypeAlias = "int | float | str | list[int | float | str | list[float]]"
+
+
+class FeedbackItem(msgspec.Struct, frozen=True):
+    """Ground truth for one earlier request: its id and one truth per row of that request.
+
+    A class label is an int or an int in a string ("3"); a regression truth is a number (a
+    list of numbers per row for multi-output models). One-row requests may give a scalar.
+    """
+
+    id: str
+    truth: Truth
+
+
+class FeedbackResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one join call did with its items."""
+
+    received: int
+    matched: int
+    unknown_ids: int
+    """Never remembered, already evicted or expired and swept, or remembered nowhere here."""
+    expired_ids: int
+    """Still held but older than ttl_s (removed now)."""
+    duplicate: int
+    """Already joined (the first truth counts; later ones are ignored)."""
+    invalid: int
+    """Wrong type or shape for the remembered prediction; the prediction stays joinable."""
+    errors: tuple[str, ...] = ()
+    """Messages for the first ``feedback.MAX_ERRORS`` invalid items."""
