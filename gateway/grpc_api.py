@@ -31,7 +31,7 @@ from gateway.logs import AccessLog
 from gateway.status import grpc_code
 from gateway.types import InferRequest, ModelControl
 
-__all__ = ["InferenceServicer", "HealthServicer", "build_server"]
+__all__ = ["InferenceServicer", "HealthServicer", "FeedbackServicer"]
 
 logger = logging.getLogger(__name__)
 
@@ -341,25 +341,3 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         items = decode_feedback_message(request)
         result = await self._plane.feedback(request.model_name, items)
         return encode_feedback_message(result)
-
-
-def build_server(
-    inference: InferenceServicer,
-    health: HealthServicer,
-    max_message_bytes: int,
-    feedback: FeedbackServicer | None = None,
-) -> grpc.aio.Server:
-    """A grpc.aio server with both services; the caller binds ports and starts it."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    # Generated registration functions carry no annotations.
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
-    if feedback is not None:
-        feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
-    return server

@@ -4,24 +4,29 @@ For one rollout (model, stable version, candidate version): per-variant requests
 rates and p99 latency since the current step began (router traffic snapshots, diffed), the
 candidate's worst input feature drift against the reference profile, prediction drift of
 candidate against stable outputs, shadow disagreement when the candidate is a shadow, and
-the outcome comparison from ground-truth feedback when there is one. Called from the rollout
-controller's worker thread: it only reads snapshots and reports, never mutates serving state.
+the outcome comparison from ground-truth feedback when there is one (``OutcomeWindows``, over
+the prediction memory). Called from the rollout controller's worker thread: it only reads
+snapshots and reports, never mutates serving state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from gateway.drift.monitor import DriftMonitor, DriftReport
+from gateway.feedback import PredictionMemory
+from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
+from gateway.outcomes import compare as compare_outcomes
 from gateway.rollout.policy import RolloutState, Signals
 from gateway.router import Router
 from gateway.traffic import VariantSnapshot
 from gateway.types import ModelRef
 
-__all__ = ["SignalGatherer", "OutcomeSource"]
+__all__ = ["SignalGatherer", "OutcomeSource", "OutcomeWindows"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +107,44 @@ class SignalGatherer:
             sufficient = sufficient and versus.output_verdict != "insufficient_data"
         out["drift_sufficient"] = sufficient
         return out
+
+
+class OutcomeWindows:
+    """The ``OutcomeSource`` over the prediction memory: ground truth for a rollout, as
+    (one-sided p-value of "candidate worse", whether the observed difference points that
+    way), once both arms have enough joined samples since the rollout was first judged.
+
+    The memory lives on the event-loop thread; the controller asks from its worker thread, so
+    the snapshots are taken on ``loop`` (bound at ``start``; None before: no outcome yet).
+    """
+
+    def __init__(self, memory: PredictionMemory) -> None:
+        self._memory = memory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._baselines: dict[tuple[str, str, str], tuple[OutcomeSnapshot, OutcomeSnapshot]] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def __call__(self, model: str, stable: str, candidate: str) -> tuple[float, bool] | None:
+        loop = self._loop
+        if loop is None:
+            return None
+        memory = self._memory
+
+        async def snapshots() -> tuple[OutcomeSnapshot, OutcomeSnapshot]:
+            return memory.snapshot(model, candidate), memory.snapshot(model, stable)
+
+        cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
+        # The window starts when this rollout was first judged (earlier rollouts of the
+        # same versions must not count).
+        start = self._baselines.setdefault((model, stable, candidate), (cand, stab))
+        cand, stab = cand.minus(start[0]), stab.minus(start[1])
+        try:
+            result = compare_outcomes(cand, stab)
+        except OutcomeKindError:
+            return None
+        if not result.enough_samples or result.p_value is None or result.statistic is None:
+            return None
+        worse = result.statistic < 0 if result.test == "two_proportion_z" else result.statistic > 0
+        return result.p_value, worse

@@ -29,9 +29,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 3: routing and what hangs off it.
     ("router", "shadow", "traffic", "feedback"),
     # 4: the data plane and the control plane.
-    ("dataplane", "rollout.*", "metrics"),
+    ("dataplane", "rollout.*", "control", "telemetry", "metrics"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
-    ("http_api", "grpc_api", "admin", "dashboard.*", "admin_client"),
+    ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client"),
     # 6: composition root and entry points.
     ("app", "cli", "__main__"),
 )
@@ -47,6 +47,8 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     ("router", "shadow"),
     ("router", "traffic"),
     ("shadow", "traffic"),
+    # Telemetry gathers the snapshot that the metric families render.
+    ("telemetry", "metrics"),
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),

@@ -1,0 +1,142 @@
+"""servers.py: the listeners: uvicorn for the ASGI apps (V2 REST, admin) and grpc.aio for the
+V2 gRPC, health and feedback services.
+
+In: an ASGI app or the servicers, a host and port (0 binds a free one), the grace period.
+Out: a started listener that knows its bound port and stops gracefully. Neither server
+installs signal handlers: ``app.py`` owns the process signals. TLS and SO_REUSEPORT workers
+land here. It knows nothing of what the apps and servicers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import grpc
+import uvicorn
+
+from gateway._proto import feedback_pb2_grpc, health_pb2_grpc
+from gateway._proto import grpc_service_pb2_grpc as pb_grpc
+
+__all__ = ["HttpListener", "GrpcListener", "bind"]
+
+_BACKLOG = 2048  # pending connections per listener: a burst of clients connecting at once
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ``app.py`` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port`` (IPv6 when the host has a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says TCP; without it a response written in two parts (headers,
+    # body) waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class HttpListener:
+    """One ASGI app served by uvicorn on a socket we bind (port 0 works)."""
+
+    def __init__(
+        self, app: Any, host: str, port: int, *, access_log: bool, grace_period_s: float
+    ) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._access_log = access_log
+        self._grace_period_s = grace_period_s
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+        """The bound port, once started."""
+
+    async def start(self) -> None:
+        """Bind and serve; returns once uvicorn has started."""
+        sock = bind(self._host, self._port)
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            interface="asgi3",
+            http="httptools",
+            access_log=self._access_log,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(self._grace_period_s),
+            timeout_keep_alive=30,
+        )
+        server = self._server = _Uvicorn(config)
+        task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(
+                    f"HTTP listener {self._host}:{self._port} stopped during start-up"
+                )
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting; in-flight requests finish within the grace period."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+
+
+class GrpcListener:
+    """The grpc.aio server with the V2 inference, health and (optional) feedback services."""
+
+    def __init__(
+        self,
+        inference: pb_grpc.GRPCInferenceServiceServicer,
+        health: health_pb2_grpc.HealthServicer,
+        feedback: feedback_pb2_grpc.FeedbackServicer | None,
+        host: str,
+        port: int,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self._servicers = (inference, health, feedback)
+        self._address = f"{host}:{port}"
+        self._max_message_bytes = max_message_bytes
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        """The bound port, once started."""
+
+    async def start(self) -> None:
+        """Build the server on the running loop, bind and start it."""
+        inference, health, feedback = self._servicers
+        server = self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                ("grpc.max_send_message_length", self._max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        # Generated registration functions carry no annotations.
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
+        if feedback is not None:
+            feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
+        self.port = server.add_insecure_port(self._address)
+        await server.start()
+
+    async def stop(self, grace_period_s: float) -> None:
+        """Refuse new calls; calls in flight get ``grace_period_s`` to finish."""
+        if self._server is not None:
+            await self._server.stop(grace_period_s)
