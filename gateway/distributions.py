@@ -1,6 +1,8 @@
 """distributions.py: the special functions the statistics need, in one place: the standard
 normal, Student's t (through the regularised incomplete beta function) and the chi-square
-(through the regularised incomplete gamma function), their tails and their quantiles.
+(through the regularised incomplete gamma function), their tails and their quantiles; and the
+intervals, tests and sample sizes built on them (Wilson and t intervals, the two-proportion z
+and Welch t tests).
 
 In: plain floats. Out: plain floats. Pure functions: no numpy, no scipy at run time (the tests
 check every function against scipy), no state. Every quantile comes from one inverse,
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 __all__ = [
     "normal_cdf",
@@ -28,7 +30,21 @@ __all__ = [
     "chi2_isf",
     "chi2_ppf",
     "ks_coefficient",
+    "Alternative",
+    "DEFAULT_POWER",
+    "accuracy_ci",
+    "mean_ci",
+    "mae_ci",
+    "rmse",
+    "rmse_ci",
+    "two_proportion_test",
+    "welch_t_test",
+    "samples_needed_two_proportions",
+    "samples_needed_means",
 ]
+
+Alternative = Literal["less", "greater", "two-sided"]
+DEFAULT_POWER: Final = 0.8  # the conventional 80% power for sample-size estimates
 
 _SQRT2: Final = math.sqrt(2.0)
 _LN_SQRT_2PI: Final = 0.5 * math.log(2.0 * math.pi)
@@ -387,3 +403,163 @@ def ks_coefficient(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     return math.sqrt(-math.log(alpha / 2.0) / 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals, tests and sample sizes on plain numbers (what outcomes.py compares arms with).
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+
+
+def accuracy_ci(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion; (0, 1) when n == 0."""
+    _check_level(level)
+    if not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    if n == 0:
+        return (0.0, 1.0)
+    z = normal_ppf(0.5 + 0.5 * level)
+    z2n = z * z / n
+    p = correct / n
+    centre = (p + 0.5 * z2n) / (1.0 + z2n)
+    half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + 0.25 * z2n / n)
+    # The bounds are exactly 0 at no successes and 1 at all (rounding would leave 1e-17).
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def mean_ci(mean: float, var: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Student t interval for a mean from its sample variance (ddof=1); needs n >= 2."""
+    _check_level(level)
+    if n < 2:
+        raise ValueError(f"a t interval needs at least 2 values, got {n}")
+    half = t_ppf(0.5 + 0.5 * level, n - 1) * math.sqrt(max(var, 0.0) / n)
+    return (mean - half, mean + half)
+
+
+def mae_ci(
+    mean_abs_error: float, var_abs_error: float, n: int, level: float = 0.95
+) -> tuple[float, float]:
+    """t interval for the mean absolute error, floored at 0."""
+    low, high = mean_ci(mean_abs_error, var_abs_error, n, level)
+    return (max(0.0, low), high)
+
+
+def rmse(sum_sq_error: float, n: int) -> float:
+    """Root mean squared error from the sum of squared errors."""
+    if n <= 0:
+        raise ValueError(f"rmse needs at least one value, got {n}")
+    return math.sqrt(sum_sq_error / n)
+
+
+def rmse_ci(mse: float, var_sq_error: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """t interval for the mean squared error, square-rooted (monotone, so coverage carries)."""
+    low, high = mean_ci(mse, var_sq_error, n, level)
+    return (math.sqrt(max(0.0, low)), math.sqrt(max(0.0, high)))
+
+
+def _p_value(statistic: float, alternative: Alternative, cdf: float, sf: float) -> float:
+    if alternative == "less":
+        return cdf
+    if alternative == "greater":
+        return sf
+    if alternative == "two-sided":
+        return min(1.0, 2.0 * (sf if statistic > 0.0 else cdf))
+    raise ValueError(f"alternative must be less, greater or two-sided, got {alternative!r}")
+
+
+def two_proportion_test(
+    c1: int, n1: int, c2: int, n2: int, alternative: Alternative = "two-sided"
+) -> tuple[float, float]:
+    """Pooled two-proportion z-test of p1 = c1/n1 against p2 = c2/n2; returns (z, p).
+
+    "less" tests H1: p1 < p2. When both arms are all successes or all failures the pooled
+    variance is 0 and the result is z = 0 (no evidence either way).
+    """
+    if n1 <= 0 or n2 <= 0 or not 0 <= c1 <= n1 or not 0 <= c2 <= n2:
+        raise ValueError(f"need 0 <= c <= n and n > 0, got {c1}/{n1} and {c2}/{n2}")
+    pooled = (c1 + c2) / (n1 + n2)
+    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2))
+    z = (c1 / n1 - c2 / n2) / se if se > 0.0 else 0.0
+    return z, _p_value(z, alternative, normal_cdf(z), normal_sf(z))
+
+
+def welch_t_test(
+    mean1: float,
+    var1: float,
+    n1: int,
+    mean2: float,
+    var2: float,
+    n2: int,
+    alternative: Alternative = "two-sided",
+) -> tuple[float, float, float]:
+    """Welch's unequal-variance t-test from summary statistics; returns (t, df, p).
+
+    ``var`` are sample variances (ddof=1), as ``scipy.stats.ttest_ind_from_stats`` takes their
+    square roots. "greater" tests H1: mean1 > mean2. When both variances are 0 the statistic
+    is +-inf for different means (p 0 or 1) or 0 for equal ones, with df = n1 + n2 - 2.
+    """
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"Welch's test needs at least 2 values per arm, got {n1} and {n2}")
+    if var1 < 0.0 or var2 < 0.0:
+        raise ValueError("variances must be non-negative")
+    s1 = var1 / n1
+    s2 = var2 / n2
+    se2 = s1 + s2
+    diff = mean1 - mean2
+    if se2 == 0.0:
+        t = 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+        df = float(n1 + n2 - 2)
+    else:
+        t = diff / math.sqrt(se2)
+        df = se2 * se2 / (s1 * s1 / (n1 - 1) + s2 * s2 / (n2 - 1))
+    return t, df, _p_value(t, alternative, t_cdf(t, df), t_sf(t, df))
+
+
+def _z_alpha(alpha: float, two_sided: bool) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return normal_ppf(1.0 - (alpha / 2.0 if two_sided else alpha))
+
+
+def _z_power(power: float) -> float:
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    return normal_ppf(power)
+
+
+def samples_needed_two_proportions(
+    p1: float, p2: float, alpha: float = 0.05, power: float = DEFAULT_POWER, two_sided: bool = False
+) -> int | None:
+    """Samples per arm for the pooled z-test to detect p1 vs p2 (normal approximation,
+    one-sided at ``alpha`` unless ``two_sided``); None when p1 == p2 (no n detects nothing)."""
+    if not (0.0 <= p1 <= 1.0 and 0.0 <= p2 <= 1.0):
+        raise ValueError(f"proportions must be in [0, 1], got {p1} and {p2}")
+    if p1 == p2:
+        return None
+    pbar = 0.5 * (p1 + p2)
+    root = _z_alpha(alpha, two_sided) * math.sqrt(2.0 * pbar * (1.0 - pbar)) + _z_power(
+        power
+    ) * math.sqrt(p1 * (1.0 - p1) + p2 * (1.0 - p2))
+    return max(2, math.ceil(root * root / ((p1 - p2) ** 2)))
+
+
+def samples_needed_means(
+    delta: float,
+    sd1: float,
+    sd2: float,
+    alpha: float = 0.05,
+    power: float = DEFAULT_POWER,
+    two_sided: bool = False,
+) -> int | None:
+    """Samples per arm to detect a difference ``delta`` in means with standard deviations
+    ``sd1``, ``sd2`` (normal approximation to Welch's test, one-sided unless ``two_sided``);
+    None when delta == 0."""
+    if delta == 0.0:
+        return None
+    z = _z_alpha(alpha, two_sided) + _z_power(power)
+    return max(2, math.ceil(z * z * (sd1 * sd1 + sd2 * sd2) / (delta * delta)))
