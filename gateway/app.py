@@ -31,7 +31,8 @@ from gateway.config import Settings
 from gateway.control import ModelLifecycle
 from gateway.dataplane import DataPlane
 from gateway.drift.buffer import BufferedObserver
-from gateway.drift.monitor import DriftMonitor, DriftReport
+from gateway.drift.monitor import DriftMonitor
+from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.http_api import HttpFrontEnd

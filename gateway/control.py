@@ -21,7 +21,8 @@ import msgspec
 from gateway.batcher import Batcher
 from gateway.drift.buffer import BufferedObserver
 from gateway.drift.build import find_profile, load_checked
-from gateway.drift.monitor import DriftMonitor, DriftReport
+from gateway.drift.monitor import DriftMonitor
+from gateway.drift.report import DriftReport
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.router import Endpoint, Router

@@ -4,9 +4,9 @@
 output columns into the calling thread's own ring of sub-window count matrices (one numba call
 per tensor part, no lock, no allocation after the thread's first request). A background
 aggregator copies sealed sub-windows into sliding sums by exact integer addition (DRIFT.md §1.3,
-§6). ``report()`` and ``compare()`` turn those sums into statistics and verdicts. The monitor
-knows models only as ``ModelRef`` and tensors only as named numpy arrays: nothing of routing,
-batching, rollout policy or wire formats.
+§6). ``report()`` and ``compare()`` hand those sums to ``report.py`` for statistics and
+verdicts. The monitor knows models only as ``ModelRef`` and tensors only as named numpy arrays:
+nothing of routing, batching, rollout policy or wire formats.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -26,6 +25,7 @@ from gateway.config import DriftSettings
 from gateway.distributions import ks_coefficient
 from gateway.drift import kernels, stats
 from gateway.drift.profile import CategoricalProfile, NumericProfile, Profile, TensorProfile
+from gateway.drift.report import DriftReport, FeatureDrift, assemble, two_window, vs_reference
 from gateway.types import ModelRef
 
 __all__ = ["DriftSettings", "FeatureDrift", "DriftReport", "DriftMonitor"]
@@ -37,60 +37,6 @@ F64Array = npt.NDArray[np.float64]
 
 MIN_RING_SLOTS: Final = 3  # current + one lagging epoch + one sealed, whatever sub_windows is
 STOP_TIMEOUT_S: Final = 5.0  # a tick takes milliseconds; waiting longer means it is stuck
-
-
-class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
-    """Drift of one feature (input or output column) over the window.
-
-    ``n`` counts the finite values the statistics use, ``n_baseline`` the reference's (or the
-    stable window's). ``score`` is the largest statistic/threshold ratio of the feature's tests
-    (PSI and KS for numeric, PSI and chi-square for categorical): above 1 is drift. ``ks`` and
-    ``w1`` are 0 for categorical features; rates are fractions of the rows counted, and for
-    categorical features ``nan_rate`` includes ±inf. Thresholds are inf while n is 0.
-    """
-
-    name: str
-    kind: str
-    n: int
-    n_baseline: int
-    psi: float
-    js: float
-    ks: float
-    w1: float
-    chi2: float
-    psi_threshold: float
-    ks_threshold: float
-    chi2_threshold: float
-    score: float
-    verdict: str
-    severity: str
-    below_min_rate: float
-    above_max_rate: float
-    nan_rate: float
-    inf_rate: float
-    unseen_rate: float
-    quality_alert: bool
-
-
-class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
-    """Drift of one model version against its reference profile or against another version.
-
-    Features are sorted worst first. ``verdict`` combines all features: drift if any drifts,
-    else insufficient_data if any lacks data (or there are none), else no_drift.
-    ``input_verdict`` and ``output_verdict`` do the same per side: output drift between canary
-    and stable is the rollback signal, input drift against the reference an upstream alert.
-    """
-
-    model: str
-    baseline: str
-    profile_hash: str
-    window_s: float
-    verdict: str
-    input_verdict: str
-    output_verdict: str
-    inputs: tuple[FeatureDrift, ...]
-    outputs: tuple[FeatureDrift, ...]
-    dropped: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,27 +106,6 @@ _Step = tuple[str, bool, int, tuple[_Call, ...]]
 _ThreadEntry = tuple[_Registration, tuple[_Step, ...]]
 _MISSING: Final[Any] = object()
 _FLOAT32: Final = np.dtype(np.float32)
-
-_VERDICT_RANK: Final = {
-    stats.Verdict.DRIFT: 0,
-    stats.Verdict.NO_DRIFT: 1,
-    stats.Verdict.INSUFFICIENT_DATA: 2,
-}
-
-
-def _combine(verdicts: list[str]) -> str:
-    if stats.Verdict.DRIFT in verdicts:
-        return stats.Verdict.DRIFT
-    if not verdicts or stats.Verdict.INSUFFICIENT_DATA in verdicts:
-        return stats.Verdict.INSUFFICIENT_DATA
-    return stats.Verdict.NO_DRIFT
-
-
-def _ratio(statistic: F64Array, threshold: F64Array) -> F64Array:
-    return np.divide(
-        statistic, threshold, out=np.zeros_like(statistic), where=np.isfinite(threshold)
-    )
-
 
 # ----------------------------------------------------------------------------------------------
 
@@ -492,7 +417,7 @@ class DriftMonitor:
         features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
         for plan, plan_windows in zip(reg.plans, windows, strict=True):
             for part, window in zip(plan.parts, plan_windows, strict=True):
-                features[plan.is_input] += self._part_vs_reference(part, window)
+                features[plan.is_input] += vs_reference(part, window, self._settings.min_samples)
         return self._assemble(reg, "reference", window_s, features)
 
     def compare(self, ref_a: ModelRef, ref_b: ModelRef) -> DriftReport:
@@ -522,7 +447,9 @@ class DriftMonitor:
         features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
         for plan, plan_pairs in zip(reg_a.plans, pairs, strict=True):
             for part, (win_a, win_b) in zip(plan.parts, plan_pairs, strict=True):
-                features[plan.is_input] += self._part_two_window(part, win_a, win_b)
+                features[plan.is_input] += two_window(
+                    part, win_a, win_b, self._settings.min_samples_per_arm
+                )
         return self._assemble(reg_a, str(ref_b), window_s, features)
 
     def export_counts(self, ref: ModelRef) -> tuple[int, str, dict[str, I64Array]]:
@@ -543,87 +470,6 @@ class DriftMonitor:
             }
         return epoch, reg.profile.hash if reg.profile else "", counts
 
-    # -- statistics to report entries ------------------------------------------------------
-
-    def _part_vs_reference(self, part: _Part, window: I64Array) -> list[FeatureDrift]:
-        if part.numeric is not None:
-            num = part.numeric
-            ws = stats.numeric_vs_reference(window, num.ref_counts, num.mids, num.std)
-            ref_nan, ref_inf = num.nan_rate, num.inf_rate
-        else:
-            assert part.categorical is not None
-            ws = stats.categorical_vs_reference(window, part.categorical.ref_counts)
-            ref_nan, ref_inf = part.categorical.nan_rate, np.zeros(ws.n.shape)
-        chi2_thr = stats.chi2_gof_thresholds(part.critical, ws.n, ws.n_base)
-        return self._features(
-            part, ws, chi2_thr, ws.n, self._settings.min_samples, ref_nan, ref_inf
-        )
-
-    def _part_two_window(self, part: _Part, win_a: I64Array, win_b: I64Array) -> list[FeatureDrift]:
-        if part.numeric is not None:
-            num = part.numeric
-            ws = stats.numeric_two_window(win_a, win_b, num.ref_counts, num.mids, num.std)
-            ref_nan, ref_inf = num.nan_rate, num.inf_rate
-        else:
-            assert part.categorical is not None
-            cat = part.categorical
-            ws = stats.categorical_two_window(win_a, win_b, cat.ref_counts)
-            ref_nan, ref_inf = cat.nan_rate, np.zeros(ws.n.shape)
-        n_min = np.minimum(ws.n, ws.n_base)
-        return self._features(
-            part, ws, part.critical, n_min, self._settings.min_samples_per_arm, ref_nan, ref_inf
-        )
-
-    def _features(
-        self,
-        part: _Part,
-        ws: stats.WindowStats,
-        chi2_thr: F64Array,
-        n_for_verdict: I64Array,
-        min_n: int,
-        ref_nan: F64Array,
-        ref_inf: F64Array,
-    ) -> list[FeatureDrift]:
-        psi_thr = stats.psi_thresholds(part.critical, ws.n, ws.n_base)
-        is_numeric = part.numeric is not None
-        if is_numeric:
-            ks_thr = stats.ks_thresholds(part.ks_coefficient, ws.n, ws.n_base)
-            second = _ratio(ws.ks, ks_thr)
-        else:
-            ks_thr = np.zeros(ws.n.shape)
-            second = _ratio(ws.chi2, chi2_thr)
-        score = np.maximum(_ratio(ws.psi, psi_thr), second)
-        verdict = stats.verdicts(n_for_verdict, score > 1.0, min_n)
-        severity = stats.severities(ws.psi, verdict)
-        alerts = stats.quality_alerts(ws, ref_nan, ref_inf)
-        kind = "numeric" if is_numeric else "categorical"
-        return [
-            FeatureDrift(
-                name=part.names[j],
-                kind=kind,
-                n=int(ws.n[j]),
-                n_baseline=int(ws.n_base[j]),
-                psi=float(ws.psi[j]),
-                js=float(ws.js[j]),
-                ks=float(ws.ks[j]),
-                w1=float(ws.w1[j]),
-                chi2=float(ws.chi2[j]),
-                psi_threshold=float(psi_thr[j]),
-                ks_threshold=float(ks_thr[j]),
-                chi2_threshold=float(chi2_thr[j]),
-                score=float(score[j]),
-                verdict=verdict[j],
-                severity=severity[j],
-                below_min_rate=float(ws.below_min_rate[j]),
-                above_max_rate=float(ws.above_max_rate[j]),
-                nan_rate=float(ws.nan_rate[j]),
-                inf_rate=float(ws.inf_rate[j]),
-                unseen_rate=float(ws.unseen_rate[j]),
-                quality_alert=bool(alerts[j]),
-            )
-            for j in range(len(part.names))
-        ]
-
     @staticmethod
     def _assemble(
         reg: _Registration,
@@ -631,20 +477,5 @@ class DriftMonitor:
         window_s: float,
         features: dict[bool, list[FeatureDrift]],
     ) -> DriftReport:
-        def worst_first(items: list[FeatureDrift]) -> tuple[FeatureDrift, ...]:
-            return tuple(sorted(items, key=lambda f: (_VERDICT_RANK[f.verdict], -f.score)))
-
-        inputs = worst_first(features[True])
-        outputs = worst_first(features[False])
-        return DriftReport(
-            model=str(reg.ref),
-            baseline=baseline,
-            profile_hash=reg.profile.hash if reg.profile else "",
-            window_s=window_s,
-            verdict=_combine([f.verdict for f in (*inputs, *outputs)]),
-            input_verdict=_combine([f.verdict for f in inputs]),
-            output_verdict=_combine([f.verdict for f in outputs]),
-            inputs=inputs,
-            outputs=outputs,
-            dropped=reg.dropped,
-        )
+        profile_hash = reg.profile.hash if reg.profile else ""
+        return assemble(str(reg.ref), profile_hash, baseline, window_s, features, reg.dropped)

@@ -17,7 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gateway.drift.monitor import DriftMonitor, DriftReport
+from gateway.drift.monitor import DriftMonitor
+from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
 from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
 from gateway.outcomes import compare as compare_outcomes

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.drift.monitor import DriftReport
+from gateway.drift.report import DriftReport
 from gateway.errors import InvalidInputError
 from tests.clients import client, infer
 from tests.conftest import RunningGateway, gateway_settings
