@@ -420,10 +420,6 @@ class ModelRepository:
     def set_state(self, name: str, version: str, state: str, reason: str = "") -> None:
         self._entries[(name, version)] = ModelIndexEntry(name, version, state, reason)
 
-    def forget(self, name: str) -> None:
-        for key in [k for k in self._entries if k[0] == name]:
-            del self._entries[key]
-
     async def load(self, name: str, extra: Mapping[str, Any] | None = None) -> list[ModelVersion]:
         """Load every version of ``name`` (blocking work in the pool); return those that
         loaded. Raises ``ModelNotFoundError`` when the folder has no versions and

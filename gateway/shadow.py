@@ -58,10 +58,6 @@ class ShadowRunner:
         self._max = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     def mirror(
         self,
         call: Callable[[], Awaitable[InferResponse]],
