@@ -1,0 +1,99 @@
+"""ModelRepository and ModelVersion on real ONNX models built in a temporary folder."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.models import failing, mlp
+from gateway.config import RuntimeSettings
+from gateway.errors import InvalidInputError, ModelExecutionError, ModelNotFoundError
+from gateway.repository import ModelRepository, ModelVersion
+from gateway.types import InferRequest, Tensor
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    mlp(root / "mlp" / "1" / "model.onnx", [4, 8, 3], seed=0, name="mlp")
+    mlp(root / "mlp" / "2" / "model.onnx", [4, 8, 3], seed=1, name="mlp")
+    (root / "mlp" / "config.toml").write_text("max_batch_size = 16\n")
+    failing(root / "bad" / "1" / "model.onnx", outputs=3)
+    broken = root / "bad" / "2" / "model.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an onnx model")
+    (root / "empty").mkdir()
+    return root
+
+
+def _load(repo: ModelRepository, name: str) -> list[ModelVersion]:
+    async def main() -> list[ModelVersion]:
+        return await repo.load(name)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def repo(root: Path) -> Iterator[ModelRepository]:
+    repository = ModelRepository(root, RuntimeSettings(inference_workers=1))
+    repository.start()
+    yield repository
+    repository.stop()
+
+
+def test_folders_with_versions_are_models(repo: ModelRepository) -> None:
+    assert repo.model_names() == ["bad", "mlp"]
+    assert [(e.name, e.version, e.state) for e in repo.index()] == [
+        ("bad", "1", ""),
+        ("bad", "2", ""),
+        ("mlp", "1", ""),
+        ("mlp", "2", ""),
+    ]
+
+
+def test_load_builds_every_version_and_they_answer(repo: ModelRepository) -> None:
+    loaded = _load(repo, "mlp")
+    assert [m.version for m in loaded] == ["1", "2"]
+    first = loaded[0]
+    assert first.max_batch_size == 16
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    request = InferRequest("mlp", "1", [Tensor("INPUT0", "FP32", (2, 4), x)])
+    feeds, rows = first.prepare(request)
+    assert rows == 2
+    outputs = first.run(feeds)
+    response = first.respond(request, outputs)
+    assert response.model_version == "1"
+    assert response.outputs[0].data.shape == (2, 3)
+    second = loaded[1]
+    other = second.run(second.prepare(request)[0])
+    assert not np.allclose(outputs[0], other[0])  # different weights, different answers
+
+
+def test_a_bad_version_is_unavailable_and_the_reason_is_kept(repo: ModelRepository) -> None:
+    loaded = _load(repo, "bad")
+    assert [m.version for m in loaded] == ["1"]
+    states = {e.version: (e.state, e.reason) for e in repo.index() if e.name == "bad"}
+    assert states["2"][0] == "UNAVAILABLE"
+    assert states["2"][1]
+    with pytest.raises(ModelExecutionError):
+        loaded[0].run([np.zeros((1, 32), np.float32)])
+
+
+def test_unknown_and_invalid_names_are_refused(repo: ModelRepository) -> None:
+    with pytest.raises(ModelNotFoundError, match="not in the repository"):
+        _load(repo, "empty")
+    with pytest.raises(ModelNotFoundError):
+        _load(repo, "nothing-here")
+    for bad in ("../mlp", ".hidden", ""):
+        with pytest.raises(InvalidInputError, match="invalid model name"):
+            _load(repo, bad)
+
+
+def test_executor_needs_start(root: Path) -> None:
+    repository = ModelRepository(root, RuntimeSettings())
+    with pytest.raises(RuntimeError, match="start"):
+        _ = repository.executor
