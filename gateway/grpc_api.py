@@ -15,7 +15,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -68,15 +68,11 @@ _VERSION_KEY: Final = "x-model-version"  # request: pin a version; trailer: serv
 
 
 def _admit(
-    plane: DataPlane,
-    infer: InferRequest,
-    deadline: float | None,
-    metadata: Sequence[tuple[str, Any]] | None,
+    plane: DataPlane, infer: InferRequest, deadline: float | None, fields: dict[str, Any] | None
 ) -> None:
     """Hand the call's deadline and metadata (request id, trace, routing key, pin) to the
-    data plane; the metadata dict is built only when the call carries any."""
-    if metadata:
-        fields = dict(metadata)
+    data plane; ``fields`` is the call's metadata as a dict, None when it carries none."""
+    if fields:
         plane.admit(
             infer,
             deadline,
@@ -87,6 +83,11 @@ def _admit(
         )
     else:
         plane.admit(infer, deadline)
+
+
+def _fields(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, Any] | None:
+    metadata = context.invocation_metadata()
+    return dict(metadata) if metadata else None
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -165,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = ""
         try:
             infer = v2_grpc.decode_infer_request(request)
-            _admit(self._plane, infer, _deadline(context), context.invocation_metadata())
+            _admit(self._plane, infer, _deadline(context), _fields(context))
             response = await self._plane.infer(infer)
             served = response.model_version
             context.set_trailing_metadata(((_VERSION_KEY, response.model_version),))
@@ -200,12 +201,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
-        stream_meta = context.invocation_metadata()
+        stream_fields = _fields(context)
 
         async def one(message: pb.ModelInferRequest) -> None:
             try:
                 infer = v2_grpc.decode_infer_request(message)
-                _admit(self._plane, infer, deadline, stream_meta)
+                _admit(self._plane, infer, deadline, stream_fields)
                 response = await self._plane.infer(infer)
                 encoded = v2_grpc.encode_infer_response(response, infer)
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
