@@ -35,7 +35,6 @@ class ErrorKind(enum.Enum):
     NOT_READY = "not_ready"
     OVERLOADED = "overloaded"
     DEADLINE = "deadline"
-    CANCELLED = "cancelled"
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
     UNSUPPORTED_MEDIA = "unsupported_media"

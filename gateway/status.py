@@ -34,7 +34,6 @@ STATUS: Final[Mapping[ErrorKind, tuple[int, grpc.StatusCode]]] = {
     ErrorKind.NOT_READY: (503, grpc.StatusCode.UNAVAILABLE),
     ErrorKind.OVERLOADED: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorKind.DEADLINE: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
-    ErrorKind.CANCELLED: (499, grpc.StatusCode.CANCELLED),
     ErrorKind.CONFLICT: (409, grpc.StatusCode.FAILED_PRECONDITION),
     ErrorKind.TOO_LARGE: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorKind.UNSUPPORTED_MEDIA: (415, grpc.StatusCode.INVALID_ARGUMENT),
