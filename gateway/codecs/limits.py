@@ -239,8 +239,16 @@ _CHUNK: Final = 1 << 20
 
 
 def check_json_depth(body: bytes | memoryview, what: str, limits: CodecLimits) -> None:
-    """``InvalidInputError`` when ``body`` nests deeper than ``max_json_depth``."""
-    depth = json_depth(body)
+    """``InvalidInputError`` when ``body`` nests deeper than ``max_json_depth``.
+
+    A body with no more brackets than the limit cannot nest deeper, and most requests are
+    such bodies: two ``bytes.count`` calls (well under a microsecond for a small request)
+    spare them the full scan.
+    """
+    data = bytes(body)
+    if data.count(b"[") + data.count(b"{") <= limits.max_json_depth:
+        return
+    depth = json_depth(data)
     if depth > limits.max_json_depth:
         raise InvalidInputError(
             f"{what} nests {depth} levels deep; at most {limits.max_json_depth} are allowed"
