@@ -7,6 +7,7 @@ a numpy object array of ``bytes``.
 
 from __future__ import annotations
 
+import decimal
 import math
 import struct
 from collections.abc import Mapping
@@ -262,6 +263,12 @@ def tensor_from_list(
         raise InvalidInputError(
             f"input '{name}': data has {raw.size} elements, shape {show_shape(shape)} needs {count}"
         )
+    if count and (raw.dtype.kind == "O" or (raw.dtype.kind == "f" and dtype.kind in "iu")):
+        # numpy turns [2**63, 0] into float64 (losing digits) and [2**64] into objects:
+        # integers past int64 are read again, exactly, as Python ints (a rare path).
+        exact = _python_ints(values)
+        if exact is not None:
+            raw = _from_python_ints(name, datatype, dtype, exact)
     kind = raw.dtype.kind
     if count and not _compatible(kind, dtype.kind):
         raise InvalidInputError(
@@ -280,6 +287,42 @@ def tensor_from_list(
         raise InvalidInputError(f"input '{name}': data mixes values of different kinds")
     array = raw.astype(dtype)
     return array.reshape(shape)
+
+
+def _python_ints(values: object) -> list[int] | None:
+    """The values, flattened, as Python ints when every one is an int (not a bool), else
+    None (also when they are not rectangular)."""
+    try:
+        flat: list[object] = np.array(values, dtype=np.object_).reshape(-1).tolist()
+    except ValueError:
+        return None
+    if all(type(v) is int for v in flat):
+        return flat  # type: ignore[return-value]  # every element checked to be an int
+    return None
+
+
+def _from_python_ints(
+    name: str, datatype: str, dtype: np.dtype[np.generic], values: list[int]
+) -> npt.NDArray[np.generic]:
+    """Exact integers as an array of ``dtype``; ``InvalidInputError`` when one is out of
+    its range (an integer datatype's, or too large for a float datatype)."""
+    low, high = min(values), max(values)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)  # type: ignore[type-var]  # integer kinds only here
+        if low < info.min or high > info.max:
+            raise InvalidInputError(
+                f"input '{name}': a value is out of range for datatype {datatype}"
+            )
+        return np.array(values, dtype=dtype)
+    limit = float(np.finfo(dtype).max)  # type: ignore[type-var]  # float kinds only here
+    if high > limit or low < -limit:
+        worst = high if high > -low else low
+        raise InvalidInputError(
+            f"input '{name}': value {decimal.Decimal(worst):.6g} is out of range for datatype "
+            f"{datatype} "
+            f"(at most {limit:g} in magnitude)"
+        )
+    return np.array([float(v) for v in values], dtype=np.float64)
 
 
 def _check_float_range(

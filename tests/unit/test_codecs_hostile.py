@@ -307,3 +307,18 @@ def test_timeout_parameter_refuses_what_is_not_microseconds(value: object) -> No
 
 def test_timeout_parameter_is_microseconds() -> None:
     assert timeout_from_parameter_us(1_500_000) == 1.5
+
+
+def test_integers_past_int64_are_read_exactly_or_refused() -> None:
+    """numpy reads [2**63, 0] as float64 (losing digits) and [2**64] as objects."""
+    body = _json_body([3], "UINT64", [2**63, 0, 2**64 - 1])
+    request = v2_json.decode_infer_request(body, None, "m", "")
+    assert request.inputs[0].data.tolist() == [2**63, 0, 2**64 - 1]
+    msg = pb.ModelInferRequest(model_name="m")
+    inp = msg.inputs.add(name="x", datatype="UINT64", shape=[3])
+    inp.contents.uint64_contents.extend([2**63, 0, 2**64 - 1])
+    assert v2_grpc.decode_infer_request(msg).inputs[0].data.tolist() == [2**63, 0, 2**64 - 1]
+    for datatype, values in [("UINT64", [2**64, 0]), ("INT64", [2**63, 0]), ("FP64", [10**400])]:
+        body = _json_body([len(values)], datatype, values)
+        with pytest.raises(InvalidInputError, match=r"input 'x'.*out of range"):
+            v2_json.decode_infer_request(body, None, "m", "")
