@@ -29,7 +29,7 @@ from gateway.codecs.limits import (
     ElementBudget,
     check_count,
     check_model_name,
-    refuse_unexpected,
+    client_error,
 )
 from gateway.errors import InvalidInputError, UnimplementedError
 from gateway.types import (
@@ -94,8 +94,10 @@ def decode_infer_request(
     and ``limits`` before anything is allocated (``PayloadTooLargeError`` over the limits);
     no exception other than a ``GatewayError`` leaves.
     """
-    with refuse_unexpected("inference request"):
+    try:
         return _decode_infer_request(msg, limits)
+    except Exception as exc:
+        raise client_error(exc, "inference request") from None
 
 
 def _decode_infer_request(msg: pb.ModelInferRequest, limits: CodecLimits) -> InferRequest:

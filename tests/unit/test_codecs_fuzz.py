@@ -29,7 +29,7 @@ from gateway.errors import InvalidInputError, PayloadTooLargeError, Unimplemente
 from gateway.types import InferRequest
 
 CLIENT_ERRORS = (InvalidInputError, PayloadTooLargeError, UnimplementedError)
-# What refuse_unexpected() writes for an exception no check anticipated: the boundary keeps
+# What client_error() writes for an exception no check anticipated: the boundary keeps
 # the server up, but every such input deserves a check of its own with a clear message.
 UNANTICIPATED = re.compile(r"invalid inference request: [A-Za-z]+(Error|Exception|Warning): ")
 

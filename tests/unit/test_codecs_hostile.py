@@ -180,18 +180,26 @@ def test_too_many_inputs_or_outputs_are_refused() -> None:
 def test_deep_nesting_in_data_parameters_and_other_bodies_is_refused() -> None:
     deep = b"[" * 10_000 + b"]" * 10_000
     data = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":' + deep + b"}]}"
-    with pytest.raises(InvalidInputError, match="nests 10003 levels deep; at most 64"):
+    with pytest.raises(InvalidInputError, match="inference request nests too deeply"):
         v2_json.decode_infer_request(data, None, "m", "")
     params = b'{"inputs":[],"parameters":{"a":' + deep + b"}}"
-    with pytest.raises(InvalidInputError, match="nests"):
+    with pytest.raises(InvalidInputError, match="inference request nests too deeply"):
         v2_json.decode_infer_request(params, None, "m", "")
-    with pytest.raises(InvalidInputError, match="repository request nests"):
+    with pytest.raises(InvalidInputError, match="repository request nests 10000 levels deep"):
         v2_json.decode_json(deep, "repository request")
-    # Data nested within a raised limit but deeper than numpy allows is a client error too.
-    nested = b"[" * 100 + b"1" + b"]" * 100
-    body = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":' + nested + b"}]}"
-    with pytest.raises(InvalidInputError, match="input 'x'"):
-        v2_json.decode_infer_request(body, None, "m", "", CodecLimits(max_json_depth=200))
+    # Within msgspec's guard, nested parameters are refused by their scalar-only rule.
+    params = b'{"inputs":[],"parameters":{"a":' + b"[" * 500 + b"]" * 500 + b"}}"
+    with pytest.raises(InvalidInputError, match="parameter 'a' must be a string"):
+        v2_json.decode_infer_request(params, None, "m", "")
+    # Data nested within msgspec's guard but deeper than numpy allows is a client error too.
+    for datatype, leaf in (("FP32", b"1"), ("BYTES", b'"a"')):
+        nested = b"[" * 500 + leaf + b"]" * 500
+        body = b'{"inputs":[{"name":"x","shape":[1],"datatype":"%s","data":%s}]}' % (
+            datatype.encode(),
+            nested,
+        )
+        with pytest.raises(InvalidInputError, match="input 'x'"):
+            v2_json.decode_infer_request(body, None, "m", "")
 
 
 def test_json_depth_ignores_brackets_inside_strings() -> None:
@@ -322,3 +330,10 @@ def test_integers_past_int64_are_read_exactly_or_refused() -> None:
         body = _json_body([len(values)], datatype, values)
         with pytest.raises(InvalidInputError, match=r"input 'x'.*out of range"):
             v2_json.decode_infer_request(body, None, "m", "")
+
+
+def test_typed_grpc_floats_keep_inf_and_nan_as_raw_contents_do() -> None:
+    values = [float("inf"), float("nan"), -1.5]
+    typed = v2_grpc.decode_infer_request(_grpc_typed([3], "FP32", values)).inputs[0].data
+    raw = _via_grpc([3], "FP32", np.array(values, np.float32).tobytes()).inputs[0].data
+    assert np.array_equal(typed, raw, equal_nan=True)
