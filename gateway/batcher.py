@@ -8,8 +8,11 @@ running new requests queue up and leave together as the next batch. Optionally
 
 Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
 holds at most ``max_queue_size`` requests (more get ``OverloadedError`` at once); a request
-past its deadline or whose caller went away never reaches the model; a failing batch is
-retried request by request so that one bad request fails alone.
+past its deadline or whose caller went away never reaches the model; a queued request with
+a deadline is answered ``DeadlineExceededError`` when the deadline passes (a loop timer per
+such request), not when the next batch forms; ``drain()`` runs what is queued at once,
+without waiting for company; a failing batch is retried request by request so that one bad
+request fails alone.
 
 It knows nothing of HTTP, gRPC or V2 encoding: it sees the model as a ``Runnable``.
 """
@@ -83,7 +86,7 @@ def split(outputs: list[Array], rows: list[int]) -> list[list[Array]]:
 
 
 class _Item:
-    __slots__ = ("deadline", "enqueued_ns", "feeds", "future", "key", "rows")
+    __slots__ = ("deadline", "enqueued_ns", "feeds", "future", "key", "rows", "timer")
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class _Item:
         self.future = future
         self.deadline = deadline
         self.enqueued_ns = enqueued_ns
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Outcome:
@@ -190,6 +194,8 @@ class Batcher:
         self._queue.append(item)
         self._queued_rows += rows
         self._idle.clear()
+        if deadline is not None:
+            item.timer = loop.call_later(max(deadline - self._clock(), 0.0), self._expire, item)
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._dispatch)
@@ -197,6 +203,8 @@ class Batcher:
             return await future
         except asyncio.CancelledError:
             # The caller went away (gRPC cancel, client disconnect): leave the queue now.
+            if item.timer is not None:
+                item.timer.cancel()
             try:
                 self._queue.remove(item)
                 self._queued_rows -= item.rows
@@ -207,12 +215,36 @@ class Batcher:
             raise
 
     async def drain(self) -> None:
-        """Stop accepting requests and wait until queued and running ones finish."""
+        """Stop accepting requests, run what is queued without waiting for company, and
+        wait until queued and running requests finish."""
         self._closing = True
+        if self._queue and not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch)
         if self._idle is not None:
             await self._idle.wait()
 
     # -- scheduling (event-loop thread) ------------------------------------------------
+
+    def _expire(self, item: _Item) -> None:
+        """A queued request's deadline passed: answer it now and drop it from the queue.
+        Runs only while it is queued (the timer is cancelled when it leaves the queue)."""
+        item.timer = None
+        try:
+            self._queue.remove(item)
+        except ValueError:  # already taken into a batch
+            return
+        self._queued_rows -= item.rows
+        if not item.future.done():
+            self.stats.expired += 1
+            item.future.set_exception(self._deadline_error())
+        self._check_idle()
+
+    def _deadline_error(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"request to model '{self.ref.name}' version {self.ref.version} "
+            "timed out in the queue before it could run"
+        )
 
     def _check_idle(self) -> None:
         if not self._queue and self._running == 0 and self._idle is not None:
@@ -264,20 +296,22 @@ class Batcher:
             if item.future.done():  # cancelled by its caller
                 queue.popleft()
                 self._queued_rows -= item.rows
+                if item.timer is not None:
+                    item.timer.cancel()
                 continue
             if item.deadline is not None and item.deadline <= now:
                 queue.popleft()
                 self._queued_rows -= item.rows
+                if item.timer is not None:
+                    item.timer.cancel()
                 self.stats.expired += 1
-                item.future.set_exception(
-                    DeadlineExceededError(
-                        f"request to model '{self.ref.name}' version {self.ref.version} "
-                        "timed out in the queue before it could run"
-                    )
-                )
+                item.future.set_exception(self._deadline_error())
                 continue
             if batch and (item.key != key or rows + item.rows > self._max_rows):
                 break
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
             queue.popleft()
             self._queued_rows -= item.rows
             batch.append(item)

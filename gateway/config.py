@@ -210,12 +210,15 @@ class FeedbackSettings(_Base, frozen=True):
     """How long (s) a prediction waits for its ground truth; an hour covers clicks and
     human review loops while bounding memory by traffic x an hour."""
     capacity: int = 200_000
-    """Predictions remembered at most (oldest evicted first): an hour at 55 req/s, in about
-    94 MB when answers are small (about 470 B each for a one-row classifier, measured)."""
-    max_bytes: int = 128 * 1024 * 1024
-    """Estimated memory (bytes) of the remembered predictions at most. 200k small answers
-    take about 80 MB, so capacity binds for those and this for large ones (many rows or
-    classes)."""
+    """Predictions remembered at most (oldest evicted first). With the default max_bytes it
+    never binds (a small answer takes about 470 B); it caps the count when max_bytes is
+    raised."""
+    max_bytes: int = 32 * 1024 * 1024
+    """Estimated memory (bytes) of the remembered predictions at most: the rule that sizes
+    the memory. 32 MiB holds about 70k small answers (20 min at 55 req/s) and costs about
+    36 MB of RSS once full (measured over 1M requests), inside the 64 MB a default server
+    may grow after warm-up whether or not feedback is ever sent. Raise it with the
+    traffic x ttl_s a feedback loop needs."""
     max_rows: int = 1024
     """Requests with more rows are not remembered (counted as too_large): a 1024 x 1024
     float32 answer is already 4 MiB."""

@@ -11,6 +11,11 @@ called there (the front-end handlers run there). bench.feedback_memory on a load
 machine: remember() about 3 us per request; join() about 9 us for one item, 1.5 us per item
 for 10,000 (max_batch: the loop is held about 15 ms). ``FeedbackSettings`` lives in config.py.
 
+Sizing rule: the memory is sized by bytes, not entries: ``max_bytes`` (32 MiB by default,
+about 36 MB of RSS when full of small answers) bounds it whatever the traffic, so a default
+server that never receives feedback grows by that much at most; it is on from the start, so
+the first ground truth finds its predictions.
+
 Bounds: at most ``capacity`` entries and about ``max_bytes`` of them (whichever binds first;
 the oldest go first and are counted as ``evicted``), each younger than ``ttl_s`` (older ones
 are removed lazily when looked up and by an amortised sweep from the oldest end, counted as

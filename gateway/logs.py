@@ -1,10 +1,13 @@
 """logs.py: structured logging for the gateway: JSON lines, request ids, a sampled access log.
 
 In: log records from every module (``logging.getLogger(__name__)``, fields in ``extra``),
-request headers (HTTP, ASGI raw headers or gRPC metadata). Out: one JSON object per line on
-stderr (``configure_logging``), a request id per request (``request_id``), and access-log
-lines for a sample of successes and every error (``AccessLog``). It imports nothing from the
-gateway and knows no protocol library: headers arrive as a mapping or as name/value pairs.
+and from the libraries underneath (uvicorn, grpc, asyncio, Python warnings), request headers
+(HTTP, ASGI raw headers or gRPC metadata) and body ids. Out: one JSON object per line on
+stderr, or plain text with control characters escaped (``configure_logging``); a safe request
+id per request (``request_id`` for headers, ``sanitize_request_id`` for any other source);
+access-log lines for a sample of successes and every error (``AccessLog``). It imports
+nothing from the gateway and knows no protocol library: headers arrive as a mapping or as
+name/value pairs, and uvicorn gets a logging config (``uvicorn_log_config``) to pass along.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -24,7 +28,10 @@ __all__ = [
     "RequestIds",
     "JsonFormatter",
     "configure_logging",
+    "uvicorn_log_config",
+    "LIBRARY_LOGGERS",
     "request_id",
+    "sanitize_request_id",
     "parse_traceparent",
     "AccessLog",
     "ACCESS_LOGGER",
@@ -88,14 +95,74 @@ class JsonFormatter(logging.Formatter):
             return self._encode(line).decode("utf-8")
 
 
+# Control characters (C0, DEL, C1) in a text log line would forge lines or drive the
+# terminal: escaped as \\n, \\x1b and so on.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _escape_control(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class PlainFormatter(logging.Formatter):
+    """Text lines, ``%(asctime)s %(levelname)s %(name)s: %(message)s``, in which a
+    client's bytes can never start a line or reach the terminal: control characters in
+    the message are escaped, and every line of a traceback or stack is indented (and
+    escaped), so only a record's first line starts at column 0."""
+
+    def __init__(self) -> None:
+        super().__init__(_PLAIN_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _escape_control(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        # Indented here, not in formatException: another handler may have cached exc_text.
+        if record.exc_text:
+            line += "\n" + _indent(record.exc_text)
+        if record.stack_info:
+            line += "\n" + _indent(self.formatStack(record.stack_info))
+        return line
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + _escape_control(line) for line in text.split("\n"))
+
+
+# The loggers of the libraries we run on; configure_logging sends them through our handler.
+# grpc's C core writes to stderr itself (GRPC_VERBOSITY), outside Python's logging.
+LIBRARY_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "grpc", "asyncio")
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for ``uvicorn.Config(log_config=...)``: uvicorn's
+    loggers get no handlers of their own and propagate to the root, where
+    ``configure_logging`` put ours. (uvicorn's default config installs text handlers on
+    them each time a ``Config`` is built, which would bypass the JSON formatter.)"""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "loggers": {
+            name: {"handlers": [], "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
 class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]  # stream type varies
     """Marks the handler ``configure_logging`` installed, so a second call replaces it."""
 
 
 def configure_logging(level: str, json_lines: bool) -> None:
     """Send the root logger's records at ``level`` and above to stderr, as JSON lines or
-    as plain text. Idempotent: a second call replaces the handler the first one added and
-    leaves every other handler alone. Raises ``ValueError`` for an unknown level name."""
+    as plain text (``PlainFormatter``: control characters escaped). The libraries'
+    loggers (``LIBRARY_LOGGERS``) lose any handler of their own and propagate to it, and
+    Python warnings become log records (``logging.captureWarnings``), so every line has
+    the one format. Idempotent: a second call replaces the handler the first one added and
+    leaves every other root handler alone. Raises ``ValueError`` for an unknown level."""
     number = logging.getLevelName(level.upper())
     if not isinstance(number, int):
         raise ValueError(f"unknown log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
@@ -105,9 +172,15 @@ def configure_logging(level: str, json_lines: bool) -> None:
             root.removeHandler(handler)
             handler.close()
     handler = _GatewayHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(_PLAIN_FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
     root.addHandler(handler)
     root.setLevel(number)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for own in list(library.handlers):
+            library.removeHandler(own)
+        library.propagate = True
+    logging.captureWarnings(True)
 
 
 # -- request ids ----------------------------------------------------------------------------
@@ -121,6 +194,25 @@ def _is_sane_id(value: str) -> bool:
         and value.isprintable()
         and " " not in value
     )
+
+
+_NOT_VISIBLE: Final = re.compile("[^!-~]")  # anything but visible ASCII (0x21-0x7e)
+
+
+def sanitize_request_id(value: str | bytes | None) -> str:
+    """A client's request id made safe for a response header and a log line: surrounding
+    whitespace removed, then every character that is not visible ASCII (controls, spaces,
+    DEL, non-ASCII) replaced by ``_``, then cut to ``MAX_REQUEST_ID_CHARS`` (128, so 128
+    bytes). "" when nothing is left (the caller then makes a new id). The one sanitiser
+    for every source: ``x-request-id`` headers, gRPC metadata and the V2 body ``id``.
+    A hostile id of 100 KB costs one bounded scan: only its first 4 KiB are looked at."""
+    if value is None:
+        return ""
+    text = value[:4096].decode("latin-1") if isinstance(value, bytes) else value[:4096]
+    value = text.strip()
+    if _is_sane_id(value):
+        return value
+    return _NOT_VISIBLE.sub("_", value[:MAX_REQUEST_ID_CHARS])
 
 
 def parse_traceparent(value: str) -> str | None:
@@ -145,9 +237,9 @@ def _text(value: str | bytes) -> str:
 def request_id(
     headers: Mapping[str, str] | Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
 ) -> str:
-    """The request's id: ``x-request-id`` when present and sane (1..128 visible ASCII
-    characters), else the trace id of a valid W3C ``traceparent``, else a new random
-    32-hex-digit id. Mapping keys are expected lower-case (ASGI, HTTP/2 and gRPC metadata
+    """The request's id: ``x-request-id`` when present and not blank, made safe by
+    ``sanitize_request_id``; else the trace id of a valid W3C ``traceparent``; else a new
+    random 32-hex-digit id. Mapping keys are expected lower-case (ASGI, HTTP/2 and gRPC metadata
     deliver them so; Starlette's ``Headers`` is case-insensitive anyway); name/value pairs
     (ASGI raw headers, gRPC metadata, bytes or str) are matched case-insensitively."""
     given: str | None = None
@@ -163,8 +255,8 @@ def request_id(
             elif name == "traceparent" and traceparent is None:
                 traceparent = _text(raw_value)
     if given is not None:
-        given = given.strip()
-        if _is_sane_id(given):
+        given = sanitize_request_id(given)
+        if given:
             return given
     if traceparent is not None:
         trace_id = parse_traceparent(traceparent.strip())

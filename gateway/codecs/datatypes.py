@@ -7,6 +7,7 @@ a numpy object array of ``bytes``.
 
 from __future__ import annotations
 
+import decimal
 import struct
 from collections.abc import Mapping
 from typing import Final
@@ -14,6 +15,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from gateway.codecs.limits import (
+    BYTES_PREFIX,
+    DEFAULT_LIMITS,
+    ElementBudget,
+    check_shape,
+    show_shape,
+)
 from gateway.errors import InvalidInputError, UnimplementedError
 
 __all__ = [
@@ -121,13 +129,19 @@ def serialize_bytes(array: npt.NDArray[np.object_]) -> bytes:
 def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> npt.NDArray[np.object_]:
     """Parse ``count`` length-prefixed elements that must fill ``buffer`` exactly.
 
-    Raises ``InvalidInputError`` naming the tensor when a prefix runs past the end, the
-    element count differs from ``count``, or bytes are left over.
+    Raises ``InvalidInputError`` naming the tensor when ``count`` elements cannot fit in the
+    buffer (each needs at least its 4-byte prefix; checked before the element array is
+    allocated), a prefix runs past the end, or bytes are left over.
     """
     view = memoryview(buffer)
+    end = len(view)
+    if count > end // BYTES_PREFIX:
+        raise InvalidInputError(
+            f"input '{name}': {end} bytes of BYTES data hold at most {end // BYTES_PREFIX} "
+            f"elements, the shape declares {count}"
+        )
     out = np.empty(count, dtype=np.object_)
     pos = 0
-    end = len(view)
     for i in range(count):
         if pos + 4 > end:
             raise InvalidInputError(
@@ -150,54 +164,81 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> npt.
     return out
 
 
-def _check_shape(name: str, shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        if dim < 0:
-            raise InvalidInputError(f"input '{name}': shape {list(shape)} has a negative dimension")
-        count *= dim
-    return count
-
-
 def tensor_from_buffer(
-    name: str, datatype: str, shape: tuple[int, ...], buffer: bytes | memoryview
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    buffer: bytes | memoryview,
+    budget: ElementBudget | None = None,
 ) -> npt.NDArray[np.generic]:
     """Decode raw little-endian tensor bytes (binary extension / gRPC raw contents).
 
-    The size is checked against the shape before anything is allocated. Numeric data is a
-    zero-copy view when the buffer is aligned.
+    The shape is checked (``check_shape``) and its size against the bytes present before
+    anything is allocated, then charged to ``budget`` (the request's limits; the default
+    limits when None). Numeric data is a zero-copy view when the buffer is aligned.
     """
+    if budget is None:
+        budget = ElementBudget(DEFAULT_LIMITS)
     dtype = numpy_dtype(datatype)
-    count = _check_shape(name, shape)
+    count = check_shape(name, shape, budget.limits)
     if dtype.kind == "O":
+        budget.charge(name, min(count, len(buffer) // BYTES_PREFIX), 0, len(buffer))
         return deserialize_bytes(buffer, count, name).reshape(shape)
     expected = count * dtype.itemsize
     if len(buffer) != expected:
         raise InvalidInputError(
-            f"input '{name}': {len(buffer)} bytes of data, but shape {list(shape)} of "
+            f"input '{name}': {len(buffer)} bytes of data, but shape {show_shape(shape)} of "
             f"{datatype} needs {expected}"
         )
+    budget.charge(name, count, dtype.itemsize)
     array = np.frombuffer(buffer, dtype=V2_TO_WIRE[datatype], count=count)
     if not array.flags.aligned:
         array = array.copy()
     return array.reshape(shape)
 
 
+def _flat_length(values: object) -> int | None:
+    """The element count of a flat list (None when nested or not a list): checked against
+    the shape before numpy walks the values."""
+    if isinstance(values, list | tuple) and (not values or not isinstance(values[0], list | tuple)):
+        return len(values)
+    return None
+
+
 def tensor_from_list(
-    name: str, datatype: str, shape: tuple[int, ...], values: object
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    values: object,
+    budget: ElementBudget | None = None,
 ) -> npt.NDArray[np.generic]:
     """Decode a JSON ``data`` list or gRPC typed contents (flat or nested by shape).
 
     Rejects element counts that differ from the shape, values of the wrong kind (strings
-    for numbers, fractions for integers, numbers for BOOL) and integers out of range.
+    for numbers, fractions for integers, numbers for BOOL), integers out of range and
+    numbers too large for a float datatype (1e308 for FP32). The values are already in
+    memory (decoded from the body), so what numpy allocates is bounded by them; the count
+    is charged to ``budget`` before the conversion.
     """
+    if budget is None:
+        budget = ElementBudget(DEFAULT_LIMITS)
     dtype = numpy_dtype(datatype)
-    count = _check_shape(name, shape)
+    count = check_shape(name, shape, budget.limits)
+    flat = _flat_length(values)
+    if flat is not None and flat != count:
+        raise InvalidInputError(
+            f"input '{name}': data has {flat} elements, shape {show_shape(shape)} needs {count}"
+        )
     if dtype.kind == "O":
-        array = np.array(values, dtype=np.object_).reshape(-1)
+        budget.charge(name, count, 0)
+        try:
+            array = np.array(values, dtype=np.object_).reshape(-1)
+        except ValueError:
+            raise InvalidInputError(f"input '{name}': data is not a rectangular list") from None
         if array.size != count:
             raise InvalidInputError(
-                f"input '{name}': data has {array.size} elements, shape {list(shape)} needs {count}"
+                f"input '{name}': data has {array.size} elements, shape {show_shape(shape)} "
+                f"needs {count}"
             )
         out = np.empty(count, dtype=np.object_)
         for i, item in enumerate(array):
@@ -210,16 +251,23 @@ def tensor_from_list(
                     f"input '{name}': BYTES element {i} is {type(item).__name__}, expected a string"
                 )
         return out.reshape(shape)
+    budget.charge(name, count, dtype.itemsize)
     try:
         raw = np.asarray(values)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidInputError(
             f"input '{name}': data is not a rectangular list of numbers"
         ) from None
     if raw.size != count:
         raise InvalidInputError(
-            f"input '{name}': data has {raw.size} elements, shape {list(shape)} needs {count}"
+            f"input '{name}': data has {raw.size} elements, shape {show_shape(shape)} needs {count}"
         )
+    if count and (raw.dtype.kind == "O" or (raw.dtype.kind == "f" and dtype.kind in "iu")):
+        # numpy turns [2**63, 0] into float64 (losing digits) and [2**64] into objects:
+        # integers past int64 are read again, exactly, as Python ints (a rare path).
+        exact = _python_ints(values)
+        if exact is not None:
+            raw = _from_python_ints(name, datatype, dtype, exact)
     kind = raw.dtype.kind
     if count and not _compatible(kind, dtype.kind):
         raise InvalidInputError(
@@ -234,8 +282,68 @@ def tensor_from_list(
             )
     if kind == "O":
         raise InvalidInputError(f"input '{name}': data mixes values of different kinds")
+    if dtype.kind == "f":
+        return _cast_float(name, datatype, dtype, raw).reshape(shape)
     array = raw.astype(dtype)
     return array.reshape(shape)
+
+
+def _python_ints(values: object) -> list[int] | None:
+    """The values, flattened, as Python ints when every one is an int (not a bool), else
+    None (also when they are not rectangular)."""
+    try:
+        flat: list[object] = np.array(values, dtype=np.object_).reshape(-1).tolist()
+    except ValueError:
+        return None
+    if all(type(v) is int for v in flat):
+        return flat  # type: ignore[return-value]  # every element checked to be an int
+    return None
+
+
+def _from_python_ints(
+    name: str, datatype: str, dtype: np.dtype[np.generic], values: list[int]
+) -> npt.NDArray[np.generic]:
+    """Exact integers as an array of ``dtype``; ``InvalidInputError`` when one is out of
+    its range (an integer datatype's, or too large for a float datatype)."""
+    low, high = min(values), max(values)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)  # type: ignore[type-var]  # integer kinds only here
+        if low < info.min or high > info.max:
+            raise InvalidInputError(
+                f"input '{name}': a value is out of range for datatype {datatype}"
+            )
+        return np.array(values, dtype=dtype)
+    limit = float(np.finfo(dtype).max)  # type: ignore[type-var]  # float kinds only here
+    if high > limit or low < -limit:
+        worst = high if high > -low else low
+        raise InvalidInputError(
+            f"input '{name}': value {decimal.Decimal(worst):.6g} is out of range for datatype "
+            f"{datatype} "
+            f"(at most {limit:g} in magnitude)"
+        )
+    return np.array([float(v) for v in values], dtype=np.float64)
+
+
+def _cast_float(
+    name: str, datatype: str, dtype: np.dtype[np.generic], raw: npt.NDArray[np.generic]
+) -> npt.NDArray[np.generic]:
+    """``raw`` as ``dtype``, refusing finite values the datatype cannot hold (1e308 for
+    FP32 would become inf, then JSON null). inf and NaN, which only typed gRPC contents can
+    carry, pass as they do in raw contents. The check rides on the cast (numpy's overflow
+    flag), so the common case costs no extra pass over the data."""
+    try:
+        with np.errstate(over="raise"):
+            return raw.astype(dtype)
+    except FloatingPointError:
+        pass
+    limit = float(np.finfo(dtype).max)  # type: ignore[type-var]  # float kinds only here
+    values = raw.astype(np.float64).reshape(-1)
+    finite = values[np.isfinite(values)]
+    worst = float(finite[np.argmax(np.abs(finite))])
+    raise InvalidInputError(
+        f"input '{name}': value {worst:g} is out of range for datatype {datatype} "
+        f"(at most {limit:g} in magnitude)"
+    )
 
 
 _KIND_NAMES: Final = {

@@ -23,6 +23,14 @@ from gateway.codecs.datatypes import (
     tensor_from_list,
     tensor_to_bytes,
 )
+from gateway.codecs.limits import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    ElementBudget,
+    check_count,
+    check_model_name,
+    client_error,
+)
 from gateway.errors import InvalidInputError, UnimplementedError
 from gateway.types import (
     InferRequest,
@@ -76,12 +84,27 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
     return {key: _param_value(value) for key, value in params.items()}
 
 
-def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+def decode_infer_request(
+    msg: pb.ModelInferRequest, limits: CodecLimits = DEFAULT_LIMITS
+) -> InferRequest:
     """Decode a ModelInferRequest; ``InvalidInputError`` names the problem.
 
     ``raw_input_contents`` must have one entry per input when present, and then no input may
-    also carry typed contents.
+    also carry typed contents. Shapes, counts and sizes are checked against the data present
+    and ``limits`` before anything is allocated (``PayloadTooLargeError`` over the limits);
+    no exception other than a ``GatewayError`` leaves.
     """
+    try:
+        return _decode_infer_request(msg, limits)
+    except Exception as exc:
+        raise client_error(exc, "inference request") from None
+
+
+def _decode_infer_request(msg: pb.ModelInferRequest, limits: CodecLimits) -> InferRequest:
+    check_model_name(msg.model_name)
+    check_count("inputs", len(msg.inputs), limits.max_inputs)
+    check_count("outputs", len(msg.outputs), limits.max_outputs)
+    budget = ElementBudget(limits)
     raw = msg.raw_input_contents
     n_raw = len(raw)
     if n_raw and n_raw != len(msg.inputs):
@@ -100,7 +123,7 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
                 raise InvalidInputError(
                     f"input '{inp.name}' has both typed contents and raw_input_contents"
                 )
-            data = tensor_from_buffer(inp.name, datatype, shape, raw[i])
+            data = tensor_from_buffer(inp.name, datatype, shape, raw[i], budget)
         else:
             field = _CONTENTS_FIELD.get(datatype)
             if field is None:
@@ -111,7 +134,7 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
                     )
                 raise InvalidInputError(f"input '{inp.name}': unsupported datatype '{datatype}'")
             values = getattr(inp.contents, field)
-            data = tensor_from_list(inp.name, datatype, shape, list(values))
+            data = tensor_from_list(inp.name, datatype, shape, list(values), budget)
         inputs.append(Tensor(inp.name, datatype, shape, data))
     outputs = None
     if msg.outputs:

@@ -22,6 +22,15 @@ from gateway.codecs.datatypes import (
     tensor_to_bytes,
     tensor_to_list,
 )
+from gateway.codecs.limits import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    ElementBudget,
+    check_count,
+    check_json_depth,
+    check_model_name,
+    client_error,
+)
 from gateway.errors import InvalidInputError
 from gateway.types import (
     InferRequest,
@@ -79,12 +88,16 @@ def encode_json(value: object) -> bytes:
     return _encoder.encode(value)
 
 
-def decode_json(body: bytes, what: str) -> Any:
-    """Decode any JSON body; ``InvalidInputError`` names ``what`` on malformed input."""
+def decode_json(body: bytes, what: str, limits: CodecLimits = DEFAULT_LIMITS) -> Any:
+    """Decode any JSON body; ``InvalidInputError`` names ``what`` on malformed input or
+    nesting deeper than ``limits.max_json_depth``."""
     try:
+        check_json_depth(body, what, limits)
         return _any_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidInputError(f"malformed JSON in {what}: {exc}") from None
+    except Exception as exc:
+        raise client_error(exc, what) from None
 
 
 def _params(raw: dict[str, Any] | None, where: str) -> dict[str, ParamValue] | None:
@@ -103,13 +116,32 @@ def decode_infer_request(
     header_length: int | None,
     model_name: str,
     model_version: str,
+    limits: CodecLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     """Decode a V2 infer body (JSON, optionally followed by binary tensor data).
 
     Raises ``InvalidInputError`` naming the problem: malformed JSON (with msgspec's path),
-    a bad ``Inference-Header-Content-Length``, binary sizes that do not add up, data that
-    does not match its shape or datatype, or an input with both ``data`` and binary data.
+    nesting deeper than msgspec's recursion guard, more inputs or outputs than the limits,
+    a bad ``Inference-Header-Content-Length``, binary sizes that do not add up, a shape
+    that is negative, absurd or does not match its data, a value out of its datatype's
+    range, or an input with both ``data`` and binary data. ``PayloadTooLargeError`` when
+    consistent inputs are over ``limits.max_elements`` or ``max_decoded_bytes``. Sizes
+    are checked before anything is allocated, and no other exception leaves.
     """
+    try:
+        return _decode_infer_request(body, header_length, model_name, model_version, limits)
+    except Exception as exc:
+        raise client_error(exc, "inference request") from None
+
+
+def _decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    limits: CodecLimits,
+) -> InferRequest:
+    check_model_name(model_name)
     size = len(body)
     if header_length is None:
         header_length = size
@@ -118,12 +150,20 @@ def decode_infer_request(
             f"Inference-Header-Content-Length is {header_length} but the body has {size} bytes"
         )
     view = memoryview(body)
+    # No depth pre-scan here: it would cost about 1 ns per byte on every request. The
+    # schema bounds the envelope; 'data' is bounded by msgspec's recursion guard (about
+    # 1,000 levels, a RecursionError that client_error turns into a 400) and by
+    # numpy's 64 dimensions, and parameters must be scalars.
     try:
         req = _request_decoder.decode(view[:header_length])
     except msgspec.ValidationError as exc:
         raise InvalidInputError(f"invalid inference request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInputError(f"malformed JSON in inference request: {exc}") from None
+    check_count("inputs", len(req.inputs), limits.max_inputs)
+    if req.outputs:
+        check_count("outputs", len(req.outputs), limits.max_outputs)
+    budget = ElementBudget(limits)
     offset = header_length
     inputs: list[Tensor] = []
     for inp in req.inputs:
@@ -152,14 +192,14 @@ def decode_infer_request(
                     f"input '{inp.name}': binary_data_size {binary_size} runs past the end "
                     f"of the body ({size - offset} bytes of binary data remain)"
                 )
-            data = tensor_from_buffer(inp.name, inp.datatype, shape, view[offset:end])
+            data = tensor_from_buffer(inp.name, inp.datatype, shape, view[offset:end], budget)
             offset = end
         elif inp.data is _UNSET:
             raise InvalidInputError(f"input '{inp.name}' has neither 'data' nor binary_data_size")
         else:
             if inp.datatype == "BF16":
                 raise InvalidInputError(f"input '{inp.name}': BF16 has no JSON form")
-            data = tensor_from_list(inp.name, inp.datatype, shape, inp.data)
+            data = tensor_from_list(inp.name, inp.datatype, shape, inp.data, budget)
         inputs.append(Tensor(inp.name, inp.datatype, shape, data))
     if offset != size:
         raise InvalidInputError(

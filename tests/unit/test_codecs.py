@@ -143,11 +143,13 @@ def test_bytes_framing_errors() -> None:
     data = serialize_bytes(np.array([b"ab", b"c"], dtype=object))
     assert deserialize_bytes(data, 2, "x").tolist() == [b"ab", b"c"]
     with pytest.raises(InvalidInputError, match="declares 2 bytes"):
+        deserialize_bytes(data[:5], 1, "x")
+    with pytest.raises(InvalidInputError, match="hold at most 1 elements"):
         deserialize_bytes(data[:5], 2, "x")
     with pytest.raises(InvalidInputError, match="beyond"):
         deserialize_bytes(data + b"z", 2, "x")
     with pytest.raises(InvalidInputError, match="holds 1 elements"):
-        deserialize_bytes(data[:6], 2, "x")
+        deserialize_bytes(serialize_bytes(np.array([b"abcdefg"], dtype=object)), 2, "x")
     with pytest.raises(InvalidInputError, match="needs 8"):
         tensor_from_buffer("x", "FP32", (2,), b"\0" * 7)
 

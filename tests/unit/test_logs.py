@@ -12,11 +12,13 @@ import pytest
 
 from gateway.logs import (
     ACCESS_LOGGER,
+    MAX_REQUEST_ID_CHARS,
     AccessLog,
     JsonFormatter,
     configure_logging,
     parse_traceparent,
     request_id,
+    sanitize_request_id,
 )
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -84,6 +86,7 @@ def test_configure_logging_is_idempotent() -> None:
             if handler not in before:
                 root.removeHandler(handler)
         root.setLevel(level)
+        logging.captureWarnings(False)
 
 
 def test_request_id_prefers_a_sane_x_request_id() -> None:
@@ -93,9 +96,39 @@ def test_request_id_prefers_a_sane_x_request_id() -> None:
     assert request_id([("x-request-id", "from-grpc")]) == "from-grpc"
 
 
-@pytest.mark.parametrize("bad", ["", "x" * 129, "has space", "new\nline", "caf\u00e9"])
-def test_insane_request_ids_fall_back_to_the_traceparent(bad: str) -> None:
-    assert request_id({"x-request-id": bad, "traceparent": TRACEPARENT}) == TRACE_ID
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_blank_request_ids_fall_back_to_the_traceparent(blank: str) -> None:
+    assert request_id({"x-request-id": blank, "traceparent": TRACEPARENT}) == TRACE_ID
+
+
+@pytest.mark.parametrize(
+    ("hostile", "safe"),
+    [
+        ("x" * 129, "x" * 128),
+        ("has space", "has_space"),
+        ("new\nline", "new_line"),
+        ("caf\u00e9", "caf_"),
+        ("a\r\nSet-Cookie: x=1", "a__Set-Cookie:_x=1"),
+        ("\x00\x1b[31mred\x7f", "__[31mred_"),
+        ("id-" + "A" * 100_000, "id-" + "A" * 125),
+    ],
+)
+def test_hostile_request_ids_are_sanitised_from_every_source(hostile: str, safe: str) -> None:
+    assert sanitize_request_id(hostile) == safe
+    assert request_id({"x-request-id": hostile, "traceparent": TRACEPARENT}) == safe
+    assert request_id([("x-request-id", hostile)]) == safe  # gRPC metadata
+    assert len(sanitize_request_id(hostile).encode()) <= MAX_REQUEST_ID_CHARS
+
+
+def test_sanitised_ids_are_visible_ascii_within_the_limit() -> None:
+    for value in ["ok-123", "\x00" * 10, "é" * 500, b"\xff\xfe", None, ""]:
+        out = sanitize_request_id(value)
+        assert len(out) <= MAX_REQUEST_ID_CHARS
+        assert all(0x21 <= ord(c) <= 0x7E for c in out)
+    assert sanitize_request_id("ok-123") == "ok-123"
+    assert sanitize_request_id(None) == ""
+    assert sanitize_request_id(b"ab\r\ncd") == "ab__cd"  # raw header bytes
+    assert request_id([(b"x-request-id", b"ab\r\ncd")]) == "ab__cd"
 
 
 def test_traceparent_parsing() -> None:
