@@ -117,6 +117,26 @@ def test_nginx_balances_over_the_compose_service_on_the_gateway_ports() -> None:
     assert "127.0.0.1:8002:8002" in lb["ports"]  # the admin API stays on the host's loopback
 
 
+def test_nginx_closes_idle_upstream_connections_before_the_gateway_does() -> None:
+    """A request sent on a connection the replica is closing fails, and nginx does not
+    resend a POST; so nginx must give up idle connections first."""
+    conf = NGINX_CONF.read_text(encoding="utf-8")
+    timeouts = {
+        name: re.findall(r"keepalive_timeout\s+(\d+)s;", body)
+        for name, body in re.findall(r"upstream\s+(\w+)\s*\{([^}]*)\}", conf)
+    }
+    # The listeners' idle timeout, wherever the gateway's code sets it for uvicorn.
+    sources = (ROOT / "gateway").rglob("*.py")
+    found = {
+        int(v) for p in sources for v in re.findall(r"timeout_keep_alive=(\d+)", p.read_text())
+    }
+    assert len(found) == 1, f"expected one uvicorn timeout_keep_alive in gateway/, found {found}"
+    gateway_idle_s = found.pop()
+    for name, values in timeouts.items():
+        assert len(values) == 1, f"upstream {name}: set keepalive_timeout"
+        assert int(values[0]) < gateway_idle_s, name
+
+
 def _nginx() -> str:
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if found is None:
