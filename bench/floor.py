@@ -15,8 +15,8 @@ cheapest bare grpcio server, gRPC stream against the bare stream, HTTP binary ag
 bare Starlette+msgspec route (and the raw ASGI app for reference).
 
 Results: bench/results/floor.{json,md}; ``--smoke`` (one short round, bench.loadgen only,
-< 60 s) writes bench/results/tmp/floor_smoke.*. Options: --rounds, --concurrency 1,16,64,
---warmup-s, --measure-s, --no-perf-analyzer.
+about 20-30 s) writes bench/results/tmp/floor_smoke.*. Options: --rounds, --concurrency
+1,16,64, --warmup-s, --measure-s, --no-perf-analyzer, --note, --results-dir.
 """
 
 from __future__ import annotations
@@ -312,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-s", type=float, default=6.0)
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--note", default="", help="a line for the report (e.g. machine state)")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where floor.{json,md} go (default bench/results; --smoke: bench/results/tmp)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.smoke:
@@ -378,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = _json_safe(payload)
     text = markdown(payload)
-    if args.smoke:
-        TMP_RESULTS.mkdir(parents=True, exist_ok=True)
-        (TMP_RESULTS / "floor_smoke.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (TMP_RESULTS / "floor_smoke.md").write_text(text)
+    name = "floor_smoke" if args.smoke else "floor"
+    folder = args.results_dir or (TMP_RESULTS if args.smoke else None)
+    if folder is None:
+        write_results(name, payload, text)
     else:
-        write_results("floor", payload, text)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (folder / f"{name}.md").write_text(text)
     print(text)
     logger.info("done in %.1f s", payload["total_s"])
     failed = [c for c in cells if c.get("status") != "ok"]
