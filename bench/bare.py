@@ -5,7 +5,11 @@ Each ``--kind`` is the least a stack needs to answer a V2 ModelInfer for one mod
 
 - ``grpc-aio``: grpc.aio server, inference inline in the coroutine; serves ModelInfer and
   ModelStreamInfer (one bidirectional stream answers each request in order).
+  ``--uvloop`` runs it on uvloop's event loop (as the gateway does).
 - ``grpc-sync``: grpcio's synchronous server on a thread pool (``--threads``, default 4).
+  ``--handoff loop`` runs each handler on an asyncio event loop in another thread and
+  waits for it (run_coroutine_threadsafe): what a sync front end costs that keeps an
+  asyncio core behind it.
 - ``asgi``: a raw ASGI app on uvicorn (uvloop, httptools, no access log, no lifespan).
 - ``starlette``: a Starlette route reading the body and answering with a Response; the JSON
   header encoded and decoded with msgspec.
@@ -271,13 +275,23 @@ async def _serve_grpc_aio(floor: Floor, port: int) -> None:
     await server.stop(1)
 
 
-def _serve_grpc_sync(floor: Floor, port: int, threads: int) -> None:
+def _serve_grpc_sync(floor: Floor, port: int, threads: int, handoff: str) -> None:
     import grpc
 
+    loop: asyncio.AbstractEventLoop | None = None
+    if handoff == "loop":
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="core-loop", daemon=True).start()
+
     def wrap(fn: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+        async def on_loop(request: Any) -> Any:
+            return fn(request)
+
         def handler(request: Any, context: Any) -> Any:
             try:
-                return fn(request)
+                if loop is None:
+                    return fn(request)
+                return asyncio.run_coroutine_threadsafe(on_loop(request), loop).result()
             except (BadRequestError, KeyError, TypeError) as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -430,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=0)
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=4, help="grpc-sync worker threads")
+    parser.add_argument(
+        "--handoff", choices=("none", "loop"), default="none", help="grpc-sync: run on a loop"
+    )
+    parser.add_argument("--uvloop", action="store_true", help="grpc-aio on uvloop")
     # Accepted (the harness passes them to every server) and unused.
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE)
@@ -438,10 +456,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("one --model name=path")
     name, path = args.model[0].split("=", 1)
     floor = Floor(name, path)
-    if args.kind == "grpc-aio":
+    if args.kind == "grpc-aio" and args.uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve_grpc_aio(floor, args.grpc_port))
+    elif args.kind == "grpc-aio":
         asyncio.run(_serve_grpc_aio(floor, args.grpc_port))
     elif args.kind == "grpc-sync":
-        _serve_grpc_sync(floor, args.grpc_port, args.threads)
+        _serve_grpc_sync(floor, args.grpc_port, args.threads, args.handoff)
     elif args.kind == "asgi":
         _serve_http(asgi_app(floor), args.http_port)
     else:
