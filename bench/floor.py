@@ -16,7 +16,8 @@ bare Starlette+msgspec route (and the raw ASGI app for reference).
 
 Results: bench/results/floor.{json,md}; ``--smoke`` (one short round, bench.loadgen only,
 about 20-30 s) writes bench/results/tmp/floor_smoke.*. Options: --rounds, --concurrency
-1,16,64, --warmup-s, --measure-s, --no-perf-analyzer, --note, --results-dir.
+1,16,64, --warmup-s, --measure-s, --no-perf-analyzer, --note, --results-dir, --render
+bench/results/floor.json (rewrite the markdown only).
 """
 
 from __future__ import annotations
@@ -227,9 +228,12 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(payload: dict[str, Any]) -> str:
     meta = payload["meta"]
     labels = payload["labels"]
+    command = meta["command"].split(" --note ")[0]
+    if payload.get("note"):
+        command += ' --note "..."'
     lines = [
         "# Stack floor: the gateway next to bare servers (mlp_small)\n",
-        f"`{meta['command']}` at {meta['git_sha'] or 'unknown commit'}, {meta['date']}; "
+        f"`{command}` at {meta['git_sha'] or 'unknown commit'}, {meta['date']}; "
         f"{meta['cpu']}, {meta['cores']} cores, Python {meta['python']}; "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + f". {payload['rounds']} alternating round(s), medians; "
@@ -337,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where floor.{json,md} go (default bench/results; --smoke: bench/results/tmp)",
     )
+    parser.add_argument("--render", type=Path, help="rewrite the markdown from a floor JSON")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(payload))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.smoke:
         args.rounds, args.warmup_s, args.measure_s = 1, 0.3, 1.0
