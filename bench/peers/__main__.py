@@ -142,8 +142,10 @@ def run_perf_analyzer_cell(
     measure_s: float,
 ) -> dict[str, Any]:
     """One perf_analyzer run (three windows of measure_s/3, --input-data zero). Server CPU
-    per request over the whole run / the requests the server itself counted (V2 stats)."""
-    port = server.grpc_port if protocol == "grpc" else server.http_port
+    per request over the whole run / the requests the server itself counted (V2 stats).
+    ``protocol`` is ``http``, ``grpc`` or ``grpc-stream`` (gRPC with --streaming)."""
+    streaming = protocol == "grpc-stream"
+    port = server.grpc_port if protocol.startswith("grpc") else server.http_port
     window_ms = max(500, int(measure_s * 1000 / 3))
     before_requests = server.served_requests(model)
     cpu0 = server.cpu_seconds()
@@ -153,10 +155,11 @@ def run_perf_analyzer_cell(
     # not a hunt for stability on a noisy shared machine.
     pa = run_perf_analyzer(
         model,
-        protocol,
+        "grpc" if streaming else protocol,
         f"127.0.0.1:{port}",
         concurrency,
         window_ms=window_ms,
+        streaming=streaming,
         stability_pct=1000,
         max_trials=4,
         attempts=1,
@@ -377,6 +380,7 @@ _PROTOCOL_NAMES: Final = {
     "plain-json": "HTTP plain JSON",
     "pa-http": "HTTP binary (perf_analyzer)",
     "pa-grpc": "gRPC unary (perf_analyzer)",
+    "pa-grpc-stream": "gRPC stream (perf_analyzer)",
 }
 
 

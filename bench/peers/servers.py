@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -68,7 +69,9 @@ class ServerSpec:
 
     ``modes`` are bench.loadgen modes; ``perf_analyzer`` the perf_analyzer protocols
     (``http``/``grpc``) it can also be measured with; ``route`` the plain-JSON path, with
-    ``{model}`` replaced.
+    ``{model}`` replaced. ``module`` (with ``args``) runs a module of this repository with
+    the gateway's own interpreter instead of an adapter in a peer's venv (the bare floor
+    servers); ``uses_http`` False means it has no HTTP listener.
     """
 
     name: str
@@ -79,6 +82,9 @@ class ServerSpec:
     route: str = "/{model}"
     batching: str = ""
     uses_grpc: bool = True
+    module: str = ""
+    args: tuple[str, ...] = ()
+    uses_http: bool = True
 
     @property
     def is_v2(self) -> bool:
@@ -293,13 +299,17 @@ class ServerProcess:
         self.grpc_port = self._gateway.grpc_port
 
     def _start_peer(self) -> None:
-        if not install.is_installed(self.spec.name):
+        if self.spec.module:
+            python = Path(sys.executable)
+            command = [str(python), "-m", self.spec.module, *self.spec.args]
+        elif not install.is_installed(self.spec.name):
             raise ServerError(f"{self.spec.name} is not installed (bench/.peers/)")
-        self.http_port = free_port()
+        else:
+            python = install.python(self.spec.name)
+            command = [str(python), "-m", f"bench.peers.adapters.{self.spec.adapter}"]
+        self.http_port = free_port() if self.spec.uses_http else 0
         self.grpc_port = free_port() if self.spec.uses_grpc else 0
         self.metrics_port = free_port()
-        python = install.python(self.spec.name)
-        command = [str(python), "-m", f"bench.peers.adapters.{self.spec.adapter}"]
         for name, path in self.models.items():
             command += ["--model", f"{name}={path}"]
         command += [
@@ -399,6 +409,9 @@ class ServerProcess:
         width = _input_width(self.models[model])
         row = [0.5] * width
         body: dict[str, Any]
+        if not self.spec.uses_http:
+            self._probe_grpc(model, width)
+            return
         if self.spec.is_v2:
             url = f"http://127.0.0.1:{self.http_port}/v2/models/{model}/infer"
             body = {"inputs": [{"name": "INPUT0", "shape": [1, width], "datatype": "FP32",
@@ -444,6 +457,8 @@ class ServerProcess:
 
     def served_requests(self, model: str) -> int | None:
         """Successful inferences the server itself counted (V2 statistics), if it reports."""
+        if not self.spec.uses_http:
+            return self._grpc_served_requests(model)
         url = f"http://127.0.0.1:{self.http_port}/v2/models/{model}/stats"
         try:
             with urllib.request.urlopen(url, timeout=10) as reply:
@@ -451,6 +466,22 @@ class ServerProcess:
         except (OSError, ValueError, KeyError):
             return None
         return sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
+
+    def _grpc_served_requests(self, model: str) -> int | None:
+        import grpc
+
+        from gateway._proto import grpc_service_pb2 as pb
+
+        request = pb.ModelStatisticsRequest(name=model).SerializeToString()
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            try:
+                reply = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")(
+                    request, timeout=10
+                )
+            except grpc.RpcError:
+                return None
+        stats = pb.ModelStatisticsResponse.FromString(reply).model_stats
+        return sum(int(s.inference_stats.success.count) for s in stats)
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
