@@ -34,6 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "signals": {"router", "drift", "rollout", "traffic", "types"},
     # Ground truth: remembered predictions and outcome statistics (pure numerics).
     "outcomes": set(),
+    # Always-valid sequential tests for rollout decisions (pure numerics).
+    "sequential": set(),
     "feedback": {"config", "types", "errors", "outcomes"},
     # Operability: structured logs, the prediction log writer, dashboard assets.
     "logs": set(),
