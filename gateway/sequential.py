@@ -178,6 +178,16 @@ class MeanMoments:
         mean = self.mean + delta * other.n / n
         return MeanMoments(n, mean, self.m2 + other.m2 + delta * delta * self.n * other.n / n)
 
+    @classmethod
+    def from_counts(cls, counts: BernoulliCounts) -> MeanMoments:
+        """The moments of ``counts.trials`` values that are 1 for an event and 0 otherwise,
+        so a rate can be judged by ``MeanTest`` (faster than ``ProportionTest`` once both
+        arms hold a few hundred trials, but only asymptotically valid)."""
+        if counts.trials == 0:
+            return cls()
+        mean = counts.events / counts.trials
+        return cls(counts.trials, mean, counts.events * (1.0 - mean))
+
     @property
     def var(self) -> float | None:
         """Sample variance (ddof=1); None below 2 values."""

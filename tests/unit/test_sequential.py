@@ -146,6 +146,56 @@ def test_accuracy_worse_candidate_rejected_near_the_expected_truths() -> None:
     assert 400 <= median <= 700
 
 
+def test_accuracy_by_the_mean_test_needs_about_half_the_truths() -> None:
+    # The same 0.80 vs 0.90 candidate judged as a mean of 0/1 "wrong" values: the normal
+    # mixture pays less for monitoring than the exact test (measured, seed 3: median 290
+    # candidate truths against 549), at the price of asymptotic validity, checked below.
+    test = MeanTest(name="accuracy", effect_sd=0.25)
+    rng = np.random.default_rng(3)
+    runs, length = 200, 3000
+    is_candidate = rng.random((runs, length)) < 0.5
+    wrong = rng.random((runs, length)) < np.where(is_candidate, 0.2, 0.1)
+    hit = test.log_e_path(is_candidate, wrong.astype(np.float64)) >= math.log(1 / test.alpha)
+    assert hit.any(axis=1).all()
+    candidate_truths = np.cumsum(is_candidate, axis=1)[np.arange(runs), hit.argmax(axis=1)]
+    assert 200 <= float(np.median(candidate_truths)) <= 380
+    # A/A on 0/1 values at 10% and 2% wrong, checked after every truth.
+    aa_test = MeanTest(alpha=DEFAULT_FALSE_ROLLBACK_RATE)
+    rejected = 0
+    for rate in (0.1, 0.02):
+        for _ in range(0, 400, 20):
+            is_candidate = rng.random((20, 2000)) < 0.5
+            wrong = rng.random((20, 2000)) < rate
+            path = aa_test.log_e_path(is_candidate, wrong.astype(np.float64))
+            rejected += int((path.max(axis=1) >= math.log(1 / aa_test.alpha)).sum())
+    assert rejected <= 8, f"{rejected}/800 A/A runs rejected"
+    counts = BernoulliCounts.from_accuracy(50, 40)
+    ones = np.r_[np.ones(10), np.zeros(40)]
+    moments = MeanMoments.from_counts(counts)
+    assert (moments.mean, moments.var) == pytest.approx((ones.mean(), ones.var(ddof=1)))
+
+
+def test_latency_exceedance_of_a_slow_candidate_is_rejected() -> None:
+    # Threshold fixed at the stable arm's p99 (8 ms bucket bound) before the step; the
+    # candidate puts 5% of requests above it instead of 1%, at a 5% share.
+    bounds = (1.0, 2.0, 4.0, 8.0, 16.0)
+    rng = np.random.default_rng(12)
+    test = ProportionTest(name="latency")
+    cand = [0] * 6
+    stab = [0] * 6
+    for _ in range(40_000):
+        to_candidate = rng.random() < 0.05
+        slow = rng.random() < (0.05 if to_candidate else 0.01)
+        bucket = 4 + int(rng.random() < 0.5) if slow else int(rng.integers(0, 4))
+        (cand if to_candidate else stab)[bucket] += 1
+        if sum(cand) % 10 == 0 and to_candidate:
+            result = test.evaluate(exceedances(cand, bounds, 8.0), exceedances(stab, bounds, 8.0))
+            if result.verdict == "reject":
+                break
+    assert result.verdict == "reject"
+    assert result.candidate_samples < 1500
+
+
 def test_pooled_counts_give_the_same_answer() -> None:
     rng = np.random.default_rng(5)
     test = ProportionTest()
