@@ -61,6 +61,19 @@ Two statistics:
   are plug-in sample variances, as in Johari et al., so validity is asymptotic: the test
   waits for ``min_samples`` per arm and its type-I error is checked by simulation.
 
+Defaults and the error rates they give. A rollout's tests share one false rollback budget,
+``DEFAULT_FALSE_ROLLBACK_RATE`` = 1%, split evenly (``split_alpha``): the default pair, error
+rate and latency exceedance, run at 0.5% each. By Ville's inequality and the union bound, a
+candidate no worse than stable is rolled back with probability at most 1% over the whole
+rollout, checked after every request, for any horizon (exact for ``ProportionTest``;
+asymptotic for ``MeanTest``). Simulated (tests/unit/test_sequential.py): 0 of 1,000 A/A
+rollouts, 5% and 50% splits, 2,000 candidate requests each. The accept side errs (calls a
+candidate worse by more than the margin "not worse") with probability at most
+``DEFAULT_ACCEPT_ERROR`` = 5%. Expected candidate requests to decide, ``ProportionTest``
+defaults, stable at 1% errors, 5% / 50% split: 3 / 7 to reject a candidate failing every
+request, 93 / 252 at 10% errors, 349 / 834 at 5%, 4,251 / 8,588 at 2%; 4,356 / 5,248 to
+accept an equal candidate within the 1-point margin (1,270 / 1,110 with no errors at all).
+
 Units: counts are requests (or truths); rates are fractions in [0, 1]; means, margins and
 ``tau`` are in the metric's own units (``tau`` is given as ``effect_sd``, a multiple of the
 pooled standard deviation, which makes the test scale-free).
