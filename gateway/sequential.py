@@ -61,6 +61,14 @@ Two statistics:
   are plug-in sample variances, as in Johari et al., so validity is asymptotic: the test
   waits for ``min_samples`` per arm and its type-I error is checked by simulation.
 
+Across steps: the exact guarantee assumes each arm's rate is constant while the split may
+change. Rates that move together on both arms (an outage, a daily cycle) break that once the
+split changes: pooled over a 5% step and a 50% step, an outage during the 50% step hits a
+larger part of the candidate's requests than of the stable arm's, and an identical candidate
+looks worse (Simpson's paradox; 266 of 400 simulated A/A rollouts rolled back). So judge each
+step on its own window (one split) and share the budget over the steps: ``split_alpha(total,
+tests * steps)``; within a step a common burst touches both arms in proportion (0 of 400).
+
 Defaults and the error rates they give. A rollout's tests share one false rollback budget,
 ``DEFAULT_FALSE_ROLLBACK_RATE`` = 1%, split evenly (``split_alpha``): the default pair, error
 rate and latency exceedance, run at 0.5% each. By Ville's inequality and the union bound, a
