@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "traffic": set(),
     "drift": {"config", "types", "metrics", "drift"},
     "rollout": {"router", "drift", "store", "config", "errors", "metrics", "types"},
-    "store": {"config", "errors", "types"},
+    "store": {"config", "errors", "types", "store"},
     # Webhook delivery, part of the rollout layer; the admin CLI talks HTTP only.
     "alerts": {"config", "errors", "types"},
     "admin_client": set(),
