@@ -5,15 +5,15 @@ callback is called, on the event loop, with each changed model's new ``ModelStat
 and rollout document), in commit order per model and exactly once per version. The follower
 tails the change log with ``XREAD BLOCK`` from the last id it applied, and resyncs from a
 snapshot (state plus the log's position, read atomically) at start, after every reconnect and
-every ``resync_interval_s``; a model whose version differs from the one applied is delivered
-again. Nothing on the request path waits on it: the router keeps serving the routes it holds
-while Redis is away. Knows nothing of routers or controllers.
+every ``resync_interval_s``: it replays the log entries it missed, in order, then delivers
+any model whose version still differs (its entries were trimmed from the log). Nothing on
+the request path waits on it: the router keeps serving the routes it holds while Redis is
+away. Knows nothing of routers or controllers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 BLOCK_MS: Final = 1000  # one XREAD wait; a dead connection shows within BLOCK + TIMEOUT_S
 READ_COUNT: Final = 100  # entries per XREAD: a burst of changes is applied in few round trips
 TIMEOUT_S: Final = 0.5  # connect and reply timeout, on top of the XREAD block
+CATCH_UP_MAX: Final = 10_000  # log entries replayed in order on a resync; beyond, the snapshot
 RECONNECT_MIN_S: Final = 0.05
 RECONNECT_MAX_S: Final = 0.25  # a returning Redis is seen (and resynced) within ~0.3 s
 
@@ -76,6 +77,7 @@ class ChangeFollower:
         self.is_connected = False
         self._synced: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._is_stopping = False
         self._redis: aioredis.Redis | None = None
 
     def applied(self) -> dict[str, int]:
@@ -86,6 +88,7 @@ class ChangeFollower:
         if self._task is not None:
             return
         self._synced = asyncio.Event()
+        self._is_stopping = False
         self._redis = aioredis.Redis.from_url(
             self._url,
             socket_timeout=TIMEOUT_S + BLOCK_MS / 1000,
@@ -106,29 +109,29 @@ class ChangeFollower:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        self._is_stopping = True
+        # Cancel until done: on Python 3.11 a cancel that lands as redis-py's read timeout
+        # fires can be swallowed by asyncio.timeout, and the loop would read on.
+        while task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
 
     async def _run(self) -> None:
         delay = RECONNECT_MIN_S
-        while True:
+        while not self._is_stopping:
             try:
                 await self._follow()
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                if self.is_connected:
+                if self.is_connected:  # it was following until now: retry soon
                     logger.warning("control store unreachable, following paused: %s", exc)
+                    delay = RECONNECT_MIN_S
+                else:
+                    delay = min(delay * 2, RECONNECT_MAX_S)
                 self.is_connected = False
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
-            else:  # pragma: no cover - _follow only returns by raising
-                return
-            if self.is_connected:
-                delay = RECONNECT_MIN_S
 
     async def _follow(self) -> None:
         assert self._redis is not None
@@ -138,7 +141,7 @@ class ChangeFollower:
         self.is_connected = True
         next_resync = time.monotonic() + self._resync_interval_s
         stream = self._prefix + "changes"
-        while True:
+        while not self._is_stopping:
             reply = await self._redis.xread(
                 {stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS
             )
@@ -151,15 +154,17 @@ class ChangeFollower:
                 next_resync = time.monotonic() + self._resync_interval_s
 
     async def _resync(self) -> None:
-        """Apply the snapshot: every model whose version differs from the applied one (all
-        of them if the store's epoch changed, i.e. it was replaced or wiped)."""
+        """Catch up to a snapshot (state plus the log position, read atomically): first the
+        log entries between the last one read and the snapshot's position, in order, then
+        every model whose version still differs (entries trimmed from the log). If the
+        store's epoch changed (replaced or wiped) or its version went back, adopt it whole."""
         assert self._redis is not None
         keys = [self._prefix + "state", self._prefix + "changes"]
         reply: object = await self._redis.eval(SNAPSHOT_SCRIPT, len(keys), *keys)
         if not isinstance(reply, list) or len(reply) != 2:
             raise redis.ResponseError(f"unexpected snapshot reply {reply!r:.80}")
-        last_id, flat = reply
-        snap = parse_state(as_fields(flat))
+        raw_id, flat = reply
+        snap, snap_id = parse_state(as_fields(flat)), as_bytes(raw_id).decode()
         if snap.epoch != self._epoch:
             if self._epoch:
                 logger.warning(
@@ -176,11 +181,17 @@ class ChangeFollower:
                 snap.version,
             )
             self._applied.clear()
+        elif self.resyncs > 0 and snap_id != self.last_id:
+            rows = await self._redis.xrange(
+                keys[1], min="(" + self.last_id, max=snap_id, count=CATCH_UP_MAX
+            )
+            for _, fields in as_entries(rows):
+                self._deliver(change_from_fields(fields))
         for state in snap.models.values():
             if self._applied.get(state.model) != state.version:
                 self._deliver(state, force=True)
         self.version = snap.version
-        self.last_id = as_bytes(last_id).decode()
+        self.last_id = snap_id
         self.resyncs += 1
         assert self._synced is not None
         self._synced.set()

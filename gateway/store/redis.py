@@ -446,6 +446,7 @@ class RedisStore:
         self.cluster = cluster
         self.prefix = key_prefix(cluster)
         self._clock = clock
+        self._timeout_s = timeout_s
         self._pool = redis.ConnectionPool.from_url(
             url,
             socket_timeout=timeout_s,
@@ -478,7 +479,13 @@ class RedisStore:
         """Turns connection failures and timeouts into ``StoreUnavailableError``."""
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.TimeoutError as exc:
+            raise StoreUnavailableError(
+                f"control store unavailable (redis at {self.address}): {what} timed out "
+                f"after {self._timeout_s} s; a change may still have been applied, so check "
+                "the state before retrying"
+            ) from exc
+        except redis.ConnectionError as exc:
             raise StoreUnavailableError(
                 f"control store unavailable (redis at {self.address}): {what} failed: {exc}"
             ) from exc
