@@ -165,14 +165,12 @@ class ChangeFollower:
             raise redis.ResponseError(f"unexpected snapshot reply {reply!r:.80}")
         raw_id, flat = reply
         snap, snap_id = parse_state(as_fields(flat)), as_bytes(raw_id).decode()
-        if snap.epoch != self._epoch:
-            if self._epoch:
-                logger.warning(
-                    "control store epoch changed (%s -> %s): adopting its state",
-                    self._epoch,
-                    snap.epoch,
-                )
-            self._epoch = snap.epoch
+        if self._epoch and snap.epoch != self._epoch:
+            logger.warning(
+                "control store epoch changed (%s -> %s): adopting its state",
+                self._epoch,
+                snap.epoch,
+            )
             self._applied.clear()
         elif snap.version < self.version:
             logger.warning(
@@ -190,6 +188,8 @@ class ChangeFollower:
         for state in snap.models.values():
             if self._applied.get(state.model) != state.version:
                 self._deliver(state, force=True)
+        # An empty store has no epoch yet; its first commit writes one (not a replacement).
+        self._epoch = snap.epoch
         self.version = snap.version
         self.last_id = snap_id
         self.resyncs += 1

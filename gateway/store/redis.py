@@ -188,7 +188,8 @@ end
 # KEYS: state, changes, audit, audit:head, leader
 # ARGV: model, expected version|'', token|'', has event '0'|'1', the entry's canonical JSON in
 #       three parts around its prev_hash and seq, has route '0'|'1', route JSON,
-#       has rollout '0'|'1', rollout bytes, change-log maxlen
+#       has rollout '0'|'1', rollout bytes, change-log maxlen, a fresh epoch (kept only if
+#       the store has none: first use, or wiped)
 # Returns {'ok', model version, global version|'', seq|'', prev hash|'', hash|''} or an error
 # status: {'fenced', current lease|''}, {'version', current version}.
 _COMMIT: Final = (
@@ -207,6 +208,7 @@ if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= ver then
 end
 local g = ''
 if ARGV[8] == '1' or ARGV[10] == '1' then
+  redis.call('HSETNX', KEYS[1], 'epoch', ARGV[13])
   ver = ver + 1
   redis.call('HSET', KEYS[1], 'ver:' .. model, ver)
   if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'route:' .. model, ARGV[9]) end
@@ -584,6 +586,7 @@ class RedisStore:
             "0" if rollout is None else "1",
             b"" if rollout is None else rollout,
             CHANGES_MAXLEN,
+            secrets.token_hex(8),
         ]
         keys = [self._k_state, self._k_changes, self._k_audit, self._k_head, self._k_leader]
         with self._call(what):

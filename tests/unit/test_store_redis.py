@@ -142,6 +142,33 @@ def test_follower_resyncs_after_redis_restarts(server: RedisServer, store: Redis
     assert store.get_route("m") == _route(49)
 
 
+def test_follower_adopts_a_replaced_store(server: RedisServer, store: RedisStore) -> None:
+    seen: list[tuple[int, Route | None]] = []
+
+    async def main() -> None:
+        follower = ChangeFollower(
+            server.url,
+            lambda s: seen.append((s.version, s.route)),
+            cluster="t",
+            resync_interval_s=0.1,
+        )
+        await follower.start()
+        try:
+            for i in range(5):
+                await asyncio.to_thread(store.save, "m", route=_route(i))
+            assert await _until(lambda: follower.applied() == {"m": 5}, 5.0)
+            raw = redis.Redis(port=server.port)
+            raw.flushall()  # the store is lost (or replaced by an empty one)
+            raw.close()
+            await asyncio.to_thread(store.save, "m", route=_route(42))  # a new epoch, version 1
+            assert await _until(lambda: follower.applied() == {"m": 1}, 5.0)
+        finally:
+            await follower.stop()
+
+    asyncio.run(main())
+    assert seen[-1] == (1, _route(42))
+
+
 def test_writes_fail_fast_while_redis_is_down_or_hung(server: RedisServer) -> None:
     store = RedisStore(server.url, cluster="t")
     try:
