@@ -23,7 +23,7 @@ from gateway.store.audit import (
 )
 from gateway.store.cluster import LeaseKeeper, ReplicaHeartbeat
 from gateway.store.follower import ChangeFollower
-from gateway.store.protocol import ControlSnapshot, Lease, ModelState, Store
+from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState, Store
 from gateway.store.redis import (
     Pooled,
     RedisStore,
@@ -41,6 +41,7 @@ __all__ = [
     "AuditEvent",
     "AuditVerification",
     "ChangeFollower",
+    "Commit",
     "ControlSnapshot",
     "Lease",
     "LeaseKeeper",

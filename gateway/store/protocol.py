@@ -16,7 +16,7 @@ import msgspec
 from gateway.store.audit import AuditEntry, AuditEvent, AuditVerification, JsonObject
 from gateway.types import Route
 
-__all__ = ["ControlSnapshot", "Lease", "ModelState", "Store"]
+__all__ = ["Commit", "ControlSnapshot", "Lease", "ModelState", "Store"]
 
 
 class ModelState(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +37,15 @@ class ControlSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     epoch: str
     """Random id written when the store was created: a change means the store was replaced."""
     models: dict[str, ModelState]
+
+
+class Commit(msgspec.Struct, frozen=True, kw_only=True):
+    """What one commit did: the model's and the store's version after it, and the entry."""
+
+    version: int
+    """The model's version now (unchanged if the commit wrote no route or rollout)."""
+    global_version: int
+    entry: AuditEntry | None = None
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +89,20 @@ class Store(Protocol):
         check). ``fencing_token``: the controller lease token (None for operator writes,
         which need no lease).
         """
+        ...
+
+    def commit(
+        self,
+        model: str,
+        *,
+        route: Route | None = None,
+        rollout: bytes | None = None,
+        event: AuditEvent | None = None,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+    ) -> Commit:
+        """``save`` that also returns the versions after the commit, so a writer can pass
+        the right ``expected_version`` next time without reading the state again."""
         ...
 
     def append_audit(

@@ -60,7 +60,7 @@ from gateway.store.audit import (
     canonical,
     new_entry,
 )
-from gateway.store.protocol import ControlSnapshot, Lease, ModelState
+from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState
 from gateway.types import Route
 
 __all__ = [
@@ -190,7 +190,7 @@ end
 #       three parts around its prev_hash and seq, has route '0'|'1', route JSON,
 #       has rollout '0'|'1', rollout bytes, change-log maxlen, a fresh epoch (kept only if
 #       the store has none: first use, or wiped)
-# Returns {'ok', model version, global version|'', seq|'', prev hash|'', hash|''} or an error
+# Returns {'ok', model version, global version, seq|'', prev hash|'', hash|''} or an error
 # status: {'fenced', current lease|''}, {'version', current version}.
 _COMMIT: Final = (
     _SHA256
@@ -206,7 +206,7 @@ local ver = tonumber(redis.call('HGET', KEYS[1], 'ver:' .. model) or '0')
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= ver then
   return {'version', tostring(ver)}
 end
-local g = ''
+local g = redis.call('HGET', KEYS[1], 'version') or '0'
 if ARGV[8] == '1' or ARGV[10] == '1' then
   redis.call('HSETNX', KEYS[1], 'epoch', ARGV[13])
   ver = ver + 1
@@ -553,12 +553,31 @@ class RedisStore:
         """One atomic commit (see the module docstring). Raises ``VersionConflictError``,
         ``FencedWriteError``, ``StoreUnavailableError`` (nothing written, or for a timeout,
         an outcome to check with ``snapshot``)."""
+        return self.commit(
+            model,
+            route=route,
+            rollout=rollout,
+            event=event,
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        ).entry
+
+    def commit(
+        self,
+        model: str,
+        *,
+        route: Route | None = None,
+        rollout: bytes | None = None,
+        event: AuditEvent | None = None,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+    ) -> Commit:
+        """``save``, returning the versions after the commit."""
         if route is not None and route.model != model:
             raise InvalidInputError(f"route is for model '{route.model}', not '{model}'")
-        entry, _ = self._run_commit(
+        return self._run_commit(
             model, route, rollout, event, expected_version, fencing_token, "a commit"
         )
-        return entry
 
     def _run_commit(
         self,
@@ -569,7 +588,7 @@ class RedisStore:
         expected_version: int | None,
         fencing_token: int | None,
         what: str,
-    ) -> tuple[AuditEntry | None, int]:
+    ) -> Commit:
         draft = None
         parts = (b"", b"", b"")
         if event is not None:
@@ -604,8 +623,10 @@ class RedisStore:
             )
         if status != "ok":  # pragma: no cover - the script has no other answer
             raise StoreUnavailableError(f"unexpected commit reply {status!r}")
+        version = int(reply[1])
+        global_version = int(reply[2])
         if draft is None:
-            return None, int(reply[1])
+            return Commit(version=version, global_version=global_version)
         entry = msgspec.structs.replace(
             draft,
             seq=int(reply[3]),
@@ -616,7 +637,7 @@ class RedisStore:
         del fields["hash"]
         if audit_hash(**fields) != entry.hash:  # the chain check would fail later; say it now
             logger.error("audit entry %d was hashed differently by the store", entry.seq)
-        return entry, int(reply[1])
+        return Commit(version=version, global_version=global_version, entry=entry)
 
     def _read_head(self) -> tuple[int, str]:
         with self._call("reading the audit head"):
@@ -671,7 +692,7 @@ class RedisStore:
             details=details or {},
             ts=ts,
         )
-        entry, _ = self._run_commit(model, None, None, event, None, None, "an audit append")
+        entry = self._run_commit(model, None, None, event, None, None, "an audit append").entry
         assert entry is not None
         return entry
 

@@ -38,7 +38,7 @@ from gateway.store.audit import (
     JsonObject,
     new_entry,
 )
-from gateway.store.protocol import ControlSnapshot, Lease, ModelState
+from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState
 from gateway.types import Route
 
 __all__ = ["SqliteStore"]
@@ -209,19 +209,38 @@ class SqliteStore:
     ) -> AuditEntry | None:
         """Write any of a route, a rollout document and an audit event in one transaction:
         either all are durable when this returns or none is written (raises)."""
+        return self.commit(
+            model,
+            route=route,
+            rollout=rollout,
+            event=event,
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        ).entry
+
+    def commit(
+        self,
+        model: str,
+        *,
+        route: Route | None = None,
+        rollout: bytes | None = None,
+        event: AuditEvent | None = None,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+    ) -> Commit:
+        """``save``, returning the versions after the commit."""
         if route is not None and route.model != model:
             raise InvalidInputError(f"route is for model '{route.model}', not '{model}'")
         with self._write() as db:
             if fencing_token is not None:
                 self._check_fence(db, fencing_token)
-            if expected_version is not None:
-                row = db.execute("SELECT version FROM versions WHERE model=?", (model,)).fetchone()
-                current = 0 if row is None else int(row[0])
-                if current != expected_version:
-                    raise VersionConflictError(
-                        f"model '{model}' is at control version {current}, not "
-                        f"{expected_version}: it changed meanwhile; re-read and retry"
-                    )
+            row = db.execute("SELECT version FROM versions WHERE model=?", (model,)).fetchone()
+            version = 0 if row is None else int(row[0])
+            if expected_version is not None and version != expected_version:
+                raise VersionConflictError(
+                    f"model '{model}' is at control version {version}, not "
+                    f"{expected_version}: it changed meanwhile; re-read and retry"
+                )
             if route is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO routes VALUES (?, ?)",
@@ -230,16 +249,17 @@ class SqliteStore:
             if rollout is not None:
                 db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?)", (model, rollout))
             if route is not None or rollout is not None:
-                db.execute(
-                    "INSERT INTO versions VALUES (?, 1) "
-                    "ON CONFLICT(model) DO UPDATE SET version = version + 1",
-                    (model,),
-                )
+                version += 1
+                db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?)", (model, version))
                 db.execute(
                     "INSERT INTO meta VALUES ('version', '1') ON CONFLICT(key) "
                     "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
                 )
-            return None if event is None else self._append(db, event)
+            row = db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+            entry = None if event is None else self._append(db, event)
+        return Commit(
+            version=version, global_version=0 if row is None else int(row[0]), entry=entry
+        )
 
     # -- controller lease ---------------------------------------------------------------------
 

@@ -231,3 +231,19 @@ def test_lease_keepers_elect_one_and_fail_over(new_store: Factory) -> None:
     finally:
         for keeper in keepers:
             keeper.stop()
+
+
+def test_commit_returns_the_versions_it_made(new_store: Factory) -> None:
+    store = new_store()
+    first = store.commit("m", route=_route("m", 1), event=_event("m", 1))
+    assert (first.version, first.global_version) == (1, 1)
+    assert first.entry is not None
+    assert first.entry.seq == 1
+    second = store.commit("n", rollout=b"{}", expected_version=0)
+    assert (second.version, second.global_version, second.entry) == (1, 2, None)
+    again = store.commit("m", route=_route("m", 2), expected_version=first.version)
+    assert (again.version, again.global_version) == (2, 3)
+    audit_only = store.commit("m", event=_event("m", 2))
+    assert (audit_only.version, audit_only.global_version) == (2, 3)
+    assert audit_only.entry is not None
+    assert audit_only.entry.prev_hash == first.entry.hash
