@@ -781,6 +781,24 @@ class RedisStore:
             pipe.delete(self.prefix + f"hb:{incarnation}")
             pipe.execute()
 
+    def prune(self, max_age_s: float, signals: Sequence[str] = ()) -> list[str]:
+        """Drop the replicas whose heartbeat expired and that were last seen more than
+        ``max_age_s`` ago, from the registry and from the ``signals`` named (a hash field
+        cannot expire by itself before Redis 7.4). Returns the incarnations dropped. Run by
+        the leader, with ``max_age_s`` longer than a rollout step."""
+        now = self._clock()
+        dead = [
+            r.incarnation for r in self.replicas() if not r.alive and now - r.last_seen > max_age_s
+        ]
+        if dead:
+            with self._call("pruning the registry"):
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.hdel(self._k_replicas, *dead)
+                for name in signals:
+                    pipe.hdel(self.prefix + f"sig:{name}", *dead)
+                pipe.execute()
+        return dead
+
     def replicas(self) -> list[Replica]:
         """Every registered replica, alive or not, by incarnation."""
         with self._call("reading the registry"):

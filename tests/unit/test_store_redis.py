@@ -261,8 +261,11 @@ def test_pooled_counts_are_exact_sums_of_live_replicas(server: RedisServer) -> N
             ("inc1", True),
             ("inc2", False),
         ]
+        assert stores[0].prune(60.0, ["traffic:m"]) == []  # dead, but not for long enough
+        assert stores[0].prune(0.0, ["traffic:m"]) == ["inc2"]
+        assert stores[0].pooled("traffic:m").skipped == {}
         beats[1].stop()  # a planned shutdown leaves the registry at once
-        assert [r.incarnation for r in stores[0].replicas()] == ["inc0", "inc2"]
+        assert [r.incarnation for r in stores[0].replicas()] == ["inc0"]
     finally:
         for s in stores:
             s.close()
