@@ -1,12 +1,15 @@
 """store/: the control plane (routes, rollout states, audit trail, controller lease) behind
 one seam.
 
-``Store`` (``store/protocol.py``) is the seam the rollout controller and the admin API use.
-``SqliteStore`` is the embedded single-node default (one file, no extra service);
-``RedisStore`` shares the same state between replicas and worker processes through Redis or
-Valkey, and adds what only a fleet needs: the change log a ``ChangeFollower`` tails, the
-replica registry and pooled signals. ``open_store`` picks the backend from a URL or path.
-The audit chain has one format for both (``store/audit.py``), so verification is the same.
+``Store`` (``protocol.py``) is the seam the rollout controller and the admin API use.
+``SqliteStore`` (``sqlite.py``) is the embedded single-node default (one file, no extra
+service); ``RedisStore`` (``redis.py``, key layout and Lua scripts in ``keyspace.py``) shares
+the same state between replicas and worker processes through Redis or Valkey, and adds what
+only a fleet needs: the change log a ``ChangeFollower`` tails (``follower.py``), the replica
+registry, and pooled signals (``pooled.py``). ``LeaseKeeper`` and ``ReplicaHeartbeat``
+(``cluster.py``) keep a replica's lease and heartbeat. ``open_store`` picks the backend from
+a URL or path. The audit chain has one format for both (``audit.py``), so verification is
+the same.
 """
 
 from __future__ import annotations
@@ -23,15 +26,9 @@ from gateway.store.audit import (
 )
 from gateway.store.cluster import LeaseKeeper, ReplicaHeartbeat
 from gateway.store.follower import ChangeFollower
+from gateway.store.pooled import Pooled, decode_counts, encode_counts, sum_counts
 from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState, Store
-from gateway.store.redis import (
-    Pooled,
-    RedisStore,
-    Replica,
-    decode_counts,
-    encode_counts,
-    sum_counts,
-)
+from gateway.store.redis import RedisStore, Replica
 from gateway.store.sqlite import SqliteStore
 
 __all__ = [

@@ -24,8 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.store.protocol import ModelState
-from gateway.store.redis import (
+from gateway.store.keyspace import (
     SNAPSHOT_SCRIPT,
     as_bytes,
     as_entries,
@@ -34,6 +33,7 @@ from gateway.store.redis import (
     key_prefix,
     parse_state,
 )
+from gateway.store.protocol import ModelState
 
 __all__ = ["ChangeFollower"]
 

@@ -30,14 +30,11 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Final
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -60,30 +57,28 @@ from gateway.store.audit import (
     canonical,
     new_entry,
 )
-from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState
+from gateway.store.keyspace import (
+    ACQUIRE_SCRIPT,
+    COMMIT_SCRIPT,
+    RENEW_SCRIPT,
+    SNAPSHOT_SCRIPT,
+    as_bytes,
+    as_entries,
+    as_fields,
+    key_prefix,
+    parse_state,
+)
+from gateway.store.pooled import Counts, Pooled, decode_counts, sum_counts
+from gateway.store.protocol import Commit, ControlSnapshot, Lease
 from gateway.types import Route
 
-__all__ = [
-    "Counts",
-    "Pooled",
-    "RedisStore",
-    "Replica",
-    "SNAPSHOT_SCRIPT",
-    "change_from_fields",
-    "decode_counts",
-    "encode_counts",
-    "key_prefix",
-    "parse_state",
-    "sum_counts",
-]
+__all__ = ["RedisStore", "Replica"]
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S: Final = 0.4  # a commit takes ~1 ms (0.7-0.9 ms p50 measured); 2 x 0.4 s < 1 s
 CHANGES_MAXLEN: Final = 10_000  # ~ hours of changes; a follower further behind resyncs
 _AUDIT_CHUNK: Final = 500  # stream entries read per call while scanning or verifying
-
-Counts = dict[str, npt.NDArray[np.int64]]
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 _route_decoder: Final = msgspec.json.Decoder(Route)
@@ -130,289 +125,6 @@ def _canonical_parts(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
     if parts[0] + b"f" * 64 + parts[1] + b"987654321" + parts[2] != canonical(**fields):
         raise InvalidInputError("audit event fields cannot be encoded canonically")  # unreachable
     return parts
-
-
-# SHA-256 in Lua 5.1 with the ``bit`` library (both Redis and Valkey ship it): the script
-# hashes each audit entry on the head it reads itself, so appends never race on the head.
-# Checked against hashlib by every test that verifies a chain this store wrote.
-_SHA256: Final = """
-local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
-local rshift, lshift, ror, tobit = bit.rshift, bit.lshift, bit.ror, bit.tobit
-local K = {
-  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2}
-local function sha256(msg)
-  local len = #msg
-  local bits = len * 8
-  msg = msg .. '\\128' .. string.rep('\\0', (64 - (len + 9) % 64) % 64)
-    .. string.char(0, 0, 0, 0, band(rshift(bits, 24), 255), band(rshift(bits, 16), 255),
-                   band(rshift(bits, 8), 255), band(bits, 255))
-  local H = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-             0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19}
-  local w = {}
-  for i = 1, #msg, 64 do
-    for j = 0, 15 do
-      local b1, b2, b3, b4 = string.byte(msg, i + j * 4, i + j * 4 + 3)
-      w[j] = bor(lshift(b1, 24), lshift(b2, 16), lshift(b3, 8), b4)
-    end
-    for j = 16, 63 do
-      local x, y = w[j - 15], w[j - 2]
-      local s0 = bxor(ror(x, 7), ror(x, 18), rshift(x, 3))
-      local s1 = bxor(ror(y, 17), ror(y, 19), rshift(y, 10))
-      w[j] = tobit(w[j - 16] + s0 + w[j - 7] + s1)
-    end
-    local a, b, c, d, e, f, g, h = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
-    for j = 0, 63 do
-      local S1 = bxor(ror(e, 6), ror(e, 11), ror(e, 25))
-      local ch = bxor(band(e, f), band(bnot(e), g))
-      local t1 = h + S1 + ch + K[j + 1] + w[j]
-      local S0 = bxor(ror(a, 2), ror(a, 13), ror(a, 22))
-      local maj = bxor(band(a, b), band(a, c), band(b, c))
-      h, g, f, e, d, c, b, a = g, f, e, tobit(d + t1), c, b, a, tobit(t1 + S0 + maj)
-    end
-    H[1], H[2], H[3], H[4] = tobit(H[1] + a), tobit(H[2] + b), tobit(H[3] + c), tobit(H[4] + d)
-    H[5], H[6], H[7], H[8] = tobit(H[5] + e), tobit(H[6] + f), tobit(H[7] + g), tobit(H[8] + h)
-  end
-  local out = {}
-  for i = 1, 8 do out[i] = bit.tohex(H[i], 8) end
-  return table.concat(out)
-end
-"""
-
-# KEYS: state, changes, audit, audit:head, leader
-# ARGV: model, expected version|'', token|'', has event '0'|'1', the entry's canonical JSON in
-#       three parts around its prev_hash and seq, has route '0'|'1', route JSON,
-#       has rollout '0'|'1', rollout bytes, change-log maxlen, a fresh epoch (kept only if
-#       the store has none: first use, or wiped)
-# Returns {'ok', model version, global version, seq|'', prev hash|'', hash|''} or an error
-# status: {'fenced', current lease|''}, {'version', current version}.
-_COMMIT: Final = (
-    _SHA256
-    + """
-if ARGV[3] ~= '' then
-  local cur = redis.call('GET', KEYS[5])
-  if (not cur) or (string.match(cur, '^(%d+) ') ~= ARGV[3]) then
-    return {'fenced', cur or ''}
-  end
-end
-local model = ARGV[1]
-local ver = tonumber(redis.call('HGET', KEYS[1], 'ver:' .. model) or '0')
-if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= ver then
-  return {'version', tostring(ver)}
-end
-local g = redis.call('HGET', KEYS[1], 'version') or '0'
-if ARGV[8] == '1' or ARGV[10] == '1' then
-  redis.call('HSETNX', KEYS[1], 'epoch', ARGV[13])
-  ver = ver + 1
-  redis.call('HSET', KEYS[1], 'ver:' .. model, ver)
-  if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'route:' .. model, ARGV[9]) end
-  if ARGV[10] == '1' then redis.call('HSET', KEYS[1], 'rollout:' .. model, ARGV[11]) end
-  g = redis.call('HINCRBY', KEYS[1], 'version', 1)
-  local fields = {'model', model, 'v', ver, 'g', g}
-  local route = redis.call('HGET', KEYS[1], 'route:' .. model)
-  if route then table.insert(fields, 'route'); table.insert(fields, route) end
-  local rollout = redis.call('HGET', KEYS[1], 'rollout:' .. model)
-  if rollout then table.insert(fields, 'rollout'); table.insert(fields, rollout) end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[12], '*', unpack(fields))
-end
-local seq, prev, hash = '', '', ''
-if ARGV[4] == '1' then
-  local head = redis.call('HMGET', KEYS[4], 'seq', 'hash')
-  seq = tostring(tonumber(head[1] or '0') + 1)
-  prev = head[2] or string.rep('0', 64)
-  local canonical = ARGV[5] .. prev .. ARGV[6] .. seq .. ARGV[7]
-  hash = sha256(canonical)
-  redis.call('XADD', KEYS[3], seq .. '-1', 'c', canonical, 'h', hash)
-  redis.call('HSET', KEYS[4], 'seq', seq, 'hash', hash)
-end
-return {'ok', tostring(ver), tostring(g), seq, prev, hash}
-"""
-)
-
-# KEYS: leader, leader:token. ARGV: holder, ttl ms. Returns the token, or false if taken.
-_ACQUIRE: Final = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local token, holder = string.match(cur, '^(%d+) (.*)$')
-  if holder ~= ARGV[1] then return false end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(token)
-end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token .. ' ' .. ARGV[1], 'PX', ARGV[2])
-return token
-"""
-
-# KEYS: leader. ARGV: "<token> <holder>", ttl ms (renew) or '' (release).
-_RENEW: Final = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
-"""
-
-# KEYS: state, changes. Every model's state and the change log's last id, atomically.
-SNAPSHOT_SCRIPT: Final = """
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local id = '0-0'
-if last[1] then id = last[1][1] end
-return {id, redis.call('HGETALL', KEYS[1])}
-"""
-
-
-def key_prefix(cluster: str) -> str:
-    """All keys of one cluster share this prefix and its hash tag (one Redis Cluster slot)."""
-    if not cluster or any(c in cluster for c in "{}: "):
-        raise InvalidInputError(
-            f"cluster name '{cluster}' must be non-empty without {{}}: or space"
-        )
-    return f"gw:{{{cluster}}}:"
-
-
-# redis-py types replies as ``bytes | str`` (and streams loosely); with decode_responses off
-# (the default, used here) they are bytes. These narrow them once, at the boundary.
-def as_bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    raise TypeError(f"unexpected redis reply {type(value).__name__}")
-
-
-def as_fields(value: object) -> dict[bytes, bytes]:
-    if isinstance(value, dict):
-        return {as_bytes(k): as_bytes(v) for k, v in value.items()}
-    if isinstance(value, list):  # a flat [k1, v1, k2, v2...] reply from a script
-        return {as_bytes(k): as_bytes(v) for k, v in zip(value[::2], value[1::2], strict=True)}
-    raise TypeError(f"unexpected redis reply {type(value).__name__}")
-
-
-def as_entries(value: object) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Stream entries: [(id, {field: value})]."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise TypeError(f"unexpected redis reply {type(value).__name__}")
-    return [(as_bytes(raw_id), as_fields(fields or {})) for raw_id, fields in value]
-
-
-def parse_state(fields: Mapping[bytes, bytes]) -> ControlSnapshot:
-    """A ``ControlSnapshot`` from the ``state`` hash's fields (shared with the follower)."""
-    versions: dict[str, int] = {}
-    routes: dict[str, Route] = {}
-    rollouts: dict[str, bytes] = {}
-    for raw_key, value in fields.items():
-        key = raw_key.decode()
-        kind, _, model = key.partition(":")
-        if kind == "ver":
-            versions[model] = int(value)
-        elif kind == "route":
-            routes[model] = _route_decoder.decode(value)
-        elif kind == "rollout":
-            rollouts[model] = bytes(value)
-    models = {
-        m: ModelState(
-            model=m, version=versions.get(m, 0), route=routes.get(m), rollout=rollouts.get(m)
-        )
-        for m in sorted(set(versions) | set(routes) | set(rollouts))
-    }
-    return ControlSnapshot(
-        version=int(fields.get(b"version", b"0")),
-        epoch=fields.get(b"epoch", b"").decode(),
-        models=models,
-    )
-
-
-def change_from_fields(fields: Mapping[bytes, bytes]) -> ModelState:
-    """A change-log entry as the model's new state (shared with the follower)."""
-    route = fields.get(b"route")
-    return ModelState(
-        model=fields[b"model"].decode(),
-        version=int(fields[b"v"]),
-        route=None if route is None else _route_decoder.decode(route),
-        rollout=fields.get(b"rollout"),
-    )
-
-
-# -- pooled signals: int64 counters, summed exactly ----------------------------------------------
-
-
-class _Array(msgspec.Struct, array_like=True):
-    shape: list[int]
-    data: bytes  # little-endian int64, C order
-
-
-class _Snapshot(msgspec.Struct, kw_only=True):
-    counts: dict[str, _Array]
-    profile_hash: str = ""
-    extra: bytes = b""
-    ts: float = 0.0
-
-
-_snapshot_encoder: Final = msgspec.msgpack.Encoder()
-_snapshot_decoder: Final = msgspec.msgpack.Decoder(_Snapshot)
-
-
-def encode_counts(
-    counts: Mapping[str, npt.ArrayLike],
-    *,
-    profile_hash: str = "",
-    extra: bytes = b"",
-    ts: float = 0.0,
-) -> bytes:
-    """One replica's snapshot: named int64 arrays (any shape), plus opaque ``extra`` bytes
-    for what is not a plain counter (e.g. moments the reader merges itself)."""
-    arrays = {}
-    for name, value in counts.items():
-        array = np.ascontiguousarray(value, dtype="<i8")
-        arrays[name] = _Array(shape=list(array.shape), data=array.tobytes())
-    return _snapshot_encoder.encode(
-        _Snapshot(counts=arrays, profile_hash=profile_hash, extra=extra, ts=ts)
-    )
-
-
-def decode_counts(payload: bytes) -> tuple[Counts, str, bytes]:
-    """(counts, profile hash, extra) of an ``encode_counts`` payload."""
-    snap = _snapshot_decoder.decode(payload)
-    counts: Counts = {}
-    for name, arr in snap.counts.items():
-        counts[name] = np.frombuffer(arr.data, dtype="<i8").astype(np.int64).reshape(arr.shape)
-    return counts, snap.profile_hash, snap.extra
-
-
-def sum_counts(parts: Sequence[Mapping[str, npt.NDArray[np.int64]]]) -> Counts:
-    """Element-wise int64 sum of named arrays; a name missing from a part counts as zeros.
-    Raises ``InvalidInputError`` if two parts give one name different shapes."""
-    total: Counts = {}
-    for part in parts:
-        for name, array in part.items():
-            if name not in total:
-                total[name] = np.array(array, dtype=np.int64, copy=True)
-            elif total[name].shape != array.shape:
-                raise InvalidInputError(
-                    f"counter '{name}' has shape {array.shape}, others {total[name].shape}"
-                )
-            else:
-                total[name] += array
-    return total
-
-
-@dataclass(frozen=True, kw_only=True)
-class Pooled:
-    """The sum of the live replicas' snapshots of one signal."""
-
-    counts: Counts
-    contributors: tuple[str, ...]
-    """Incarnations summed, sorted."""
-    per_incarnation: dict[str, Counts]
-    extras: dict[str, bytes]
-    skipped: dict[str, str]
-    """Incarnation -> why its snapshot was left out (heartbeat expired, profile differs...)."""
 
 
 class Replica(msgspec.Struct, frozen=True, kw_only=True):
@@ -464,9 +176,9 @@ class RedisStore:
         self.address = str(where)
         """Host and port (or socket path) for messages; never the credentials."""
         self._redis = redis.Redis(connection_pool=self._pool)
-        self._commit = self._redis.register_script(_COMMIT)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._renew = self._redis.register_script(_RENEW)
+        self._commit = self._redis.register_script(COMMIT_SCRIPT)
+        self._acquire = self._redis.register_script(ACQUIRE_SCRIPT)
+        self._renew = self._redis.register_script(RENEW_SCRIPT)
         self._snapshot = self._redis.register_script(SNAPSHOT_SCRIPT)
         self._k_state = self.prefix + "state"
         self._k_changes = self.prefix + "changes"

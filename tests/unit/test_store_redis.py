@@ -24,7 +24,7 @@ from gateway.store import (
     ReplicaHeartbeat,
     encode_counts,
 )
-from gateway.store.redis import key_prefix
+from gateway.store.keyspace import key_prefix
 from gateway.types import Route, Variant
 from tests.redis_server import RedisServer
 
