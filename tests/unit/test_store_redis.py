@@ -19,6 +19,7 @@ from gateway.status import http_status
 from gateway.store import (
     AuditEvent,
     ChangeFollower,
+    LeaseKeeper,
     ModelState,
     RedisStore,
     ReplicaHeartbeat,
@@ -306,3 +307,29 @@ def test_verify_detects_a_deleted_entry_and_a_lost_tail(
     assert not result.ok
     assert "head is seq 5" in result.reason
     raw.close()
+
+
+def test_leader_stops_deciding_while_redis_is_down(server: RedisServer) -> None:
+    store = RedisStore(server.url, cluster="t")
+    keeper = LeaseKeeper(store, "r0", ttl_s=0.6, renew_interval_s=0.05)
+    try:
+        keeper.start()
+        deadline = time.monotonic() + 5.0
+        while not keeper.is_leader():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.kill()
+        lost_at = time.monotonic()
+        while keeper.is_leader():  # it cannot renew: it must give up before the TTL ends
+            assert time.monotonic() - lost_at < 0.6, "still deciding after the lease expired"
+            time.sleep(0.01)
+        # AOF kept the lease with its absolute expiry: the keeper renews it if it is still
+        # there (same token: nobody else could have held it) or acquires a new one.
+        server.start()
+        deadline = time.monotonic() + 0.6 + 1.0
+        while not keeper.is_leader():
+            assert time.monotonic() < deadline, "no leader within TTL + 1 s after Redis returned"
+            time.sleep(0.01)
+    finally:
+        keeper.stop()
+        store.close()
