@@ -143,6 +143,31 @@ def test_follower_resyncs_after_redis_restarts(server: RedisServer, store: Redis
     assert store.get_route("m") == _route(49)
 
 
+def test_follower_recovers_from_a_hung_redis(server: RedisServer, store: RedisStore) -> None:
+    seen: list[int] = []
+
+    async def main() -> None:
+        follower = ChangeFollower(server.url, lambda s: seen.append(s.version), cluster="t")
+        await follower.start()
+        try:
+            await asyncio.to_thread(store.save, "m", route=_route(1))
+            assert await _until(lambda: follower.applied() == {"m": 1}, 5.0)
+            server.pause()  # SIGSTOP: connections stay open, nothing answers
+            try:
+                assert await _until(lambda: not follower.is_connected, 5.0)
+            finally:
+                server.resume()
+            resumed = time.monotonic()
+            await asyncio.to_thread(store.save, "m", route=_route(2))
+            assert await _until(lambda: follower.applied() == {"m": 2}, 5.0)
+            assert time.monotonic() - resumed < 1.0
+        finally:
+            await follower.stop()
+
+    asyncio.run(main())
+    assert seen == [1, 2]
+
+
 def test_follower_adopts_a_replaced_store(server: RedisServer, store: RedisStore) -> None:
     seen: list[tuple[int, Route | None]] = []
 
