@@ -19,6 +19,9 @@ __all__ = [
     "OverloadedError",
     "DeadlineExceededError",
     "ConflictError",
+    "VersionConflictError",
+    "FencedWriteError",
+    "StoreUnavailableError",
     "PayloadTooLargeError",
     "UnsupportedMediaTypeError",
     "UnauthenticatedError",
@@ -41,6 +44,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
     UNIMPLEMENTED = "unimplemented"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -88,6 +92,23 @@ class ConflictError(GatewayError):
     """The operation conflicts with the current state (e.g. unloading a routed model)."""
 
     kind = ErrorKind.CONFLICT
+
+
+class VersionConflictError(ConflictError):
+    """A write expected a model's control-plane version that another writer already moved;
+    re-read the state, re-validate and retry."""
+
+
+class FencedWriteError(ConflictError):
+    """A write carried a leader fencing token that is no longer current: another replica
+    holds (or may hold) the controller lease, so this one must stop deciding."""
+
+
+class StoreUnavailableError(GatewayError, ConnectionError):
+    """The shared control-plane store cannot be reached; a write's outcome is not applied
+    (or, for a timed-out commit, unknown). Inference is unaffected; retry the change later."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 class PayloadTooLargeError(GatewayError):

@@ -40,6 +40,7 @@ STATUS: Final[Mapping[ErrorKind, tuple[int, grpc.StatusCode]]] = {
     ErrorKind.UNAUTHENTICATED: (401, grpc.StatusCode.UNAUTHENTICATED),
     ErrorKind.FORBIDDEN: (403, grpc.StatusCode.PERMISSION_DENIED),
     ErrorKind.UNIMPLEMENTED: (501, grpc.StatusCode.UNIMPLEMENTED),
+    ErrorKind.UNAVAILABLE: (503, grpc.StatusCode.UNAVAILABLE),
     ErrorKind.INTERNAL: (500, grpc.StatusCode.INTERNAL),
 }
 

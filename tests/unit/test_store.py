@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import InvalidInputError
+from gateway.errors import InternalError, InvalidInputError
 from gateway.store import GENESIS_HASH, AuditEvent, SqliteStore, Store, audit_hash
 from gateway.types import Route, ShadowTarget, Variant
 
@@ -225,3 +225,31 @@ def test_two_stores_on_one_file_share_the_chain(path: Path) -> None:
     assert a.verify_audit().ok
     a.close()
     b.close()
+
+
+def test_a_schema_1_file_is_upgraded_in_place(path: Path) -> None:
+    # The layout written before versions and the lease existed (schema 1).
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE routes (model TEXT PRIMARY KEY, route TEXT NOT NULL);
+        CREATE TABLE rollouts (model TEXT PRIMARY KEY, state BLOB NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        INSERT INTO routes VALUES
+            ('m', '{"model":"m","shadows":[],"variants":[{"version":"1","weight":100.0}]}');
+        """
+    )
+    db.close()
+    store = SqliteStore(path)
+    route = store.get_route("m")
+    assert route is not None
+    snap = store.snapshot()
+    assert snap.models["m"].version == 0  # written before versions were kept
+    assert snap.epoch
+    store.save("m", route=route, expected_version=0)
+    assert store.snapshot().models["m"].version == 1
+    store.close()
+    _raw(path, "UPDATE meta SET value='3' WHERE key='schema'")
+    with pytest.raises(InternalError, match="schema 3"):
+        SqliteStore(path)

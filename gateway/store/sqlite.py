@@ -1,203 +1,69 @@
-"""store.py: control-plane state (routes, rollout states, the audit trail) behind one interface.
+"""store/sqlite.py: the embedded control-plane store, one SQLite file (the single-node default).
 
-In: route tables, rollout-state documents (opaque JSON bytes that ``rollout.py`` owns) and
-audit events. Out: the same, after a restart, plus a verification of the audit trail. ``Store``
-is the seam; ``SqliteStore`` is the embedded implementation (one file, WAL, ``synchronous=FULL``
-so a committed write is on disk before the call returns). A store shared by many replicas can
-implement the same ``Protocol`` later. This module knows nothing of HTTP, policies or decisions.
+In: routes, rollout documents, audit events, lease requests. Out: the same after a restart,
+per-model versions, and a verification of the audit trail. WAL journal with
+``synchronous=FULL``, so a committed write is on disk before the call returns. Several
+processes may share the file: writers queue on SQLite's lock, and versions, the audit head and
+the lease are read inside each write transaction, so the semantics match ``RedisStore``.
 
-The audit trail is append-only and tamper-evident: each entry's ``hash`` is the SHA-256 of a
-canonical JSON encoding of all its other fields, ``prev_hash`` included, so editing, deleting
-or reordering a row breaks the chain; a ``head`` record written in the same transaction as each
-entry catches a deleted tail. Someone able to rewrite the whole file can recompute the chain:
-ship ``AuditVerification.head_hash`` elsewhere (logs, alerts) to anchor it.
-
-Every method is synchronous and short (one small transaction, one fsync for writes); callers
-on an event loop run writes in a worker thread. The store is safe to share between threads.
+The audit chain (format in ``store/audit.py``) lives in one table with a ``head`` record
+written in the same transaction as each entry. Someone able to rewrite the whole file can
+recompute the chain: ship ``AuditVerification.head_hash`` elsewhere (logs, alerts) to anchor it.
+Every method is synchronous and short (one small transaction, one fsync for writes); the
+store is safe to share between threads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import msgspec
 
-from gateway.errors import InternalError, InvalidInputError
+from gateway.errors import FencedWriteError, InternalError, InvalidInputError, VersionConflictError
+from gateway.store.audit import (
+    GENESIS_HASH,
+    MAX_AUDIT_LIMIT,
+    AuditEntry,
+    AuditEvent,
+    AuditVerification,
+    ChainWalk,
+    JsonObject,
+    new_entry,
+)
+from gateway.store.protocol import Commit, ControlSnapshot, Lease, ModelState
 from gateway.types import Route
 
-__all__ = [
-    "GENESIS_HASH",
-    "MAX_AUDIT_LIMIT",
-    "AuditEvent",
-    "AuditEntry",
-    "AuditVerification",
-    "Store",
-    "SqliteStore",
-    "audit_hash",
-]
+__all__ = ["SqliteStore"]
 
 logger = logging.getLogger(__name__)
 
-GENESIS_HASH: Final = "0" * 64
-"""``prev_hash`` of the first audit entry."""
-MAX_AUDIT_LIMIT: Final = 1000  # one admin page; a larger read belongs in an export tool
 BUSY_TIMEOUT_S: Final = 5.0  # another process holding the write lock finishes in milliseconds
-_SCHEMA_VERSION: Final = 1
+# 2 added per-model versions, the global version and epoch, and the controller lease.
+_SCHEMA_VERSION: Final = 2
 _VERIFY_CHUNK: Final = 500  # rows read per query while verifying, to bound memory
-
-JsonObject = dict[str, Any]
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 _route_decoder: Final = msgspec.json.Decoder(Route)
-
-
-class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """What a caller records; the store adds ``seq``, ``ts`` (if unset) and the hashes."""
-
-    actor: str
-    """Token name of the operator, or "controller" for automatic decisions."""
-    action: str
-    model: str = ""
-    reason: str = ""
-    before: JsonObject = {}
-    """State before the change (e.g. route weights by version)."""
-    after: JsonObject = {}
-    details: JsonObject = {}
-    """Supporting facts: measured values behind a decision, request path of a failed login."""
-    ts: float | None = None
-    """Unix time in seconds; None means "now" by the store's clock."""
-
-
-class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One committed audit record. ``hash`` covers every other field, ``prev_hash`` included."""
-
-    seq: int
-    ts: float
-    actor: str
-    action: str
-    model: str
-    reason: str
-    before: JsonObject
-    after: JsonObject
-    details: JsonObject
-    prev_hash: str
-    hash: str
-
-
-class AuditVerification(msgspec.Struct, frozen=True, kw_only=True):
-    """Result of walking the chain from the first entry to the recorded head."""
-
-    ok: bool
-    checked: int
-    """Entries whose hash was recomputed (up to and including the first bad one)."""
-    first_bad_seq: int | None
-    reason: str
-    head_seq: int = 0
-    head_hash: str = GENESIS_HASH
-
-
-class Store(Protocol):
-    """Control-plane state. Writes are durable when the call returns; reads see all commits."""
-
-    def get_route(self, model: str) -> Route | None: ...
-
-    def routes(self) -> dict[str, Route]: ...
-
-    def get_rollout(self, model: str) -> bytes | None: ...
-
-    def rollouts(self) -> dict[str, bytes]: ...
-
-    def save(
-        self,
-        model: str,
-        *,
-        route: Route | None = None,
-        rollout: bytes | None = None,
-        event: AuditEvent | None = None,
-    ) -> AuditEntry | None:
-        """Write any of a route, a rollout document and an audit event in ONE transaction."""
-        ...
-
-    def append_audit(
-        self,
-        actor: str,
-        action: str,
-        model: str = "",
-        reason: str = "",
-        *,
-        before: JsonObject | None = None,
-        after: JsonObject | None = None,
-        details: JsonObject | None = None,
-        ts: float | None = None,
-    ) -> AuditEntry: ...
-
-    def audit(
-        self,
-        model: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-    ) -> list[AuditEntry]: ...
-
-    def verify_audit(self) -> AuditVerification: ...
-
-    def close(self) -> None: ...
-
-
-def _normalise(value: JsonObject) -> JsonObject:
-    """A JSON round trip: tuples become lists, NaN and inf become null, Structs dicts.
-
-    The hash is computed over what is stored, so the same entry read back hashes the same.
-    """
-    doc = msgspec.json.decode(_encode(value))
-    if not isinstance(doc, dict):  # pragma: no cover - a dict always encodes to an object
-        raise InvalidInputError("audit fields must be JSON objects")
-    return doc
-
-
-def audit_hash(
-    *,
-    seq: int,
-    ts: float,
-    actor: str,
-    action: str,
-    model: str,
-    reason: str,
-    before: JsonObject,
-    after: JsonObject,
-    details: JsonObject,
-    prev_hash: str,
-) -> str:
-    """SHA-256 (hex) of the canonical encoding: sorted keys, no whitespace, shortest floats."""
-    canonical = _encode(
-        {
-            "seq": seq,
-            "ts": ts,
-            "actor": actor,
-            "action": action,
-            "model": model,
-            "reason": reason,
-            "before": before,
-            "after": after,
-            "details": details,
-            "prev_hash": prev_hash,
-        }
-    )
-    return hashlib.sha256(canonical).hexdigest()
-
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS routes (model TEXT PRIMARY KEY, route TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rollouts (model TEXT PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (model TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -243,6 +109,7 @@ class SqliteStore:
     One connection guarded by a lock: every call is one short transaction. Several processes
     may open the same file; writers queue on SQLite's lock (``BUSY_TIMEOUT_S``) and the audit
     chain stays linear because each append reads the head inside its own write transaction.
+    The lease's expiry is judged by ``clock`` (wall time), shared by processes on one host.
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
@@ -259,12 +126,12 @@ class SqliteStore:
         self._db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: reopening is a no-op
         with self._write() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
-            elif int(row[0]) > _SCHEMA_VERSION:
+            if row is not None and int(row[0]) > _SCHEMA_VERSION:
                 raise InternalError(
                     f"store {self.path} has schema {row[0]}; this gateway knows {_SCHEMA_VERSION}"
                 )
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -305,6 +172,31 @@ class SqliteStore:
             rows = db.execute("SELECT model, state FROM rollouts ORDER BY model").fetchall()
         return {str(m): bytes(s) for m, s in rows}
 
+    def snapshot(self) -> ControlSnapshot:
+        """Every model's route, rollout and version, from one read transaction."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                meta = dict(db.execute("SELECT key, value FROM meta"))
+                versions = dict(db.execute("SELECT model, version FROM versions"))
+                routes = dict(db.execute("SELECT model, route FROM routes"))
+                rollouts = dict(db.execute("SELECT model, state FROM rollouts"))
+            finally:
+                db.execute("COMMIT")
+        models = {
+            str(m): ModelState(
+                model=str(m),
+                version=int(versions.get(m, 0)),
+                route=_route_decoder.decode(routes[m]) if m in routes else None,
+                rollout=bytes(rollouts[m]) if m in rollouts else None,
+            )
+            for m in sorted(set(versions) | set(routes) | set(rollouts))
+        }
+        return ControlSnapshot(
+            version=int(meta.get("version", 0)), epoch=str(meta["epoch"]), models=models
+        )
+
     def save(
         self,
         model: str,
@@ -312,12 +204,43 @@ class SqliteStore:
         route: Route | None = None,
         rollout: bytes | None = None,
         event: AuditEvent | None = None,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
     ) -> AuditEntry | None:
         """Write any of a route, a rollout document and an audit event in one transaction:
         either all are durable when this returns or none is written (raises)."""
+        return self.commit(
+            model,
+            route=route,
+            rollout=rollout,
+            event=event,
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        ).entry
+
+    def commit(
+        self,
+        model: str,
+        *,
+        route: Route | None = None,
+        rollout: bytes | None = None,
+        event: AuditEvent | None = None,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+    ) -> Commit:
+        """``save``, returning the versions after the commit."""
         if route is not None and route.model != model:
             raise InvalidInputError(f"route is for model '{route.model}', not '{model}'")
         with self._write() as db:
+            if fencing_token is not None:
+                self._check_fence(db, fencing_token)
+            row = db.execute("SELECT version FROM versions WHERE model=?", (model,)).fetchone()
+            version = 0 if row is None else int(row[0])
+            if expected_version is not None and version != expected_version:
+                raise VersionConflictError(
+                    f"model '{model}' is at control version {version}, not "
+                    f"{expected_version}: it changed meanwhile; re-read and retry"
+                )
             if route is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO routes VALUES (?, ?)",
@@ -325,7 +248,67 @@ class SqliteStore:
                 )
             if rollout is not None:
                 db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?)", (model, rollout))
-            return None if event is None else self._append(db, event)
+            if route is not None or rollout is not None:
+                version += 1
+                db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?)", (model, version))
+                db.execute(
+                    "INSERT INTO meta VALUES ('version', '1') ON CONFLICT(key) "
+                    "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+                )
+            row = db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+            entry = None if event is None else self._append(db, event)
+        return Commit(
+            version=version, global_version=0 if row is None else int(row[0]), entry=entry
+        )
+
+    # -- controller lease ---------------------------------------------------------------------
+
+    def _check_fence(self, db: sqlite3.Connection, token: int) -> None:
+        row = db.execute("SELECT holder, token, expires_at FROM lease WHERE id=1").fetchone()
+        if row is None or int(row[1]) != token or float(row[2]) <= self._clock():
+            raise FencedWriteError(
+                f"controller write refused: fencing token {token} is not the current lease's"
+            )
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> Lease | None:
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT holder, token, expires_at FROM lease WHERE id=1").fetchone()
+            if row is not None and float(row[2]) > now:
+                if str(row[0]) != holder:
+                    return None
+                token = int(row[1])
+            else:
+                token = (0 if row is None else int(row[1])) + 1
+            db.execute(
+                "INSERT OR REPLACE INTO lease VALUES (1, ?, ?, ?)", (holder, token, now + ttl_s)
+            )
+        return Lease(holder=holder, token=token)
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        now = self._clock()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE lease SET expires_at=? WHERE id=1 AND holder=? AND token=? "
+                "AND expires_at>?",
+                (now + ttl_s, lease.holder, lease.token, now),
+            )
+            return cur.rowcount == 1
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._write() as db:
+            # Expire rather than delete: the token counter lives in the row.
+            db.execute(
+                "UPDATE lease SET expires_at=0 WHERE id=1 AND holder=? AND token=?",
+                (lease.holder, lease.token),
+            )
+
+    def lease(self) -> Lease | None:
+        with self._read() as db:
+            row = db.execute("SELECT holder, token, expires_at FROM lease WHERE id=1").fetchone()
+        if row is None or float(row[2]) <= self._clock():
+            return None
+        return Lease(holder=str(row[0]), token=int(row[1]))
 
     # -- audit trail --------------------------------------------------------------------------
 
@@ -363,19 +346,7 @@ class SqliteStore:
 
     def _append(self, db: sqlite3.Connection, event: AuditEvent) -> AuditEntry:
         head_seq, head_hash = self._head(db)
-        fields: dict[str, Any] = {
-            "seq": head_seq + 1,
-            "ts": float(self._clock() if event.ts is None else event.ts),
-            "actor": event.actor,
-            "action": event.action,
-            "model": event.model,
-            "reason": event.reason,
-            "before": _normalise(event.before),
-            "after": _normalise(event.after),
-            "details": _normalise(event.details),
-            "prev_hash": head_hash,
-        }
-        entry = AuditEntry(**fields, hash=audit_hash(**fields))
+        entry = new_entry(event, head_seq=head_seq, head_hash=head_hash, now=self._clock())
         db.execute(
             f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -427,27 +398,10 @@ class SqliteStore:
         return [_entry(row) for row in rows]
 
     def verify_audit(self) -> AuditVerification:
-        """Recompute every hash and link from the first entry to the recorded head.
-
-        Detects an edited field (hash mismatch), a deleted or reordered row (a gap in ``seq``
-        or a broken ``prev_hash`` link) and a deleted tail (the last row is not the head).
-        Reads in chunks; O(entries) time.
-        """
+        """Recompute every hash and link from the first entry to the recorded head
+        (``ChainWalk``). Reads in chunks; O(entries) time."""
         with self._read() as db:
-            head_seq, head_hash = self._head(db)
-        expected_seq, prev_hash, checked = 1, GENESIS_HASH, 0
-
-        def bad(seq: int | None, reason: str) -> AuditVerification:
-            logger.error("audit trail verification failed at seq %s: %s", seq, reason)
-            return AuditVerification(
-                ok=False,
-                checked=checked,
-                first_bad_seq=seq,
-                reason=reason,
-                head_seq=head_seq,
-                head_hash=head_hash,
-            )
-
+            walk = ChainWalk(*self._head(db))
         last = 0
         while True:
             with self._read() as db:
@@ -456,37 +410,16 @@ class SqliteStore:
                     (last, _VERIFY_CHUNK),
                 ).fetchall()
             if not rows:
-                break
+                return walk.finish()
             for row in rows:
                 try:
                     entry = _entry(row)
                 except (msgspec.DecodeError, TypeError, ValueError):
-                    checked += 1
-                    return bad(int(row[0]), "stored fields are not valid JSON")
-                checked += 1
-                if entry.seq != expected_seq:
-                    return bad(
-                        expected_seq, f"entry {expected_seq} is missing (next is {entry.seq})"
-                    )
-                if entry.prev_hash != prev_hash:
-                    return bad(entry.seq, "prev_hash does not match the previous entry's hash")
-                fields = msgspec.structs.asdict(entry)
-                del fields["hash"]
-                if audit_hash(**fields) != entry.hash:
-                    return bad(entry.seq, "hash does not match the entry's contents")
-                prev_hash, expected_seq, last = entry.hash, entry.seq + 1, entry.seq
-                if entry.seq > head_seq:
-                    return bad(entry.seq, f"entry {entry.seq} lies beyond the head ({head_seq})")
-        if last != head_seq or prev_hash != head_hash:
-            return bad(last + 1, f"trail ends at seq {last} but the head is seq {head_seq}")
-        return AuditVerification(
-            ok=True,
-            checked=checked,
-            first_bad_seq=None,
-            reason="chain intact",
-            head_seq=head_seq,
-            head_hash=head_hash,
-        )
+                    return walk.unreadable(int(row[0]))
+                failure = walk.feed(entry)
+                if failure is not None:
+                    return failure
+                last = entry.seq
 
     def close(self) -> None:
         with self._lock:
