@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pytest
 from scipy import stats as sps
 
-from gateway.sequential import (
+from gateway.rollout.sequential import (
     DEFAULT_FALSE_ROLLBACK_RATE,
     BernoulliCounts,
     MeanMoments,
