@@ -96,6 +96,25 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from gateway.rollout.sequential_core import (
+    _MAX_SAMPLES,
+    DEFAULT_ACCEPT_ERROR,
+    DEFAULT_FALSE_ROLLBACK_RATE,
+    JEFFREYS,
+    BernoulliCounts,
+    FloatArray,
+    MeanMoments,
+    SequentialResult,
+    SequentialVerdict,
+    _check_level,
+    _first_n,
+    _result,
+    exceedances,
+    split_alpha,
+    step_deadline_s,
+)
+from gateway.rollout.sequential_mean import MeanTest, mean_samples_needed
+
 __all__ = [
     "DEFAULT_FALSE_ROLLBACK_RATE",
     "DEFAULT_ACCEPT_ERROR",
@@ -112,193 +131,7 @@ __all__ = [
     "step_deadline_s",
 ]
 
-SequentialVerdict = Literal["reject", "accept", "continue"]
-
-DEFAULT_FALSE_ROLLBACK_RATE: Final = 0.01
-"""Probability that a rollout of a candidate no worse than stable is ever rolled back, over
-all the tests a rollout runs (split between them by ``split_alpha``) and however long it is
-monitored. 1% is the acceptance bar of an A/A simulation; Ville's bound guarantees it."""
-DEFAULT_ACCEPT_ERROR: Final = 0.05
-"""Probability of declaring "not worse" for a candidate that is worse by more than the
-margin; promotion is reversible, a rollback of a good candidate only costs time, so 5%."""
-JEFFREYS: Final = 0.5  # Beta(1/2, 1/2): the minimax-regret (KT) prior for a Bernoulli rate
-_LOG_E_CAP: Final = 700.0  # exp(700) ~ 1e304: report e-values as floats without overflow
 _BISECT_STEPS: Final = 100  # the boundary MLE to ~1e-30: far below any count's resolution
-
-FloatArray = npt.NDArray[np.float64]
-
-
-def split_alpha(total: float, tests: int) -> float:
-    """Each test's level when ``tests`` tests share a false rollback budget of ``total``
-    (Bonferroni: the union of their rejections has probability at most ``total``)."""
-    if not 0.0 < total < 1.0:
-        raise ValueError(f"false rollback rate must be in (0, 1), got {total}")
-    if tests < 1:
-        raise ValueError(f"tests must be >= 1, got {tests}")
-    return total / tests
-
-
-# -- sufficient statistics ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BernoulliCounts:
-    """Trials and events of one arm (requests and errors, truths and wrong answers).
-    Counts from several replicas add with ``+``; a window is ``later - earlier``."""
-
-    trials: int = 0
-    events: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.events <= self.trials:
-            raise ValueError(f"need 0 <= events <= trials, got {self.events}/{self.trials}")
-
-    def update(self, event: bool) -> BernoulliCounts:
-        """These counts plus one trial; O(1)."""
-        return BernoulliCounts(self.trials + 1, self.events + int(event))
-
-    def __add__(self, other: BernoulliCounts) -> BernoulliCounts:
-        return BernoulliCounts(self.trials + other.trials, self.events + other.events)
-
-    def __sub__(self, earlier: BernoulliCounts) -> BernoulliCounts:
-        return BernoulliCounts(self.trials - earlier.trials, self.events - earlier.events)
-
-    @classmethod
-    def from_accuracy(cls, n: int, correct: int) -> BernoulliCounts:
-        """Wrong predictions as the events: a lower accuracy is a higher event rate."""
-        return cls(n, n - correct)
-
-    @property
-    def rate(self) -> float | None:
-        return self.events / self.trials if self.trials else None
-
-
-@dataclass(frozen=True, slots=True)
-class MeanMoments:
-    """Count, mean and sum of squared deviations (Welford's M2) of one arm's metric values.
-    Replicas' moments merge exactly with ``+`` (Chan et al.'s parallel formula)."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def update(self, value: float) -> MeanMoments:
-        """These moments plus one value (Welford); O(1)."""
-        n = self.n + 1
-        delta = value - self.mean
-        mean = self.mean + delta / n
-        return MeanMoments(n, mean, self.m2 + delta * (value - mean))
-
-    def __add__(self, other: MeanMoments) -> MeanMoments:
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * other.n / n
-        return MeanMoments(n, mean, self.m2 + other.m2 + delta * delta * self.n * other.n / n)
-
-    @classmethod
-    def from_counts(cls, counts: BernoulliCounts) -> MeanMoments:
-        """The moments of ``counts.trials`` values that are 1 for an event and 0 otherwise,
-        so a rate can be judged by ``MeanTest`` (faster than ``ProportionTest`` once both
-        arms hold a few hundred trials, but only asymptotically valid)."""
-        if counts.trials == 0:
-            return cls()
-        mean = counts.events / counts.trials
-        return cls(counts.trials, mean, counts.events * (1.0 - mean))
-
-    @property
-    def var(self) -> float | None:
-        """Sample variance (ddof=1); None below 2 values."""
-        return self.m2 / (self.n - 1) if self.n >= 2 else None
-
-
-def exceedances(
-    latency_counts: tuple[int, ...] | list[int],
-    bucket_bounds_ms: tuple[float, ...],
-    threshold_ms: float,
-) -> BernoulliCounts:
-    """Requests slower than ``threshold_ms`` out of all, from a latency histogram whose bucket
-    ``i`` holds values in ``(bounds[i-1], bounds[i]]`` (one overflow bucket after the last).
-
-    The threshold is rounded down to a bucket bound, so a request counts as slow only when
-    its whole bucket lies above that bound. Fix the threshold before the window it judges
-    (a latency objective, or the stable arm's p99 from before the step): a threshold read
-    from the same window's data would make the events depend on each other.
-    """
-    if len(latency_counts) != len(bucket_bounds_ms) + 1:
-        raise ValueError("latency_counts needs one count per bound plus an overflow bucket")
-    first_slow = 0
-    for i, bound in enumerate(bucket_bounds_ms):
-        if bound <= threshold_ms:
-            first_slow = i + 1
-    total = int(sum(latency_counts))
-    return BernoulliCounts(total, int(sum(latency_counts[first_slow:])))
-
-
-@dataclass(frozen=True, slots=True)
-class SequentialResult:
-    """One evaluation of a sequential test.
-
-    ``e_value`` is the evidence that the candidate is worse (against the null "not worse by
-    more than the tolerance"); ``p_value = min(1, 1 / e_value)`` is valid at any stopping
-    time. ``accept_e_value`` is the evidence that it is not worse by more than the margin.
-    ``estimate`` is candidate minus stable (rate or mean), None without data on both arms.
-    """
-
-    test: str
-    verdict: SequentialVerdict
-    e_value: float
-    p_value: float
-    accept_e_value: float
-    candidate_samples: int
-    stable_samples: int
-    estimate: float | None
-    reason: str
-
-
-def _result(
-    test: str,
-    log_e: float,
-    log_accept_e: float,
-    alpha: float,
-    beta: float,
-    candidate_samples: int,
-    stable_samples: int,
-    estimate: float | None,
-    what: str,
-) -> SequentialResult:
-    e_value = math.exp(min(log_e, _LOG_E_CAP))
-    accept_e = math.exp(min(log_accept_e, _LOG_E_CAP))
-    p_value = min(1.0, math.exp(-log_e)) if log_e > -_LOG_E_CAP else 1.0
-    counts = f"{candidate_samples} candidate / {stable_samples} stable samples"
-    if log_e >= math.log(1.0 / alpha):
-        verdict: SequentialVerdict = "reject"
-        reason = f"{test}: candidate worse ({what}), always-valid p {p_value:.3g} <= {alpha:g}"
-    elif log_accept_e >= math.log(1.0 / beta):
-        verdict = "accept"
-        reason = f"{test}: candidate not worse ({what}), e-value {accept_e:.3g} >= {1 / beta:g}"
-    else:
-        verdict = "continue"
-        reason = f"{test}: undecided ({what}), always-valid p {p_value:.3g}"
-    return SequentialResult(
-        test,
-        verdict,
-        e_value,
-        p_value,
-        accept_e,
-        candidate_samples,
-        stable_samples,
-        estimate,
-        f"{reason}; {counts}",
-    )
-
-
-def _check_level(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
 # -- two proportions ------------------------------------------------------------------------
@@ -458,165 +291,6 @@ def _xlogx(x: FloatArray) -> FloatArray:
     return out
 
 
-# -- difference of means --------------------------------------------------------------------
-
-
-def _log_ndtr(x: float) -> float:
-    """log Phi(x), accurate far into the lower tail (erfc underflows below about -38)."""
-    if x > -20.0:
-        return math.log(0.5 * math.erfc(-x / math.sqrt(2.0)))
-    # Mills ratio: Phi(x) ~ phi(x) / |x| (1 - 1/x^2 + 3/x^4)
-    return (
-        -0.5 * x * x
-        - math.log(-x)
-        - 0.5 * math.log(2 * math.pi)
-        + math.log1p(-1.0 / (x * x) + 3.0 / x**4)
-    )
-
-
-def _log_half_normal_mixture(delta: float, v: float, tau2: float) -> float:
-    """log of 2 sqrt(V/(V+tau^2)) exp(tau^2 Delta^2 / (2V(V+tau^2))) Phi(tau Delta /
-    sqrt(V(V+tau^2))): the half-normal mixture of Gaussian likelihood ratios (see the
-    module docstring)."""
-    s = v + tau2
-    return (
-        math.log(2.0)
-        + 0.5 * math.log(v / s)
-        + tau2 * delta * delta / (2.0 * v * s)
-        + _log_ndtr(math.sqrt(tau2) * delta / math.sqrt(v * s))
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class MeanTest:
-    """Always-valid (asymptotically) test that the candidate's mean metric is higher (worse)
-    than the stable arm's: a one-sided normal-mixture SPRT with plug-in variances.
-
-    ``effect_sd`` is the mixture's scale tau in pooled standard deviations: the test is
-    most powerful for standardised differences near it. ``margin`` (metric units) is the
-    excess the candidate may have and still be accepted; None never accepts.
-    """
-
-    name: str = "mean_error"
-    alpha: float = DEFAULT_FALSE_ROLLBACK_RATE / 2
-    beta: float = DEFAULT_ACCEPT_ERROR
-    effect_sd: float = 0.25
-    """0.25 pooled sd: between Cohen's "small" (0.2) and "medium" (0.5); the mixture is
-    tuned to decide within a few hundred samples per arm, the scale of a canary step."""
-    margin: float | None = None
-    tolerance: float = 0.0
-    min_samples: int = 10
-    """Values per arm before the plug-in variance is trusted; 10 keeps the simulated type-I
-    error of skewed (absolute-error) data under alpha."""
-
-    def __post_init__(self) -> None:
-        _check_level("alpha", self.alpha)
-        _check_level("beta", self.beta)
-        if not self.effect_sd > 0:
-            raise ValueError("effect_sd must be > 0")
-        if self.min_samples < 2:
-            raise ValueError("min_samples must be >= 2 (a variance needs two values)")
-        if self.margin is not None and not self.margin > self.tolerance:
-            raise ValueError("margin must exceed tolerance")
-
-    def log_e_values(self, candidate: MeanMoments, stable: MeanMoments) -> tuple[float, float]:
-        """(log e-value for "worse", log e-value for "not worse by the margin")."""
-        if min(candidate.n, stable.n) < self.min_samples:
-            return 0.0, 0.0
-        vc, vs = candidate.var or 0.0, stable.var or 0.0
-        pooled = (candidate.m2 + stable.m2) / (candidate.n + stable.n - 2)
-        if pooled <= 0.0:
-            return 0.0, 0.0  # constant values on both arms: no scale to judge against
-        v = max(vc / candidate.n + vs / stable.n, pooled * 1e-12)
-        tau2 = (self.effect_sd**2) * pooled
-        diff = candidate.mean - stable.mean
-        log_e = _log_half_normal_mixture(diff - self.tolerance, v, tau2)
-        log_accept = 0.0
-        if self.margin is not None:
-            log_accept = _log_half_normal_mixture(self.margin - diff, v, tau2)
-        return log_e, log_accept
-
-    def evaluate(self, candidate: MeanMoments, stable: MeanMoments) -> SequentialResult:
-        """Judge the cumulative moments of both arms (merged over replicas); O(1)."""
-        log_e, log_accept = self.log_e_values(candidate, stable)
-        ready = min(candidate.n, stable.n) >= self.min_samples
-        estimate = candidate.mean - stable.mean if candidate.n and stable.n else None
-        what = (
-            f"mean {candidate.mean:.4g} vs {stable.mean:.4g}"
-            if ready
-            else f"waiting for {self.min_samples} values per arm"
-        )
-        return _result(
-            self.name,
-            log_e,
-            log_accept,
-            self.alpha,
-            self.beta,
-            candidate.n,
-            stable.n,
-            estimate,
-            what,
-        )
-
-    def log_e_path(self, is_candidate: npt.NDArray[np.bool_], values: FloatArray) -> FloatArray:
-        """The log e-value for "worse" after each observation of a sequence (last axis is
-        time; leading axes are independent runs), as ``evaluate`` would give at every
-        prefix (moments from running sums: for simulations, not for long-lived state)."""
-        cand = is_candidate.astype(np.float64)
-        stab = 1.0 - cand
-        nc, ns = np.cumsum(cand, axis=-1), np.cumsum(stab, axis=-1)
-        sc, ss = np.cumsum(cand * values, axis=-1), np.cumsum(stab * values, axis=-1)
-        qc = np.cumsum(cand * values * values, axis=-1)
-        qs = np.cumsum(stab * values * values, axis=-1)
-        ready = np.minimum(nc, ns) >= self.min_samples
-        nc_, ns_ = np.where(ready, nc, 2.0), np.where(ready, ns, 2.0)
-        mc, ms = sc / nc_, ss / ns_
-        m2c = np.maximum(qc - sc * mc, 0.0)
-        m2s = np.maximum(qs - ss * ms, 0.0)
-        pooled = (m2c + m2s) / (nc_ + ns_ - 2.0)
-        ready &= pooled > 0.0
-        pooled = np.where(ready, pooled, 1.0)
-        v = np.maximum(m2c / (nc_ - 1.0) / nc_ + m2s / (ns_ - 1.0) / ns_, pooled * 1e-12)
-        tau2 = self.effect_sd**2 * pooled
-        delta = mc - ms - self.tolerance
-        s = v + tau2
-        z = np.sqrt(tau2) * delta / np.sqrt(v * s)
-        log_e = math.log(2.0) + 0.5 * np.log(v / s) + tau2 * delta * delta / (2.0 * v * s)
-        log_e = log_e + _log_ndtr_np(z)
-        return np.where(ready, log_e, 0.0)
-
-
-_log_ndtr_ufunc: Final = np.frompyfunc(_log_ndtr, 1, 1)
-
-
-def _log_ndtr_np(x: FloatArray) -> FloatArray:
-    return np.asarray(_log_ndtr_ufunc(x), dtype=np.float64)
-
-
-# -- how long a decision takes --------------------------------------------------------------
-
-_MAX_SAMPLES: Final = 10**9
-
-
-def _first_n(decides: object, limit: int) -> int | None:
-    """The smallest n in [1, limit] with decides(n) true, assuming monotone in n (doubling,
-    then bisection: O(log limit) evaluations)."""
-    assert callable(decides)
-    hi = 1
-    while not decides(hi):
-        if hi >= limit:
-            return None
-        hi = min(2 * hi, limit)
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if decides(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def proportion_samples_needed(
     test: ProportionTest,
     *,
@@ -643,48 +317,3 @@ def proportion_samples_needed(
         return (log_e if rejects else log_accept) >= threshold
 
     return _first_n(decides, limit)
-
-
-def mean_samples_needed(
-    test: MeanTest, *, effect_sd: float, share: float, limit: int = _MAX_SAMPLES
-) -> int | None:
-    """Candidate samples after which ``test`` decides on the expected statistic when the
-    candidate's mean exceeds stable's by ``effect_sd`` standard deviations (equal variances):
-    rejects when that is above the tolerance, accepts (needs a margin) otherwise."""
-    _check_level("share", share)
-    ratio = (1.0 - share) / share
-    rejects = effect_sd > test.tolerance
-    threshold = math.log(1.0 / (test.alpha if rejects else test.beta))
-
-    def decides(n: int) -> bool:
-        ns = max(round(n * ratio), 1)
-        if min(n, ns) < test.min_samples:
-            return False
-        cand = MeanMoments(n, effect_sd, float(n - 1))
-        stab = MeanMoments(ns, 0.0, float(ns - 1))
-        log_e, log_accept = test.log_e_values(cand, stab)
-        return (log_e if rejects else log_accept) >= threshold
-
-    if not rejects and test.margin is None:
-        return None
-    return _first_n(decides, limit)
-
-
-def step_deadline_s(
-    candidate_samples: int | None,
-    *,
-    requests_per_s: float,
-    share: float,
-    safety: float = 3.0,
-    floor_s: float = 60.0,
-) -> float | None:
-    """Seconds a step may wait for a decision before its no-data deadline: ``safety`` times
-    the time the candidate needs to see ``candidate_samples`` at ``requests_per_s`` (the
-    model's total rate) and ``share`` (0..1), at least ``floor_s``. None when the test
-    cannot decide (``candidate_samples`` None) or there is no traffic: no deadline to set
-    from the test, the policy's fixed one applies. 3x covers the spread of stopping times
-    around the mean path (the mean path sits near the median)."""
-    _check_level("share", share)
-    if candidate_samples is None or not requests_per_s > 0:
-        return None
-    return max(floor_s, safety * candidate_samples / (requests_per_s * share))

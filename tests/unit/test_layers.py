@@ -187,3 +187,16 @@ def test_a_stale_or_doubled_entry_fails(tmp_path: Path) -> None:
     problems = check_layers(ROOT, layers)
     assert "table entry 'gone' matches no module" in problems
     assert "router is in layers [1, 3]; list it once" in problems
+
+
+MAX_MODULE_LINES = 600  # STYLE.md: a module that grows past this is split by concept
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    """Hand-written modules stay under ``MAX_MODULE_LINES`` (generated protobuf code aside)."""
+    long = {
+        _module_name(ROOT, p): n
+        for p in sorted(ROOT.rglob("*.py"))
+        if "_proto" not in p.parts and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
