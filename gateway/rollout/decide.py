@@ -2,8 +2,18 @@
 ``decide(state, signals, policy, now) -> Decision``.
 
 Each status has exactly one rule (CANARY -> advance / promote / await approval / roll back /
-stay; the others hold). Pure: no I/O, no clock, no mutation; the controller gathers signals
-and applies what this decides. It knows nothing of the store, the router or alerts.
+pause / stay; the others hold). Pure: no I/O, no clock, no mutation; the controller gathers
+signals and applies what this decides. It knows nothing of the store, the router or alerts.
+
+Two kinds of checks. The *sequential* ones (error rate against stable, and classification
+outcomes) are always-valid tests (``sequential.ProportionTest``) on the current window's
+counts: valid however often they are looked at, so they need no sample minimum and no run of
+failing evaluations, and one rejection rolls back. They share ``policy.false_rollback_rate``
+over tests x windows (``split_alpha``), so an A/A rollout is rolled back with probability at
+most that rate (1% by default; tests/unit/test_rollout_sim.py measures it). The *fixed
+threshold* ones (latency ratio, drift, shadow disagreement, absolute error rate) wait for
+``min_samples`` and ``consecutive_failures`` as before. A step that cannot reach a verdict by
+``decision_deadline_s`` takes ``deadline_action``.
 """
 
 from __future__ import annotations
@@ -21,11 +31,13 @@ from gateway.rollout.policy import (
     RolloutPolicy,
     RolloutState,
     RolloutStatus,
+    RolloutThresholds,
     Signals,
     Verdict,
 )
+from gateway.rollout.sequential import BernoulliCounts, ProportionTest, split_alpha
 
-__all__ = ["decide"]
+__all__ = ["decide", "sequential_alpha"]
 
 _MIN_P99_MS: Final = 1e-3  # floor for the stable p99 in the ratio: a 0 ms bucket is not "free"
 
@@ -38,6 +50,8 @@ class _Analysis:
     breaches: tuple[str, ...]
     missing: tuple[str, ...]
     values: Measured
+    immediate: bool = False
+    """A sequential test rejected: roll back now, without waiting for more breaches."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -54,6 +68,8 @@ def _measured(s: Signals) -> Measured:
     return {
         "candidate_samples": s.candidate_samples,
         "stable_samples": s.stable_samples,
+        "candidate_errors": s.candidate_errors,
+        "stable_errors": s.stable_errors,
         "candidate_requests_total": s.candidate_requests_total,
         "candidate_error_rate": s.candidate_error_rate,
         "stable_error_rate": s.stable_error_rate,
@@ -72,10 +88,53 @@ def _measured(s: Signals) -> Measured:
     }
 
 
+def _tests(t: RolloutThresholds) -> int:
+    return int(t.max_error_rate_delta is not None) + int(t.candidate_worse_pvalue is not None)
+
+
+def sequential_alpha(policy: RolloutPolicy) -> float:
+    """Each sequential test's level in one window: ``false_rollback_rate`` split over the
+    tests and the windows a rollout can judge (each step below 100%, plus the approval
+    wait when approval is required)."""
+    windows = sum(1 for w in policy.steps if w < FULL_WEIGHT) + int(policy.require_approval)
+    return split_alpha(policy.false_rollback_rate, max(1, _tests(policy.thresholds)) * windows)
+
+
+def _sequential(s: Signals, policy: RolloutPolicy, values: Measured) -> list[str]:
+    """Run the always-valid tests on the window's counts; return their rejections."""
+    t = policy.thresholds
+    alpha = sequential_alpha(policy)
+    rejected: list[str] = []
+    if t.max_error_rate_delta is not None:
+        tol = t.max_error_rate_delta
+        test = ProportionTest("error_rate", alpha=alpha, tolerance=tol, margin=tol + 0.01)
+        r = test.evaluate(
+            BernoulliCounts(s.candidate_samples, s.candidate_errors),
+            BernoulliCounts(s.stable_samples, s.stable_errors),
+        )
+        values["error_rate_e_value"] = r.e_value
+        values["error_rate_always_valid_p"] = r.p_value
+        if r.verdict == "reject":
+            rejected.append(r.reason)
+    if t.candidate_worse_pvalue is not None and s.outcome_counts is not None:
+        nc, xc, ns, xs = s.outcome_counts
+        test = ProportionTest("outcome", alpha=alpha)
+        r = test.evaluate(BernoulliCounts(nc, xc), BernoulliCounts(ns, xs))
+        values["outcome_e_value"] = r.e_value
+        values["outcome_always_valid_p"] = r.p_value
+        if r.verdict == "reject":
+            rejected.append(r.reason)
+    return rejected
+
+
 def _analyse(s: Signals, policy: RolloutPolicy) -> _Analysis:
-    """Judge every configured threshold: "fail" on any breach, else "insufficient" when a
-    configured check lacked data, else "pass". Below ``min_samples``: "insufficient"."""
+    """The sequential tests first (a rejection is an immediate "fail"); then every fixed
+    threshold: "fail" on any breach, else "insufficient" when a configured check lacked
+    data, else "pass". Below ``min_samples``: "insufficient"."""
     values = _measured(s)
+    rejected = _sequential(s, policy, values)
+    if rejected:
+        return _Analysis("fail", tuple(rejected), (), values, immediate=True)
     n_min = policy.min_samples
     if s.candidate_samples < n_min:
         why = f"candidate has {s.candidate_samples}/{n_min} samples"
@@ -142,7 +201,8 @@ def _analyse(s: Signals, policy: RolloutPolicy) -> _Analysis:
             breaches.append(f"{name} {value:.4g} > {limit:.4g}{where}")
     level = t.candidate_worse_pvalue
     p = _finite(s.outcome_pvalue)
-    if level is not None and p is not None and s.outcome_worse and p <= level:
+    fixed_outcome = s.outcome_counts is None  # with counts, the sequential test judged it
+    if fixed_outcome and level is not None and p is not None and s.outcome_worse and p <= level:
         breaches.append(f"outcome worse: p={p:.3g} <= {level:.3g}")
     if breaches:
         return _Analysis("fail", tuple(breaches), tuple(missing), values)
@@ -177,11 +237,39 @@ def _decision(
     )
 
 
-def _judge_breaches(state: RolloutState, policy: RolloutPolicy, a: _Analysis) -> Decision | None:
-    """The shared part of every evaluated status: insufficient data holds, a breach counts
-    towards rollback. Returns None when the analysis passed (the caller decides)."""
+def _judge_breaches(
+    state: RolloutState, policy: RolloutPolicy, a: _Analysis, now: float
+) -> Decision | None:
+    """The shared part of every evaluated status: a sequential rejection rolls back, a
+    threshold breach counts towards rollback, insufficient data holds until the step's
+    deadline. Returns None when the analysis passed (the caller decides)."""
+    if a.immediate:
+        return _decision(
+            state,
+            "rollback",
+            "rolled back by a sequential test: " + "; ".join(a.breaches),
+            status="rolled_back",
+            weight=0.0,
+            analysis=a,
+            failures=state.consecutive_failures + 1,
+        )
     if a.verdict == "insufficient":
-        return _decision(state, "stay", "insufficient data: " + "; ".join(a.missing), analysis=a)
+        why = "insufficient data: " + "; ".join(a.missing)
+        deadline = policy.decision_deadline_s
+        waited = now - state.step_started_at
+        if deadline is not None and waited >= deadline:
+            reason = f"no decision within the {deadline:g} s deadline ({why})"
+            if policy.deadline_action == "pause":
+                return _decision(state, "pause", f"paused: {reason}", status="paused", analysis=a)
+            return _decision(
+                state,
+                "rollback",
+                f"rolled back: {reason}",
+                status="rolled_back",
+                weight=0.0,
+                analysis=a,
+            )
+        return _decision(state, "stay", why, analysis=a)
     if a.verdict == "fail":
         failures = state.consecutive_failures + 1
         needed = policy.consecutive_failures
@@ -204,7 +292,7 @@ def _judge_breaches(state: RolloutState, policy: RolloutPolicy, a: _Analysis) ->
 
 def _from_canary(state: RolloutState, s: Signals, policy: RolloutPolicy, now: float) -> Decision:
     a = _analyse(s, policy)
-    held = _judge_breaches(state, policy, a)
+    held = _judge_breaches(state, policy, a, now)
     if held is not None:
         return held
     i, steps = state.step_index, policy.steps
@@ -274,7 +362,7 @@ def _from_awaiting_approval(
     # The candidate still serves its last step's share while a person decides, possibly for
     # hours, so breaches keep counting towards rollback; only promotion needs the person.
     a = _analyse(s, policy)
-    held = _judge_breaches(state, policy, a)
+    held = _judge_breaches(state, policy, a, now)
     if held is not None:
         return held
     return _decision(state, "stay", "analysis passed; awaiting approval", analysis=a, failures=0)
@@ -290,8 +378,8 @@ def _hold(why: str) -> Callable[[RolloutState, Signals, RolloutPolicy, float], D
 _Rule: TypeAlias = Callable[[RolloutState, Signals, RolloutPolicy, float], Decision]
 
 # The transition table: each status has exactly one rule.
-#   canary            -> advance | await_approval | promote | rollback | stay
-#   awaiting_approval -> rollback | stay        (promotion only through approve/promote)
+#   canary            -> advance | await_approval | promote | rollback | pause | stay
+#   awaiting_approval -> rollback | pause | stay (promotion only through approve/promote)
 #   paused            -> stay                   (resume through the API)
 #   promoted          -> stay                   (rollback through the API)
 #   rolled_back       -> stay                   (terminal)
@@ -307,6 +395,8 @@ assert set(_TABLE) == set(get_args(RolloutStatus)), "every status needs exactly 
 
 def decide(state: RolloutState, signals: Signals, policy: RolloutPolicy, now: float) -> Decision:
     """The next step for ``state`` given ``signals`` at unix time ``now``. Pure: no I/O,
-    no clock, no mutation. A breach needs ``min_samples``; ``policy.consecutive_failures``
-    breaches in a row roll back; a passing evaluation resets the count."""
+    no clock, no mutation. A sequential test's rejection rolls back at once; a fixed
+    threshold breach needs ``min_samples`` and ``policy.consecutive_failures`` breaches in a
+    row; a passing evaluation resets the count; no verdict by the step's deadline takes the
+    policy's ``deadline_action``."""
     return _TABLE[state.status](state, signals, policy, now)

@@ -19,6 +19,7 @@ from gateway.errors import InvalidInputError
 __all__ = [
     "RolloutStatus",
     "Action",
+    "DeadlineAction",
     "Verdict",
     "Measured",
     "ACTIVE_STATUSES",
@@ -37,7 +38,8 @@ __all__ = [
 RolloutStatus: TypeAlias = Literal[
     "canary", "paused", "awaiting_approval", "promoted", "rolled_back"
 ]
-Action: TypeAlias = Literal["stay", "advance", "await_approval", "promote", "rollback"]
+Action: TypeAlias = Literal["stay", "advance", "await_approval", "promote", "rollback", "pause"]
+DeadlineAction: TypeAlias = Literal["rollback", "pause"]
 Verdict: TypeAlias = Literal["pass", "fail", "insufficient", "not_evaluated"]
 Measured: TypeAlias = dict[str, float | int | str | bool | None]
 
@@ -61,14 +63,19 @@ class RolloutThresholds(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     max_error_rate: float | None = None
     """Candidate's share of failed requests (0..1)."""
     max_error_rate_delta: float | None = 0.02
-    """Candidate error rate minus stable error rate; 0.02 is about 3 standard errors at
-    200 samples and a 1% base rate, so noise alone rarely trips it three times running."""
+    """Candidate error rate minus stable error rate the candidate may have. Judged by an
+    always-valid sequential test (``sequential.ProportionTest`` with this tolerance) after
+    every evaluation, at any sample size: a rejection rolls back at once, with the false
+    rollback rate bounded by ``RolloutPolicy.false_rollback_rate`` however often it looks."""
     max_p99_latency_ratio: float | None = 2.0
     """Candidate p99 / stable p99; 2.0 leaves room for the histogram's 26% bucket width."""
     max_shadow_disagreement: float | None = None
     """Share of mirrored rows where the shadow's answer differed from the primary's (0..1)."""
     candidate_worse_pvalue: float | None = None
-    """Roll back when the outcome test says the candidate is worse at this p-value or below."""
+    """Roll back when the outcome test says the candidate is worse at this p-value or below.
+    With classification truths the test is sequential (always-valid, on the error share of
+    each arm, sharing ``false_rollback_rate``) and rolls back at once; otherwise the
+    fixed-sample p-value of the outcome comparison is compared with this level."""
     promote_requires_not_worse: bool = False
     """Promotion waits until an outcome comparison exists and does not say "worse"."""
 
@@ -89,10 +96,22 @@ class RolloutPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     evaluation_interval_s: float = 1.0
     """Seconds between evaluations; 1 s matches the drift aggregator's tick."""
     min_samples: int = 200
-    """Candidate (and, for comparisons, stable) samples before any verdict; below it the
-    rollout neither fails nor passes."""
+    """Candidate (and, for comparisons, stable) samples before a pass, and before the
+    fixed-threshold checks (latency ratio, drift, shadow) are judged. The sequential tests
+    need no minimum: they may roll back after a handful of requests."""
     consecutive_failures: int = 3
-    """Breaching evaluations in a row that trigger a rollback; 3 rides out one noisy window."""
+    """Breaching evaluations of the fixed-threshold checks in a row that trigger a rollback;
+    3 rides out one noisy window. Sequential tests roll back on their first rejection."""
+    false_rollback_rate: float = 0.01
+    """Probability that a candidate no worse than stable is rolled back by the sequential
+    tests over the whole rollout, checked after every evaluation; split evenly over the
+    tests and the steps (``sequential.split_alpha``)."""
+    decision_deadline_s: float | None = 900.0
+    """A step whose analysis still lacks data this long after it began takes
+    ``deadline_action`` (and alerts): a candidate too quiet to judge is not left serving
+    unjudged. 900 s is three default steps. None: wait forever."""
+    deadline_action: DeadlineAction = "rollback"
+    """What a step that misses its ``decision_deadline_s`` does: "rollback" or "pause"."""
     thresholds: RolloutThresholds = RolloutThresholds()
 
     def __post_init__(self) -> None:
@@ -117,6 +136,13 @@ class RolloutPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise InvalidInputError("policy.min_samples must be >= 1")
         if self.consecutive_failures < 1:
             raise InvalidInputError("policy.consecutive_failures must be >= 1")
+        if not 0.0 < self.false_rollback_rate < 1.0:
+            raise InvalidInputError("policy.false_rollback_rate must be in (0, 1)")
+        if self.decision_deadline_s is not None and not self.decision_deadline_s > 0:
+            raise InvalidInputError("policy.decision_deadline_s must be > 0")
+        delta = self.thresholds.max_error_rate_delta
+        if delta is not None and not 0.0 <= delta < 0.99:
+            raise InvalidInputError("policy.thresholds.max_error_rate_delta must be in [0, 0.99)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +156,9 @@ class Signals:
 
     candidate_samples: int = 0
     stable_samples: int = 0
+    candidate_errors: int = 0
+    """Failed candidate requests in the window (the sequential error test's events)."""
+    stable_errors: int = 0
     candidate_requests_total: int = 0
     candidate_error_rate: float | None = None
     stable_error_rate: float | None = None
@@ -144,6 +173,9 @@ class Signals:
     """One-sided p-value of "the candidate's outcome is worse" (from the feedback feature)."""
     outcome_worse: bool | None = None
     """The outcome comparison's direction: True when the candidate looks worse."""
+    outcome_counts: tuple[int, int, int, int] | None = None
+    """Classification truths in the window: (candidate rows, candidate wrong, stable rows,
+    stable wrong), for the sequential outcome test; None for regression or no truths."""
     drift_sufficient: bool = False
     """The drift verdicts had enough rows; otherwise drift thresholds are not judged."""
 
@@ -182,6 +214,9 @@ class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     stable_version: str
     candidate_version: str
+    rollout_id: str = ""
+    """Unique per rollout: signal windows are keyed by it, so a rollout started again for
+    the same versions never inherits an earlier one's measurements."""
     status: RolloutStatus
     policy: RolloutPolicy
     step_index: int

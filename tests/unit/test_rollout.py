@@ -213,7 +213,7 @@ def test_breach_reason_names_the_drifting_feature() -> None:
 
 
 def test_below_min_samples_is_insufficient_never_fail() -> None:
-    policy = _policy(min_samples=200, consecutive_failures=1)
+    policy = _policy(min_samples=200, consecutive_failures=1, decision_deadline_s=None)
     awful = dataclasses.replace(GOOD, candidate_samples=199, candidate_error_rate=1.0)
     d = decide(_state(policy), awful, policy, T0 + 10**6)
     assert (d.action, d.verdict, d.consecutive_failures) == ("stay", "insufficient", 0)
