@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -220,6 +220,30 @@ class ModelLifecycle:
         report = self.drift_report(model, version or "")
         data: dict[str, Any] = msgspec.to_builtins(report)
         return data
+
+    def check_ready(self, model: str, versions: Sequence[str]) -> None:
+        """Raise ``InvalidInputError`` naming each of ``versions`` that is not loaded and
+        READY (with its repository state and reason), or the model when none of it is
+        served: the check every route, weight, rollout and promote passes (any thread)."""
+        served = self.router.versions(model)
+        if not served:
+            raise InvalidInputError(f"model '{model}' is not loaded; nothing to route to")
+        bad = [v for v in dict.fromkeys(versions) if not self.router.is_ready(model, v)]
+        if not bad:
+            return
+        states = {e.version: e for e in self.repository.index() if e.name == model}
+        named = []
+        for v in bad:
+            entry = states.get(v)
+            if entry is None:
+                named.append(f"{v} (unknown)")
+            else:
+                why = f": {entry.reason}" if entry.reason else ""
+                named.append(f"{v} ({entry.state or 'not loaded'}{why})")
+        raise InvalidInputError(
+            f"model '{model}': version {', '.join(named)} is not loaded and READY; "
+            f"ready versions: {', '.join(v for v in served if self.router.is_ready(model, v))}"
+        )
 
     def apply_weights(self, model: str, weights: dict[str, float]) -> None:
         """The controller's door into the router: weights change on the loop thread, where

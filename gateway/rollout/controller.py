@@ -4,6 +4,14 @@ In: a ``Store`` (routes, rollout states, audit trail), a ``WeightApplier`` (the 
 ``set_weights``), a ``SignalSource`` (traffic, drift and shadow numbers for one rollout) and an
 optional ``AlertSink``. Out: weight changes, persisted states, audit entries and alerts.
 
+Every change that sends traffic somewhere (start, weights, promote) is first checked against
+what is loaded (``VersionCheck``: unknown or not-ready versions are an ``InvalidInputError``
+naming them); rollback is never checked, it must always work. Each rollout gets a unique id;
+its signal windows begin when it starts and when each step begins (``WindowStart``). The loop
+evaluates every ``evaluation_interval_s`` and, between ticks, as soon as a rollout's candidate
+fails a request (``Activity``, polled by ``loop.EvaluationLoop`` every 50 ms), so a failing
+candidate is judged within a fraction of a second; a new rollout is evaluated at once.
+
 The controller only gathers signals, applies what ``decide`` concludes and records it. Manual
 actions (promote, rollback, pause, weights) go through the same apply path as automatic ones,
 so the router, the store and the audit trail never disagree on who did what. It does not know
@@ -13,19 +21,19 @@ above.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Protocol, TypeAlias
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 import msgspec
 
 from gateway.errors import ConflictError, GatewayError, InvalidInputError, ModelNotFoundError
 from gateway.rollout.decide import decide
+from gateway.rollout.loop import ActivityWatch, EvaluationLoop
 from gateway.rollout.policy import (
     ACTIVE_STATUSES,
     CONTROLLER_ACTOR,
@@ -37,43 +45,40 @@ from gateway.rollout.policy import (
     RolloutPolicy,
     RolloutState,
     RolloutStatus,
-    Signals,
     Transition,
 )
+from gateway.rollout.ports import (
+    Activity,
+    AlertSink,
+    SignalSource,
+    VersionCheck,
+    WeightApplier,
+    WindowStart,
+)
+from gateway.rollout.routes import repaired_weights
+from gateway.rollout.routes import table as routes_table
 from gateway.store import AuditEvent, Store
 from gateway.types import Route, Variant
 
-__all__ = ["WeightApplier", "SignalSource", "AlertSink", "RolloutController"]
+__all__ = [
+    "WeightApplier",
+    "SignalSource",
+    "VersionCheck",
+    "WindowStart",
+    "Activity",
+    "AlertSink",
+    "RolloutController",
+]
 
 logger = logging.getLogger(__name__)
 
 MAX_HISTORY: Final = 200  # transitions kept in a state document; the audit trail keeps all
-_STOP_TIMEOUT_S: Final = 10.0  # one evaluation takes milliseconds; longer means it is stuck
-
-WeightApplier: TypeAlias = Callable[[str, dict[str, float]], None]
-"""``apply(model, {version: percent})``: swap the router's weights atomically. Called from
-the controller's worker thread or an admin request's thread, never two at once."""
-SignalSource: TypeAlias = Callable[[RolloutState], Signals]
-"""``gather(state)``: the current signals for a rollout; cheap, thread-safe, non-blocking."""
-
-
-class AlertSink(Protocol):
-    """Where rollout events go (``alerts.AlertSender``); must never block or raise."""
-
-    def send(
-        self,
-        event: str,
-        model: str,
-        reason: str,
-        values: Mapping[str, object],
-        extra: Mapping[str, object] | None = None,
-    ) -> bool: ...
-
 
 _state_decoder: Final = msgspec.json.Decoder(RolloutState)
 _encode: Final = msgspec.json.Encoder().encode
 _ALERTED: Final[Mapping[str, str]] = {
     "rolled_back": "rollout.rolled_back",
+    "paused": "rollout.paused",
     "awaiting_approval": "rollout.awaiting_approval",
     "promoted": "rollout.promoted",
 }
@@ -95,12 +100,21 @@ class RolloutController:
         gather: SignalSource,
         alerts: AlertSink | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        check_versions: VersionCheck | None = None,
+        begin_window: WindowStart | None = None,
+        activity: Activity | None = None,
+        config_routes: Mapping[str, Route] | None = None,
     ) -> None:
         self._store = store
         self._apply = apply_weights
         self._gather = gather
         self._alerts = alerts
         self._clock = clock
+        self._check_versions = check_versions
+        self._begin_window = begin_window
+        self._config_routes = dict(config_routes or {})
+        self._missing: dict[str, list[str]] = {}  # model -> route versions not ready at start
         self._lock = threading.RLock()
         self._states: dict[str, RolloutState] = {}
         for model, doc in store.rollouts().items():
@@ -110,9 +124,8 @@ class RolloutController:
                 logger.error("stored rollout state of model %s is unreadable: %s", model, exc)
         self._routes: dict[str, Route] = store.routes()
         self._is_restored = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._stopping: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        news = ActivityWatch(activity, self._evaluated) if activity is not None else None
+        self._loop_runner = EvaluationLoop(self.evaluate_once, self._interval_s, news)
 
     # -- queries ----------------------------------------------------------------------------
     # Lock-free: states and routes are immutable values replaced whole, and a dict copy is
@@ -134,6 +147,31 @@ class RolloutController:
     def routes(self) -> dict[str, Route]:
         return dict(self._routes)
 
+    def route_table(self) -> dict[str, dict[str, Any]]:
+        """Every route, stored (API) and config, with its source (``rollout.routes``)."""
+        return routes_table(dict(self._routes), self._config_routes, dict(self._missing))
+
+    def missing_versions(self) -> dict[str, list[str]]:
+        """Model -> versions its route names that were not loaded and ready at start."""
+        return {m: list(v) for m, v in self._missing.items() if v}
+
+    def _repair(self, model: str, route: Route) -> dict[str, float] | None:
+        """The weights to apply for ``route`` at start: unchanged, or with the share of
+        versions that are not ready moved to the stable one (recorded in ``_missing``)."""
+        missing = []
+        for version, weight in route.weights().items():
+            try:
+                if weight > 0:
+                    self._check(model, [version])
+            except InvalidInputError as exc:
+                missing.append(version)
+                logger.error("route of model %s names version %s: %s", model, version, exc)
+        self._missing[model] = missing
+        if not missing:
+            return route.weights()
+        state = self._states.get(model)
+        return repaired_weights(route, missing, state.stable_version if state else None)
+
     # -- manual actions -----------------------------------------------------------------------
 
     def start_rollout(
@@ -151,6 +189,7 @@ class RolloutController:
             raise InvalidInputError("model, stable and candidate must be non-empty")
         if stable == candidate:
             raise InvalidInputError(f"stable and candidate are both version {stable}")
+        self._check(model, [stable, candidate])
         with self._lock:
             current = self._states.get(model)
             if current is not None and current.is_active:
@@ -164,6 +203,7 @@ class RolloutController:
                 model=model,
                 stable_version=stable,
                 candidate_version=candidate,
+                rollout_id=uuid.uuid4().hex,
                 status="canary",
                 policy=policy,
                 step_index=0,
@@ -174,9 +214,12 @@ class RolloutController:
                 actor=actor,
                 reason=reason,
             )
-            return self._commit(
+            state = self._commit(
                 None, state, "start", actor, reason or f"canary of {candidate} at {first:g}%"
             )
+            self._window(state)
+        self.wake()  # the first evaluation runs at once, not at the next tick
+        return state
 
     def pause(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Hold the current weights and stop evaluating (only from "canary")."""
@@ -193,12 +236,15 @@ class RolloutController:
             after = msgspec.structs.replace(
                 self._moved(state, "canary"), step_started_at=now, step_requests_at_start=None
             )
-            return self._commit(state, after, "resume", actor, reason)
+            after = self._commit(state, after, "resume", actor, reason)
+            self._window(after)
+            return after
 
     def promote(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Send all traffic to the candidate now, skipping remaining steps and approval."""
         with self._lock:
             state = self._require(model, "promote", {"canary", "paused", "awaiting_approval"})
+            self._check(model, [state.candidate_version])
             after = self._moved(state, "promoted", FULL_WEIGHT, len(state.policy.steps))
             return self._commit(state, after, "promote", actor, reason)
 
@@ -232,6 +278,7 @@ class RolloutController:
             clean[version] = w
         if not clean or sum(clean.values()) <= 0:
             raise InvalidInputError("weights must name a version with a positive weight")
+        self._check(model, [v for v, w in clean.items() if w > 0])
         with self._lock:
             state = self._states.get(model)
             if state is not None and state.status in EVALUATED_STATUSES:
@@ -258,6 +305,17 @@ class RolloutController:
             )
             logger.info("model %s weights set to %s by %s: %s", model, clean, actor, reason)
             return route
+
+    def _check(self, model: str, versions: Sequence[str]) -> None:
+        if self._check_versions is not None:
+            self._check_versions(model, versions)
+
+    def _window(self, state: RolloutState) -> None:
+        if self._begin_window is not None and state.status in EVALUATED_STATUSES:
+            try:
+                self._begin_window(state)
+            except Exception:  # the first gather starts the window instead
+                logger.exception("signal window of the rollout of %s not started", state.model)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -314,7 +372,8 @@ class RolloutController:
             after = self._moved(after, d.status, d.candidate_weight, d.step_index)
             if d.step_index != state.step_index:
                 after = msgspec.structs.replace(after, step_started_at=now)
-            self._commit(state, after, d.action, CONTROLLER_ACTOR, d.reason, d)
+            after = self._commit(state, after, d.action, CONTROLLER_ACTOR, d.reason, d)
+            self._window(after)
             return d
 
     # -- the one apply path ------------------------------------------------------------------
@@ -473,14 +532,23 @@ class RolloutController:
     # -- restart and the background loop ------------------------------------------------------
 
     def restore(self) -> list[str]:
-        """Re-apply every stored route (active rollouts included) after a restart. A model
-        the router no longer serves is logged and skipped. Returns the models restored."""
+        """Re-apply every stored route (active rollouts included) after a restart, and
+        repair stored or config routes that name a version not loaded and ready: its share
+        goes to the stable version, loudly (``routes.repaired_weights``). A model the router
+        no longer serves is logged and skipped. Returns the models restored."""
         restored = []
         with self._lock:
             self._is_restored = True
-            for model, route in sorted(self._routes.items()):
+            routes = {**self._config_routes, **self._routes}
+            for model, route in sorted(routes.items()):
+                weights, note = self._repair(model, route), "weights re-applied after restart"
+                if self._missing.get(model):
+                    note = f"version {', '.join(self._missing[model])} not loaded: share to stable"
+                if model not in self._routes and not self._missing.get(model):
+                    continue  # a config route the app installed as it is
                 try:
-                    self._apply(model, route.weights())
+                    if weights is not None:
+                        self._apply(model, weights)
                 except GatewayError as exc:
                     logger.warning("route of model %s not restored: %s", model, exc)
                     continue
@@ -490,8 +558,8 @@ class RolloutController:
                     CONTROLLER_ACTOR,
                     "restore",
                     model,
-                    "weights re-applied after restart",
-                    after={"weights": route.weights(), "status": state.status if state else None},
+                    note,
+                    after={"weights": weights or {}, "status": state.status if state else None},
                     ts=self._clock(),
                 )
         if restored:
@@ -500,16 +568,17 @@ class RolloutController:
 
     def start(self) -> None:
         """Restore stored routes (unless ``restore()`` ran already), then evaluate in the
-        background every ``evaluation_interval_s`` (the smallest among active rollouts).
-        Call on the running loop; evaluations run in the controller's own worker thread."""
-        if self._task is not None:
+        background every ``evaluation_interval_s`` (the smallest among active rollouts) and
+        whenever a candidate fails a request. Call on the running loop; evaluations run in
+        the loop's own worker thread."""
+        if self._loop_runner.is_running:
             return
         if not self._is_restored:
             self.restore()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout")
-        self._stopping = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="rollout")
-        self._task.add_done_callback(self._done)
+        self._loop_runner.start()
+
+    def _evaluated(self) -> list[RolloutState]:
+        return [s for s in dict(self._states).values() if s.status in EVALUATED_STATUSES]
 
     def _interval_s(self) -> float:
         intervals = [
@@ -519,35 +588,10 @@ class RolloutController:
         ]
         return min(intervals, default=RolloutPolicy().evaluation_interval_s)
 
-    async def _run(self) -> None:
-        assert self._stopping is not None
-        assert self._executor is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s())
-                return
-            except TimeoutError:
-                pass
-            # Off the loop: a decision writes to the store (one fsync) and calls the router.
-            await loop.run_in_executor(self._executor, self.evaluate_once)
-
-    @staticmethod
-    def _done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("rollout loop crashed", exc_info=task.exception())
+    def wake(self) -> None:
+        """Evaluate soon instead of at the next tick; from any thread."""
+        self._loop_runner.wake()
 
     async def stop(self) -> None:
         """Stop the loop after the evaluation in progress, if any."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        assert self._stopping is not None
-        self._stopping.set()
-        try:
-            await asyncio.wait_for(task, _STOP_TIMEOUT_S)
-        except TimeoutError:
-            logger.error("rollout loop did not stop within %.0f s", _STOP_TIMEOUT_S)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        await self._loop_runner.stop()

@@ -1,12 +1,15 @@
 """rollout/signals.py: gathers the live measurements a rollout is judged on (``Signals``).
 
-For one rollout (model, stable version, candidate version): per-variant requests, error
-rates and p99 latency since the current step began (router traffic snapshots, diffed), the
-candidate's worst input feature drift against the reference profile, prediction drift of
-candidate against stable outputs, shadow disagreement when the candidate is a shadow, and
-the outcome comparison from ground-truth feedback when there is one (``OutcomeWindows``, over
-the prediction memory). Called from the rollout controller's worker thread: it only reads
-snapshots and reports, never mutates serving state.
+For one rollout (model, stable version, candidate version): per-variant requests, errors,
+error rates and p99 latency since the current step began (router traffic snapshots, diffed),
+the candidate's worst input feature drift against the reference profile, prediction drift of
+candidate against stable outputs, shadow disagreement over the step's window when the
+candidate is a shadow, and the outcome comparison from ground-truth feedback when there is
+one (``OutcomeWindows``, over the prediction memory). Every window is keyed by the rollout's
+id and step (``window_key``) and begins at ``begin_window`` (the controller calls it when a
+rollout starts and when a step begins) or at the first gather: a rollout started again for
+the same versions never sees an earlier one's numbers. Called from the rollout controller's
+worker thread: it only reads snapshots and reports, never mutates serving state.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.drift.monitor import DriftMonitor
@@ -27,12 +30,30 @@ from gateway.router import Router
 from gateway.traffic import VariantSnapshot
 from gateway.types import ModelRef
 
-__all__ = ["SignalGatherer", "OutcomeSource", "OutcomeWindows"]
+__all__ = ["SignalGatherer", "OutcomeSource", "OutcomeWindows", "window_key"]
 
 logger = logging.getLogger(__name__)
 
-# (model, stable, candidate) -> (one-sided p-value "candidate worse", worse?) or None.
-OutcomeSource = Callable[[str, str, str], "tuple[float, bool] | None"]
+# (model, stable, candidate, window key) -> Signals fields (outcome_pvalue, outcome_worse,
+# outcome_counts) or None when there is no comparison yet.
+OutcomeSource = Callable[[str, str, str, str], "Mapping[str, Any] | None"]
+WindowKey = tuple[str, str, int, str]
+
+
+def window_key(state: RolloutState) -> WindowKey:
+    """The window a rollout is judged on: one per rollout, step and evaluated status.
+    Older states without an id fall back to their versions and creation time."""
+    rid = state.rollout_id or f"{state.stable_version}>{state.candidate_version}@{state.created_at}"
+    return (state.model, rid, state.step_index, state.status)
+
+
+def _shadow_counts(snap: VariantSnapshot) -> tuple[int, int]:
+    """(compared rows, agreeing rows) of a shadow version, cumulative."""
+    compared = snap.shadow.get("compared_rows")
+    agreement = snap.shadow.get("agreement")
+    n = int(compared) if isinstance(compared, int | float) else 0
+    agreed = round(agreement * n) if isinstance(agreement, float) else 0
+    return n, agreed
 
 
 class SignalGatherer:
@@ -48,22 +69,42 @@ class SignalGatherer:
         self._monitor = monitor
         self._outcomes = outcomes
         self._lock = threading.Lock()
-        self._baselines: dict[tuple[Any, ...], dict[str, VariantSnapshot]] = {}
+        self._baselines: dict[WindowKey, dict[str, VariantSnapshot]] = {}
+
+    def begin_window(self, state: RolloutState) -> None:
+        """Start ``state``'s window now (a rollout's start, a step's start, a resume)."""
+        self._baseline(state, {s.version: s for s in self._router.traffic(state.model)})
+
+    def _baseline(
+        self, state: RolloutState, now: dict[str, VariantSnapshot]
+    ) -> dict[str, VariantSnapshot]:
+        key = window_key(state)
+        with self._lock:
+            base = self._baselines.setdefault(key, now)
+            for old in [k for k in self._baselines if k[0] == state.model and k != key]:
+                del self._baselines[old]
+        return base
+
+    def candidate_errors(self, state: RolloutState) -> int:
+        """The candidate's cumulative failed requests: cheap, for the controller's wake-up
+        check (a burst of candidate errors is evaluated at once, not at the next tick)."""
+        for snap in self._router.traffic(state.model):
+            if snap.version == state.candidate_version:
+                return snap.errors
+        return 0
 
     def __call__(self, state: RolloutState) -> Signals:
         model, stable, candidate = state.model, state.stable_version, state.candidate_version
         now = {s.version: s for s in self._router.traffic(model)}
-        key = (model, stable, candidate, state.step_index, state.status)
-        with self._lock:
-            base = self._baselines.setdefault(key, now)
-            for old in [k for k in self._baselines if k[0] == model and k != key]:
-                del self._baselines[old]
+        base = self._baseline(state, now)
         window = {v: (snap.minus(base[v]) if v in base else snap) for v, snap in now.items()}
         cand = window.get(candidate)
         stab = window.get(stable)
         signals: dict[str, Any] = {
             "candidate_samples": cand.requests if cand else 0,
             "stable_samples": stab.requests if stab else 0,
+            "candidate_errors": cand.errors if cand else 0,
+            "stable_errors": stab.errors if stab else 0,
             "candidate_requests_total": now[candidate].requests if candidate in now else 0,
             "candidate_error_rate": cand.error_rate if cand else None,
             "stable_error_rate": stab.error_rate if stab else None,
@@ -71,18 +112,22 @@ class SignalGatherer:
             "stable_p99_ms": stab.p(0.99) if stab else None,
         }
         if candidate in now:
-            agreement = now[candidate].shadow.get("agreement")
-            if isinstance(agreement, float):
-                signals["shadow_disagreement"] = 1.0 - agreement
+            # Shadow comparisons in this window only (the counters are cumulative).
+            n, agreed = _shadow_counts(now[candidate])
+            if candidate in base:
+                n0, agreed0 = _shadow_counts(base[candidate])
+                n, agreed = n - n0, agreed - agreed0
+            if n > 0:
+                signals["shadow_disagreement"] = 1.0 - agreed / n
         signals.update(self._drift(model, stable, candidate))
         if self._outcomes is not None:
             try:
-                outcome = self._outcomes(model, stable, candidate)
+                outcome = self._outcomes(model, stable, candidate, repr(window_key(state)))
             except Exception:  # one broken signal must not stop the evaluation
                 logger.exception("outcome comparison failed for %s", model)
                 outcome = None
             if outcome is not None:
-                signals["outcome_pvalue"], signals["outcome_worse"] = outcome
+                signals.update(outcome)
         return Signals(**signals)
 
     def _drift(self, model: str, stable: str, candidate: str) -> dict[str, Any]:
@@ -111,9 +156,11 @@ class SignalGatherer:
 
 
 class OutcomeWindows:
-    """The ``OutcomeSource`` over the prediction memory: ground truth for a rollout, as
-    (one-sided p-value of "candidate worse", whether the observed difference points that
-    way), once both arms have enough joined samples since the rollout was first judged.
+    """The ``OutcomeSource`` over the prediction memory: ground truth for a rollout's window
+    (keyed by rollout and step), as the signals ``outcome_counts`` (classification: rows and
+    wrong rows per arm, for the sequential test, as soon as both arms have a truth) and
+    ``outcome_pvalue`` / ``outcome_worse`` (one-sided fixed-sample comparison, once both arms
+    have enough joined samples).
 
     The memory lives on the event-loop thread; the controller asks from its worker thread, so
     the snapshots are taken on ``loop`` (bound at ``start``; None before: no outcome yet).
@@ -122,12 +169,14 @@ class OutcomeWindows:
     def __init__(self, memory: PredictionMemory) -> None:
         self._memory = memory
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._baselines: dict[tuple[str, str, str], tuple[OutcomeSnapshot, OutcomeSnapshot]] = {}
+        self._baselines: dict[str, tuple[OutcomeSnapshot, OutcomeSnapshot]] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def __call__(self, model: str, stable: str, candidate: str) -> tuple[float, bool] | None:
+    def __call__(
+        self, model: str, stable: str, candidate: str, window: str = ""
+    ) -> dict[str, Any] | None:
         loop = self._loop
         if loop is None:
             return None
@@ -137,15 +186,22 @@ class OutcomeWindows:
             return memory.snapshot(model, candidate), memory.snapshot(model, stable)
 
         cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
-        # The window starts when this rollout was first judged (earlier rollouts of the
-        # same versions must not count).
-        start = self._baselines.setdefault((model, stable, candidate), (cand, stab))
+        # The window starts when this rollout's step was first judged (earlier rollouts and
+        # steps must not count).
+        key = window or f"{model}/{stable}/{candidate}"
+        start = self._baselines.setdefault(key, (cand, stab))
+        for old in [k for k in self._baselines if k != key and k.startswith(f"('{model}',")]:
+            del self._baselines[old]
         cand, stab = cand.minus(start[0]), stab.minus(start[1])
+        out: dict[str, Any] = {}
+        if cand.kind == "classification" and cand.n and stab.n:
+            out["outcome_counts"] = (cand.n, cand.n - cand.correct, stab.n, stab.n - stab.correct)
         try:
             result = compare_outcomes(cand, stab)
         except OutcomeKindError:
-            return None
-        if not result.enough_samples or result.p_value is None or result.statistic is None:
-            return None
-        worse = result.statistic < 0 if result.test == "two_proportion_z" else result.statistic > 0
-        return result.p_value, worse
+            return out or None
+        if result.enough_samples and result.p_value is not None and result.statistic is not None:
+            stat = result.statistic
+            out["outcome_pvalue"] = result.p_value
+            out["outcome_worse"] = stat < 0 if result.test == "two_proportion_z" else stat > 0
+        return out or None

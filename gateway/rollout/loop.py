@@ -1,0 +1,153 @@
+"""rollout/loop.py: the rollout controller's background loop: evaluate on a tick, or sooner
+when something happened.
+
+In: ``evaluate`` (one pass over every active rollout; runs in the loop's own worker thread,
+since a decision writes to the store and calls the router), ``interval_s`` (the tick, read
+before each wait) and ``has_news`` (a cheap check, on the event loop, that new data arrived:
+a candidate's new failures). Out: calls to ``evaluate``. ``wake()`` (any thread) asks for an
+evaluation now: a new rollout is evaluated at once rather than after a tick. Knows nothing of
+the store or the router (``ActivityWatch`` reads only rollout states).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+from gateway.rollout.policy import RolloutState
+
+__all__ = ["EvaluationLoop", "ActivityWatch", "WAKE_POLL_S"]
+
+logger = logging.getLogger(__name__)
+
+WAKE_POLL_S: Final = 0.05
+"""How often ``has_news`` is polled between ticks: new failures are judged within ~50 ms
+(the check is a counter read, so 20 per second cost nothing)."""
+_STOP_TIMEOUT_S: Final = 10.0  # one evaluation takes milliseconds; longer means it is stuck
+
+
+class EvaluationLoop:
+    """Runs ``evaluate`` every ``interval_s()``, or as soon as ``wake()`` is called or
+    ``has_news()`` turns true. ``start`` on the running loop; ``stop`` waits for the
+    evaluation in progress."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[], object],
+        interval_s: Callable[[], float],
+        has_news: Callable[[], bool] | None = None,
+    ) -> None:
+        self._evaluate = evaluate
+        self._interval_s = interval_s
+        self._has_news = has_news or (lambda: False)
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="rollout")
+        self._task.add_done_callback(_done)
+
+    def wake(self) -> None:
+        """Evaluate soon instead of at the next tick; from any thread; a no-op when stopped."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
+
+    def _news(self) -> bool:
+        try:
+            return self._has_news()
+        except Exception:  # a broken check must not stop the loop: the tick still runs
+            logger.exception("rollout activity check failed")
+            return False
+
+    async def _run(self) -> None:
+        assert self._stopping is not None
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        stopping, wake = self._stopping, self._wake
+        self._news()  # the starting counts
+        while True:
+            deadline = loop.time() + self._interval_s()
+            while not stopping.is_set() and not wake.is_set():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(wake.wait(), min(WAKE_POLL_S, left))
+                except TimeoutError:
+                    if self._news():
+                        break
+            if stopping.is_set():
+                return
+            wake.clear()
+            await loop.run_in_executor(self._executor, self._evaluate)
+
+    async def stop(self) -> None:
+        """Stop after the evaluation in progress, if any."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        assert self._stopping is not None
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(task, _STOP_TIMEOUT_S)
+        except TimeoutError:
+            logger.error("rollout loop did not stop within %.0f s", _STOP_TIMEOUT_S)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        self._loop = self._wake = None
+
+
+class ActivityWatch:
+    """``has_news`` over rollouts: true when some rollout's ``activity`` count (its
+    candidate's failed requests) grew since the previous call. A rollout seen for the first
+    time is not news (a new rollout is woken for by its start)."""
+
+    def __init__(
+        self,
+        activity: Callable[[RolloutState], int],
+        rollouts: Callable[[], list[RolloutState]],
+    ) -> None:
+        self._activity = activity
+        self._rollouts = rollouts
+        self._seen: dict[str, int] = {}
+
+    def __call__(self) -> bool:
+        news = False
+        for state in self._rollouts():
+            key = state.rollout_id or state.model
+            count = self._activity(state)
+            if count != self._seen.get(key):
+                news = news or key in self._seen
+                self._seen[key] = count
+        return news
+
+
+def _done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("rollout loop crashed", exc_info=task.exception())
