@@ -304,7 +304,7 @@ def build_admin_app(
         return _json({"models": _models_view(list_models(), controller)})
 
     async def get_routes(request: Request, token: Token) -> Response:
-        return _json({"routes": controller.routes()})
+        return _json({"routes": controller.route_table()})
 
     async def put_weights(request: Request, token: Token) -> Response:
         body = await _read_body(request, WeightsBody)

@@ -219,11 +219,16 @@ class Gateway:
                 backoff_s=settings.alerts.backoff_s,
             )
             self.alerts.start()
+        gather = SignalGatherer(self.router, self.monitor, self.outcomes)
         self.controller = RolloutController(
             self.store,
             apply_weights=self.control.apply_weights,
-            gather=SignalGatherer(self.router, self.monitor, self.outcomes),
+            gather=gather,
             alerts=self.alerts,
+            check_versions=self.control.check_ready,
+            begin_window=gather.begin_window,
+            activity=gather.candidate_errors,
+            config_routes=self.router.routes(),  # the config file's, installed at start
         )
         self.controller.start()
         self.telemetry.controller = self.controller

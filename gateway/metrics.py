@@ -244,7 +244,8 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         for feature, p, k in list(d.top)[:DRIFT_TOP_K]:
             psi.add_metric([*key, feature], p)
             ks.add_metric([*key, feature], k)
-        max_psi.add_metric(key, d.max_psi)
+        if d.max_psi == d.max_psi:  # NaN: an empty window, no statistic to export
+            max_psi.add_metric(key, d.max_psi)
         drifting.add_metric(key, d.drifting_features)
         window.add_metric(key, d.rows)
         for name in ("drift", "no_drift", "insufficient_data"):

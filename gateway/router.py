@@ -295,7 +295,15 @@ class Router:
         that served it; routed traffic is mirrored to the route's shadows."""
         name = request.model_name
         version = request.model_version or self.choose(name, request.routing_key)
-        endpoint = self.resolve(name, version)
+        try:
+            endpoint = self.resolve(name, version)
+        except ModelNotFoundError:
+            if version and not request.model_version:
+                # The route chose a version that is not loaded: its error, for its rollout.
+                stats = self._variant_stats(name, version)
+                stats.requests += 1
+                stats.errors += 1
+            raise
         model = endpoint.model
         stats = self._variant_stats(name, model.version)
         start = time.perf_counter()

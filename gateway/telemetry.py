@@ -9,6 +9,7 @@ here is on the request path, and nothing here counts: the parts keep their own c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -137,8 +138,9 @@ class Telemetry:
                     report.inputs[0].n if report.inputs else 0,
                     report.verdict,
                     sum(1 for f in features if f.verdict == "drift"),
-                    max((f.psi for f in features), default=0.0),
-                    [(f.name, f.psi, f.ks) for f in features],
+                    # Empty windows have NaN statistics: no PSI is exported for them.
+                    max((f.psi for f in features if f.psi == f.psi), default=math.nan),
+                    [(f.name, f.psi, f.ks) for f in features if f.psi == f.psi],
                 )
             )
         responses = {

@@ -746,11 +746,21 @@
     if (threshold !== null) {
       chart.append(svg("line", { class: "threshold", x1: pad, x2: width - pad, y1: y(threshold), y2: y(threshold) }));
     }
-    const coords = points
-      .filter((p) => isNum(p.psi))
-      .map((p) => `${x(p.t).toFixed(1)},${y(p.psi).toFixed(1)}`);
-    if (coords.length === 1) coords.push(`${(width - pad).toFixed(1)},${coords[0].split(",")[1]}`);
-    chart.append(svg("polyline", { class: "series", points: coords.join(" ") }));
+    // An empty window has no PSI (null): the line breaks there, one segment per run of values.
+    const segments = [[]];
+    for (const p of points) {
+      if (isNum(p.psi)) segments[segments.length - 1].push(`${x(p.t).toFixed(1)},${y(p.psi).toFixed(1)}`);
+      else if (segments[segments.length - 1].length) segments.push([]);
+    }
+    const runs = segments.filter((c) => c.length);
+    if (runs.length === 1 && runs[0].length === 1 && points.length === 1) {
+      runs[0].push(`${(width - pad).toFixed(1)},${runs[0][0].split(",")[1]}`);
+    }
+    for (const coords of runs) {
+      if (coords.length === 1) coords.push(coords[0]);
+      chart.append(svg("polyline", { class: "series", points: coords.join(" ") }));
+    }
+    chart.setAttribute("data-gaps", String(Math.max(0, runs.length - 1)));
     chart.append(
       svg("text", { x: pad + 2, y: 11 }, `${feature.name}  PSI ${fmt(feature.psi, 4)}`),
     );

@@ -9,6 +9,7 @@ nothing of threads, rings or when windows close (``monitor.py`` does).
 
 from __future__ import annotations
 
+import math
 from typing import Final, Protocol
 
 import msgspec
@@ -27,11 +28,12 @@ F64Array = npt.NDArray[np.float64]
 class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
     """Drift of one feature (input or output column) over the window.
 
-    ``n`` counts the finite values the statistics use, ``n_baseline`` the reference's (or the
-    stable window's). ``score`` is the largest statistic/threshold ratio of the feature's tests
-    (PSI and KS for numeric, PSI and chi-square for categorical): above 1 is drift. ``ks`` and
-    ``w1`` are 0 for categorical features; rates are fractions of the rows counted, and for
-    categorical features ``nan_rate`` includes ±inf. Thresholds are inf while n is 0.
+        ``n`` counts the finite values the statistics use, ``n_baseline`` the reference's (or the
+        stable window's). ``score`` is the largest statistic/threshold ratio of the feature's tests
+        (PSI and KS for numeric, PSI and chi-square for categorical): above 1 is drift. ``ks`` and
+        ``w1`` are 0 for categorical features; rates are fractions of the rows counted, and for
+        categorical features ``nan_rate`` includes ±inf. Thresholds are inf while n is 0, and the
+    statistics (psi, js, ks, w1, chi2) NaN (null in JSON): an empty window has none.
     """
 
     name: str
@@ -163,17 +165,24 @@ def _features(
     severity = stats.severities(ws.psi, verdict)
     alerts = stats.quality_alerts(ws, ref_nan, ref_inf)
     kind = "numeric" if is_numeric else "categorical"
+    # An empty window has no statistic: NaN (JSON null), never the divergence of smoothed
+    # empty bins from the reference (a PSI of 6 on an idle model).
+    empty = np.asarray(n_for_verdict) == 0
+
+    def stat(values: F64Array, j: int) -> float:
+        return math.nan if empty[j] else float(values[j])
+
     return [
         FeatureDrift(
             name=part.names[j],
             kind=kind,
             n=int(ws.n[j]),
             n_baseline=int(ws.n_base[j]),
-            psi=float(ws.psi[j]),
-            js=float(ws.js[j]),
-            ks=float(ws.ks[j]),
-            w1=float(ws.w1[j]),
-            chi2=float(ws.chi2[j]),
+            psi=stat(ws.psi, j),
+            js=stat(ws.js, j),
+            ks=stat(ws.ks, j),
+            w1=stat(ws.w1, j),
+            chi2=stat(ws.chi2, j),
             psi_threshold=float(psi_thr[j]),
             ks_threshold=float(ks_thr[j]),
             chi2_threshold=float(chi2_thr[j]),

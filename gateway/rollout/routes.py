@@ -54,6 +54,7 @@ def route_view(
     view: dict[str, Any] = {
         "model": route.model,
         "source": source,
+        "variants": [{"version": v.version, "weight": v.weight} for v in route.variants],
         "weights": route.weights(),
         "shadows": [{"version": s.version, "sample_rate": s.sample_rate} for s in route.shadows],
     }

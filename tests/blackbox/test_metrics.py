@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import time
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import PROTOCOLS, infer
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, gateway_settings
 
 
 def _scrape(server: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -66,9 +70,37 @@ def test_drift_metrics_for_profiled_models(server: RunningGateway, metric: str) 
         {"features": np.ones((4, 30), np.float32)},
         version="1",
     )
-    values = _scrape(server)
+    rows = (("model", "breast_cancer"), ("version", "1"))
+    for _ in range(100):  # the drift window takes the rows within a tick (bounded wait)
+        values = _scrape(server)
+        if values.get(("gateway_drift_window_rows", rows), 0) > 0:
+            break
+        time.sleep(0.1)
     assert (
         "gateway_drift_verdict",
         (("model", "breast_cancer"), ("verdict", "drift"), ("version", "1")),
     ) in values
     assert any(name == metric for name, _ in values)
+
+
+def test_an_idle_model_exports_no_psi(repository: Path) -> None:
+    """A fresh gateway: every profiled version has an empty drift window, so no PSI gauge
+    is exported, the verdict is insufficient_data and the report's statistics are null
+    (never the PSI of 6 that smoothed empty bins give)."""
+    server = RunningGateway(gateway_settings(repository)).start()
+    try:
+        values = _scrape(server)
+        idle = (("model", "breast_cancer"), ("version", "1"))
+        assert values[("gateway_drift_window_rows", idle)] == 0
+        assert ("gateway_drift_max_psi", idle) not in values
+        assert not any(name == "gateway_drift_psi" for name, _ in values)
+        verdict = (("model", "breast_cancer"), ("verdict", "insufficient_data"), ("version", "1"))
+        assert values[("gateway_drift_verdict", verdict)] == 1.0
+        gateway = server.gateway
+        assert gateway is not None
+        report = server.on_loop(lambda: gateway.drift_report("breast_cancer", "1"))
+        assert report.verdict == "insufficient_data"
+        assert report.inputs
+        assert all(f.n == 0 and math.isnan(f.psi) for f in report.inputs)
+    finally:
+        server.stop()

@@ -658,11 +658,36 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{P}/routes": {
             "get": _op(
-                "Route weights set through the control plane",
+                "Every route: from the config file (source config) and set through the API "
+                "(source api, which overrides the config's route of its model, also after a "
+                "restart); versions not loaded at start are listed in missing_versions",
                 {
                     "type": "object",
                     "properties": {
-                        "routes": {"type": "object", "additionalProperties": _ref("Route")}
+                        "routes": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "source": {"type": "string", "enum": ["config", "api"]},
+                                    "variants": {"type": "array", "items": _ref("Variant")},
+                                    "weights": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "number"},
+                                    },
+                                    "shadows": {"type": "array", "items": _ref("ShadowTarget")},
+                                    "overrides_config": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "number"},
+                                    },
+                                    "missing_versions": {
+                                        "type": "array",
+                                        "items": {"type": "string"},
+                                    },
+                                },
+                            },
+                        }
                     },
                 },
             )
