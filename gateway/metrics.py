@@ -108,6 +108,8 @@ class Snapshot:
     ready: bool = True
     outcomes: Sequence[OutcomeSample] = ()
     feedback: dict[str, int] = field(default_factory=dict)
+    route_missing_versions: dict[str, list[str]] = field(default_factory=dict)
+    """model -> versions its route names that were not loaded and ready at start."""
     """Feedback items by result (matched, unknown, expired, duplicate, invalid)."""
 
 
@@ -259,6 +261,17 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         for name in _ROLLOUT_STATES:
             rollout.add_metric([model, name], 1.0 if state == name else 0.0)
     yield rollout
+
+    missing = GaugeMetricFamily(
+        "gateway_route_missing_version",
+        "1 for each version a route names that was not loaded at start (its share went to "
+        "the stable version)",
+        labels=["model", "version"],
+    )
+    for model, versions in sorted(s.route_missing_versions.items()):
+        for version in versions:
+            missing.add_metric([model, version], 1.0)
+    yield missing
 
 
 class GatewayCollector(Collector):

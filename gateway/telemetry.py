@@ -42,9 +42,12 @@ class _Rollout(Protocol):
 
 
 class RolloutStates(Protocol):
-    """What telemetry reads of the rollout controller: each rollout's model and status."""
+    """What telemetry reads of the rollout controller: each rollout's model and status, and
+    the route versions that were not loaded at start."""
 
     def rollouts(self) -> Iterable[_Rollout]: ...
+
+    def missing_versions(self) -> dict[str, list[str]]: ...
 
 
 class Telemetry:
@@ -164,6 +167,15 @@ class Telemetry:
         rollouts: dict[str, str] = {}
         if controller is not None:
             rollouts = {state.model: str(state.status) for state in controller.rollouts()}
+        missing = controller.missing_versions() if controller is not None else {}
         return Snapshot(
-            batchers, variants, drift, responses, rollouts, self.is_ready(), outcomes, feedback
+            batchers,
+            variants,
+            drift,
+            responses,
+            rollouts,
+            self.is_ready(),
+            outcomes,
+            feedback,
+            route_missing_versions=missing,
         )
