@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -603,3 +603,46 @@ def test_background_loop_evaluates_and_stops(rig: Rig) -> None:
     asyncio.run(main())
     assert evaluated.is_set()
     assert rig.router.tables["m"] == {"1": 95.0, "2": 5.0}
+
+
+def test_every_change_is_checked_against_what_is_loaded_except_rollback(rig: Rig) -> None:
+    ready = {"1", "2"}
+
+    def check(model: str, versions: Sequence[str]) -> None:
+        bad = [v for v in versions if v not in ready]
+        if bad:
+            raise InvalidInputError(f"model '{model}': version {', '.join(bad)} is not ready")
+
+    c = RolloutController(
+        rig.store, rig.router, rig.gather, alerts=rig.alerts, clock=rig.clock, check_versions=check
+    )
+    with pytest.raises(InvalidInputError, match="version 9"):
+        c.start_rollout("m", "1", "9", _policy(), "alice")
+    with pytest.raises(InvalidInputError, match="version 3"):
+        c.set_weights("m", {"1": 50, "3": 50}, "alice")
+    c.set_weights("m", {"1": 100, "3": 0}, "alice")  # a zero weight sends nothing there
+    first = c.start_rollout("m", "1", "2", _policy(), "alice")
+    ready.discard("2")  # the candidate stops being ready
+    with pytest.raises(InvalidInputError, match="version 2"):
+        c.promote("m", "bob")
+    assert c.rollback("m", "bob", "always possible").status == "rolled_back"
+    ready.add("2")
+    again = c.start_rollout("m", "1", "2", _policy(), "alice")
+    assert again.rollout_id
+    assert again.rollout_id != first.rollout_id
+
+
+def test_a_step_past_its_deadline_pauses_and_alerts(rig: Rig) -> None:
+    c = rig.controller
+    policy = _policy(decision_deadline_s=120.0, deadline_action="pause")
+    c.start_rollout("m", "1", "2", policy, "alice")
+    rig.gather.signals = dataclasses.replace(GOOD, candidate_samples=3)
+    rig.clock.now += 60
+    assert c.evaluate_once()["m"].action == "stay"
+    rig.clock.now += 61
+    d = c.evaluate_once()["m"]
+    assert (d.action, d.status) == ("pause", "paused")
+    assert "deadline" in d.reason
+    assert rig.router.tables["m"] == {"1": 95.0, "2": 5.0}  # held, not moved
+    assert rig.alerts.events[-1][0] == "rollout.paused"
+    assert rig.store.audit(model="m")[0].action == "pause"

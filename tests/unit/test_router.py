@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import pytest
 from scipy import stats
 
-from gateway.errors import InvalidInputError
+from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.router import Router, sticky_choice
-from gateway.types import Route, ShadowTarget, Variant
+from gateway.types import InferRequest, Route, ShadowTarget, Variant
 
 WEIGHTS = (Variant("1", 70), Variant("2", 20), Variant("3", 10))
 
@@ -68,3 +69,16 @@ def test_set_weights_keeps_shadows_and_validates() -> None:
     with pytest.raises(InvalidInputError, match="sample_rate"):
         router.set_route(Route("m", (Variant("1", 1),), (ShadowTarget("2", 2.0),)))
     assert router.get_route("m") == route
+
+
+def test_a_routed_request_to_a_version_not_loaded_counts_as_its_error() -> None:
+    router = Router(seed=0)
+    router.set_route(Route("m", (Variant("9", 1),)))
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(router.infer(InferRequest("m", "", [])))
+    (snap,) = router.traffic("m")
+    assert (snap.version, snap.requests, snap.errors) == ("9", 1, 1)
+    # A request that names the version itself is the client's mistake: not counted.
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(router.infer(InferRequest("m", "8", [])))
+    assert [s.version for s in router.traffic("m")] == ["9"]
