@@ -73,13 +73,16 @@ class SignalGatherer:
 
     def begin_window(self, state: RolloutState) -> None:
         """Start ``state``'s window now (a rollout's start, a step's start, a resume)."""
-        self._baseline(state, {s.version: s for s in self._router.traffic(state.model)})
+        now = {s.version: s for s in self._router.traffic(state.model)}
+        self._baseline(state, now, fresh=True)
 
     def _baseline(
-        self, state: RolloutState, now: dict[str, VariantSnapshot]
+        self, state: RolloutState, now: dict[str, VariantSnapshot], *, fresh: bool = False
     ) -> dict[str, VariantSnapshot]:
         key = window_key(state)
         with self._lock:
+            if fresh:
+                self._baselines[key] = now
             base = self._baselines.setdefault(key, now)
             for old in [k for k in self._baselines if k[0] == state.model and k != key]:
                 del self._baselines[old]

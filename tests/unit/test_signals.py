@@ -43,11 +43,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _state(stable: str, candidate: str, step_index: int = 0) -> RolloutState:
+def _state(stable: str, candidate: str, step_index: int = 0, rid: str = "r1") -> RolloutState:
     return RolloutState(
         model="m",
         stable_version=stable,
         candidate_version=candidate,
+        rollout_id=rid,
         status="canary",
         policy=msgspec.convert({"steps": [5, 50]}, RolloutPolicy),
         step_index=step_index,
@@ -165,5 +166,26 @@ def test_outcomes_count_from_the_first_judgement_and_see_a_worse_candidate(root:
         assert after.outcome_worse is True
         assert after.outcome_pvalue is not None
         assert after.outcome_pvalue < 1e-6
+
+    _run(root, scenario)
+
+
+def test_a_rollout_started_again_never_inherits_the_earlier_window(root: Path) -> None:
+    async def scenario(plane: DataPlane, gather: SignalGatherer) -> None:
+        await asyncio.to_thread(gather.begin_window, _state("1", "3", rid="old"))
+        for _ in range(3):
+            with pytest.raises(ModelExecutionError):
+                await _infer(plane, "3")
+        old = await asyncio.to_thread(gather, _state("1", "3", rid="old"))
+        assert (old.candidate_samples, old.candidate_errors) == (3, 3)
+        assert gather.candidate_errors(_state("1", "3")) == 3
+        # The same versions, a new rollout: its window starts empty.
+        await asyncio.to_thread(gather.begin_window, _state("1", "3", rid="new"))
+        new = await asyncio.to_thread(gather, _state("1", "3", rid="new"))
+        assert (new.candidate_samples, new.candidate_errors) == (0, 0)
+        with pytest.raises(ModelExecutionError):
+            await _infer(plane, "3")
+        new = await asyncio.to_thread(gather, _state("1", "3", rid="new"))
+        assert (new.candidate_samples, new.candidate_errors, new.stable_errors) == (1, 1, 0)
 
     _run(root, scenario)
