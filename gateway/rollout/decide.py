@@ -5,13 +5,14 @@ Each status has exactly one rule (CANARY -> advance / promote / await approval /
 pause / stay; the others hold). Pure: no I/O, no clock, no mutation; the controller gathers
 signals and applies what this decides. It knows nothing of the store, the router or alerts.
 
-Two kinds of checks. The *sequential* ones (error rate against stable, and classification
-outcomes) are always-valid tests (``sequential.ProportionTest``) on the current window's
-counts: valid however often they are looked at, so they need no sample minimum and no run of
+Two kinds of checks. The *sequential* ones (error rate against stable, the share of slow
+requests against stable, and classification outcomes) are always-valid tests
+(``sequential.ProportionTest``) on the current window's counts: valid however often they are
+looked at, so they need no sample minimum and no run of
 failing evaluations, and one rejection rolls back. They share ``policy.false_rollback_rate``
 over tests x windows (``split_alpha``), so an A/A rollout is rolled back with probability at
 most that rate (1% by default; tests/unit/test_rollout_sim.py measures it). The *fixed
-threshold* ones (latency ratio, drift, shadow disagreement, absolute error rate) wait for
+threshold* ones (p99 ratio, drift, shadow disagreement, absolute error rate) wait for
 ``min_samples`` and ``consecutive_failures`` as before. A step that cannot reach a verdict by
 ``decision_deadline_s`` takes ``deadline_action``.
 """
@@ -89,7 +90,11 @@ def _measured(s: Signals) -> Measured:
 
 
 def _tests(t: RolloutThresholds) -> int:
-    return int(t.max_error_rate_delta is not None) + int(t.candidate_worse_pvalue is not None)
+    return (
+        int(t.max_error_rate_delta is not None)
+        + int(t.max_p99_latency_ratio is not None)
+        + int(t.candidate_worse_pvalue is not None)
+    )
 
 
 def sequential_alpha(policy: RolloutPolicy) -> float:
@@ -116,6 +121,17 @@ def _sequential(s: Signals, policy: RolloutPolicy, values: Measured) -> list[str
         values["error_rate_always_valid_p"] = r.p_value
         if r.verdict == "reject":
             rejected.append(r.reason)
+    if t.max_p99_latency_ratio is not None and s.slow_threshold_ms is not None:
+        tol = t.max_slow_share_delta
+        test = ProportionTest("latency", alpha=alpha, tolerance=tol, margin=tol + 0.01)
+        r = test.evaluate(
+            BernoulliCounts(s.candidate_samples, min(s.candidate_slow, s.candidate_samples)),
+            BernoulliCounts(s.stable_samples, min(s.stable_slow, s.stable_samples)),
+        )
+        values["slow_threshold_ms"] = s.slow_threshold_ms
+        values["latency_e_value"] = r.e_value
+        if r.verdict == "reject":
+            rejected.append(f"{r.reason} (slow: over {s.slow_threshold_ms:.4g} ms)")
     if t.candidate_worse_pvalue is not None and s.outcome_counts is not None:
         nc, xc, ns, xs = s.outcome_counts
         test = ProportionTest("outcome", alpha=alpha)

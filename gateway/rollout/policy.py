@@ -68,7 +68,13 @@ class RolloutThresholds(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     every evaluation, at any sample size: a rejection rolls back at once, with the false
     rollback rate bounded by ``RolloutPolicy.false_rollback_rate`` however often it looks."""
     max_p99_latency_ratio: float | None = 2.0
-    """Candidate p99 / stable p99; 2.0 leaves room for the histogram's 26% bucket width."""
+    """Candidate p99 / stable p99; 2.0 leaves room for the histogram's 26% bucket width.
+    Also sets the sequential latency test: a request is slow when it takes longer than this
+    ratio times the stable version's p99 from before the step (fixed before the window, so
+    the test stays valid); the candidate's share of slow requests may exceed stable's by
+    ``max_slow_share_delta``."""
+    max_slow_share_delta: float = 0.01
+    """Tolerance of the sequential latency test (fraction of requests)."""
     max_shadow_disagreement: float | None = None
     """Share of mirrored rows where the shadow's answer differed from the primary's (0..1)."""
     candidate_worse_pvalue: float | None = None
@@ -140,9 +146,13 @@ class RolloutPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise InvalidInputError("policy.false_rollback_rate must be in (0, 1)")
         if self.decision_deadline_s is not None and not self.decision_deadline_s > 0:
             raise InvalidInputError("policy.decision_deadline_s must be > 0")
-        delta = self.thresholds.max_error_rate_delta
-        if delta is not None and not 0.0 <= delta < 0.99:
-            raise InvalidInputError("policy.thresholds.max_error_rate_delta must be in [0, 0.99)")
+        t = self.thresholds
+        for name, value in (
+            ("max_error_rate_delta", t.max_error_rate_delta),
+            ("max_slow_share_delta", t.max_slow_share_delta),
+        ):
+            if value is not None and not 0.0 <= value < 0.99:
+                raise InvalidInputError(f"policy.thresholds.{name} must be in [0, 0.99)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +169,11 @@ class Signals:
     candidate_errors: int = 0
     """Failed candidate requests in the window (the sequential error test's events)."""
     stable_errors: int = 0
+    slow_threshold_ms: float | None = None
+    """Latency above which a request is slow (fixed before the window); None: not enough
+    stable history before the step, the sequential latency test waits."""
+    candidate_slow: int = 0
+    stable_slow: int = 0
     candidate_requests_total: int = 0
     candidate_error_rate: float | None = None
     stable_error_rate: float | None = None

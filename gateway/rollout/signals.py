@@ -26,8 +26,9 @@ from gateway.feedback import PredictionMemory
 from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
 from gateway.outcomes import compare as compare_outcomes
 from gateway.rollout.policy import RolloutState, Signals
+from gateway.rollout.sequential import exceedances
 from gateway.router import Router
-from gateway.traffic import VariantSnapshot
+from gateway.traffic import LATENCY_BUCKETS_MS, VariantSnapshot
 from gateway.types import ModelRef
 
 __all__ = ["SignalGatherer", "OutcomeSource", "OutcomeWindows", "window_key"]
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 # outcome_counts) or None when there is no comparison yet.
 OutcomeSource = Callable[[str, str, str, str], "Mapping[str, Any] | None"]
 WindowKey = tuple[str, str, int, str]
+MIN_LATENCY_HISTORY = 100
+"""Stable requests before a window needed to fix its "slow" threshold (a p99 of fewer is
+one request's latency)."""
 
 
 def window_key(state: RolloutState) -> WindowKey:
@@ -114,6 +118,7 @@ class SignalGatherer:
             "candidate_p99_ms": cand.p(0.99) if cand else None,
             "stable_p99_ms": stab.p(0.99) if stab else None,
         }
+        signals.update(self._slow(state, base, cand, stab))
         if candidate in now:
             # Shadow comparisons in this window only (the counters are cumulative).
             n, agreed = _shadow_counts(now[candidate])
@@ -132,6 +137,35 @@ class SignalGatherer:
             if outcome is not None:
                 signals.update(outcome)
         return Signals(**signals)
+
+    @staticmethod
+    def _slow(
+        state: RolloutState,
+        base: dict[str, VariantSnapshot],
+        cand: VariantSnapshot | None,
+        stab: VariantSnapshot | None,
+    ) -> dict[str, Any]:
+        """Slow requests per arm in the window, "slow" meaning over the p99 ratio times the
+        stable version's p99 from before the window (fixed before it: the test stays valid)."""
+        ratio = state.policy.thresholds.max_p99_latency_ratio
+        before = base.get(state.stable_version)
+        if ratio is None or before is None or before.requests < MIN_LATENCY_HISTORY:
+            return {}
+        p99 = before.p(0.99)
+        if p99 is None or p99 == float("inf"):
+            return {}
+        threshold = ratio * p99
+
+        def slow(snap: VariantSnapshot | None) -> int:
+            if snap is None:
+                return 0
+            return exceedances(snap.latency_counts, LATENCY_BUCKETS_MS, threshold).events
+
+        return {
+            "slow_threshold_ms": threshold,
+            "candidate_slow": slow(cand),
+            "stable_slow": slow(stab),
+        }
 
     def _drift(self, model: str, stable: str, candidate: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from gateway.rollout.decide import sequential_alpha
 T0 = 1_000_000.0
 RUNS = 1000
 STEP_REQUESTS = 2000  # model requests per step: 100 candidate requests at 5%, 1,000 at 50%
-EVERY = 50  # evaluations per step: one per 50 requests
+EVERY = 100  # evaluations per step: one per 100 requests (20 per step)
 
 
 def _state(policy: RolloutPolicy, step: int = 0, **kw: object) -> RolloutState:
@@ -42,12 +42,15 @@ def _state(policy: RolloutPolicy, step: int = 0, **kw: object) -> RolloutState:
     return RolloutState(**fields)  # type: ignore[arg-type]  # test factory over kwargs
 
 
-def _signals(nc: int, xc: int, ns: int, xs: int) -> Signals:
+def _signals(nc: int, xc: int, ns: int, xs: int, slow: tuple[int, int] | None = None) -> Signals:
     return Signals(
         candidate_samples=nc,
         stable_samples=ns,
         candidate_errors=xc,
         stable_errors=xs,
+        slow_threshold_ms=None if slow is None else 20.0,
+        candidate_slow=0 if slow is None else slow[0],
+        stable_slow=0 if slow is None else slow[1],
         candidate_error_rate=xc / nc if nc else None,
         stable_error_rate=xs / ns if ns else None,
     )
@@ -61,12 +64,16 @@ def _rolled_back(rng: np.random.Generator, policy: RolloutPolicy, rate: float) -
         state = _state(policy, step, candidate_weight=weight)
         to_candidate = rng.random(STEP_REQUESTS) < weight / 100
         failed = rng.random(STEP_REQUESTS) < rate
+        slow = rng.random(STEP_REQUESTS) < 0.02  # the same latency on both arms
         nc = np.cumsum(to_candidate)
         xc = np.cumsum(to_candidate & failed)
         x = np.cumsum(failed)
+        sc = np.cumsum(to_candidate & slow)
+        sx = np.cumsum(slow)
         for i in range(EVERY - 1, STEP_REQUESTS, EVERY):
             n_c, x_c = int(nc[i]), int(xc[i])
-            signals = _signals(n_c, x_c, i + 1 - n_c, int(x[i]) - x_c)
+            slow_counts = (int(sc[i]), int(sx[i]) - int(sc[i]))
+            signals = _signals(n_c, x_c, i + 1 - n_c, int(x[i]) - x_c, slow_counts)
             if decide(state, signals, policy, T0 + 1).action == "rollback":
                 return True
     return False
@@ -120,14 +127,33 @@ def test_a_failing_candidate_is_rolled_back_within_a_few_requests() -> None:
     assert max(at_50) <= 12, at_50
 
 
+def test_a_slow_candidate_is_rolled_back_by_the_latency_test() -> None:
+    policy = RolloutPolicy()
+    state = _state(policy)
+    rng = np.random.default_rng(5)
+    nc = ns = slow_s = 0
+    while True:
+        if rng.random() < 0.05:
+            nc += 1  # every candidate request is slow
+        else:
+            ns += 1
+            slow_s += int(rng.random() < 0.01)
+        d = decide(state, _signals(nc, 0, ns, 0, (nc, slow_s)), policy, T0 + 1)
+        if d.action == "rollback":
+            break
+    assert "latency" in d.reason
+    assert nc <= 5, nc
+
+
 def test_sequential_alpha_splits_the_budget_over_tests_and_steps() -> None:
-    # Error-rate test only, three steps below 100%.
-    assert sequential_alpha(RolloutPolicy()) == 0.01 / 3
+    # Error-rate and latency tests, three steps below 100%.
+    assert sequential_alpha(RolloutPolicy()) == 0.01 / (2 * 3)
     two = RolloutPolicy(
         require_approval=True,
         thresholds=RolloutPolicy().thresholds.__class__(candidate_worse_pvalue=0.01),
     )
-    assert sequential_alpha(two) == 0.01 / (2 * 4)
+    assert sequential_alpha(RolloutPolicy(steps=(50, 100))) == 0.01 / 2
+    assert sequential_alpha(two) == 0.01 / (3 * 4)
 
 
 def test_a_step_without_data_rolls_back_or_pauses_at_its_deadline() -> None:
