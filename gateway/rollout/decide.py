@@ -92,7 +92,7 @@ def _measured(s: Signals) -> Measured:
 def _tests(t: RolloutThresholds) -> int:
     return (
         int(t.max_error_rate_delta is not None)
-        + int(t.max_p99_latency_ratio is not None)
+        + int(t.max_p99_latency_ratio is not None and t.max_slow_share_delta is not None)
         + int(t.candidate_worse_pvalue is not None)
     )
 
@@ -121,8 +121,9 @@ def _sequential(s: Signals, policy: RolloutPolicy, values: Measured) -> list[str
         values["error_rate_always_valid_p"] = r.p_value
         if r.verdict == "reject":
             rejected.append(r.reason)
-    if t.max_p99_latency_ratio is not None and s.slow_threshold_ms is not None:
-        tol = t.max_slow_share_delta
+    slow_tol = t.max_slow_share_delta
+    if t.max_p99_latency_ratio is not None and slow_tol is not None and s.slow_threshold_ms:
+        tol = slow_tol
         test = ProportionTest("latency", alpha=alpha, tolerance=tol, margin=tol + 0.01)
         r = test.evaluate(
             BernoulliCounts(s.candidate_samples, min(s.candidate_slow, s.candidate_samples)),

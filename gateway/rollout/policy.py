@@ -73,8 +73,9 @@ class RolloutThresholds(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ratio times the stable version's p99 from before the step (fixed before the window, so
     the test stays valid); the candidate's share of slow requests may exceed stable's by
     ``max_slow_share_delta``."""
-    max_slow_share_delta: float = 0.01
-    """Tolerance of the sequential latency test (fraction of requests)."""
+    max_slow_share_delta: float | None = 0.01
+    """Tolerance of the sequential latency test (fraction of requests); None turns the
+    sequential latency test off (the p99 ratio check stays)."""
     max_shadow_disagreement: float | None = None
     """Share of mirrored rows where the shadow's answer differed from the primary's (0..1)."""
     candidate_worse_pvalue: float | None = None
