@@ -13,10 +13,9 @@ fails a request (``Activity``, polled by ``loop.EvaluationLoop`` every 50 ms), s
 candidate is judged within a fraction of a second; a new rollout is evaluated at once.
 
 The controller only gathers signals, applies what ``decide`` concludes and records it. Manual
-actions (promote, rollback, pause, weights) go through the same apply path as automatic ones,
-so the router, the store and the audit trail never disagree on who did what. It does not know
-HTTP, the router's internals or how drift is computed: it sees them only through the callables
-above.
+actions go through the same apply path as automatic ones, so the router, the store and the
+audit trail never disagree on who did what. It sees HTTP, the router and drift only through
+the callables above (``ports``).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ from gateway.rollout.ports import (
     WeightApplier,
     WindowStart,
 )
-from gateway.rollout.routes import repaired_weights
+from gateway.rollout.routes import not_ready, repaired_weights
 from gateway.rollout.routes import table as routes_table
 from gateway.store import AuditEvent, Store
 from gateway.types import Route, Variant
@@ -158,19 +157,10 @@ class RolloutController:
     def _repair(self, model: str, route: Route) -> dict[str, float] | None:
         """The weights to apply for ``route`` at start: unchanged, or with the share of
         versions that are not ready moved to the stable one (recorded in ``_missing``)."""
-        missing = []
-        for version, weight in route.weights().items():
-            try:
-                if weight > 0:
-                    self._check(model, [version])
-            except InvalidInputError as exc:
-                missing.append(version)
-                logger.error("route of model %s names version %s: %s", model, version, exc)
-        self._missing[model] = missing
-        if not missing:
-            return route.weights()
+        missing = self._missing[model] = not_ready(route, self._check)
         state = self._states.get(model)
-        return repaired_weights(route, missing, state.stable_version if state else None)
+        stable = state.stable_version if state else None
+        return repaired_weights(route, missing, stable) if missing else route.weights()
 
     # -- manual actions -----------------------------------------------------------------------
 
@@ -311,11 +301,9 @@ class RolloutController:
             self._check_versions(model, versions)
 
     def _window(self, state: RolloutState) -> None:
+        """Start the rollout's signal windows now (``WindowStart`` must not raise)."""
         if self._begin_window is not None and state.status in EVALUATED_STATUSES:
-            try:
-                self._begin_window(state)
-            except Exception:  # the first gather starts the window instead
-                logger.exception("signal window of the rollout of %s not started", state.model)
+            self._begin_window(state)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -546,6 +534,12 @@ class RolloutController:
                     note = f"version {', '.join(self._missing[model])} not loaded: share to stable"
                 if model not in self._routes and not self._missing.get(model):
                     continue  # a config route the app installed as it is
+                if model in self._routes and model in self._config_routes:
+                    logger.warning(
+                        "model %s: the route set through the API overrides the config file's %s",
+                        model,
+                        self._config_routes[model].weights(),
+                    )
                 try:
                     if weights is not None:
                         self._apply(model, weights)

@@ -21,7 +21,8 @@ VersionCheck: TypeAlias = Callable[[str, Sequence[str]], None]
 """``check(model, versions)``: raise ``InvalidInputError`` naming every version of ``model``
 that is not loaded and ready (or the model, when it is unknown)."""
 WindowStart: TypeAlias = Callable[[RolloutState], None]
-"""``begin_window(state)``: start the signal windows of ``state``'s rollout and step now."""
+"""``begin_window(state)``: start the signal windows of ``state``'s rollout and step now;
+never raises (a window it could not start begins at the first gather instead)."""
 Activity: TypeAlias = Callable[[RolloutState], int]
 """``activity(state)``: a cumulative count (the candidate's failed requests) whose growth
 wakes the loop for an evaluation before the next tick; cheap, called on the event loop."""

@@ -16,14 +16,32 @@ counted by ``gateway_route_missing_version``). Pure functions over ``types.Route
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from gateway.errors import InvalidInputError
 from gateway.types import Route
 
-__all__ = ["RouteSource", "repaired_weights", "route_view", "table"]
+__all__ = ["RouteSource", "not_ready", "repaired_weights", "route_view", "table"]
+
+logger = logging.getLogger(__name__)
 
 RouteSource = Literal["config", "api"]
+
+
+def not_ready(route: Route, check: Callable[[str, Sequence[str]], None]) -> list[str]:
+    """The versions with a positive weight in ``route`` that ``check`` refuses, each logged
+    as an error with the reason."""
+    missing = []
+    for version, weight in route.weights().items():
+        try:
+            if weight > 0:
+                check(route.model, [version])
+        except InvalidInputError as exc:
+            missing.append(version)
+            logger.error("route of model %s names version %s: %s", route.model, version, exc)
+    return missing
 
 
 def repaired_weights(

@@ -77,7 +77,11 @@ class SignalGatherer:
 
     def begin_window(self, state: RolloutState) -> None:
         """Start ``state``'s window now (a rollout's start, a step's start, a resume)."""
-        now = {s.version: s for s in self._router.traffic(state.model)}
+        try:
+            now = {s.version: s for s in self._router.traffic(state.model)}
+        except Exception:  # never fails the caller: the first gather starts the window
+            logger.exception("signal window of the rollout of %s not started", state.model)
+            return
         self._baseline(state, now, fresh=True)
 
     def _baseline(
