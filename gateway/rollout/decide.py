@@ -255,11 +255,12 @@ def _decision(
 
 
 def _judge_breaches(
-    state: RolloutState, policy: RolloutPolicy, a: _Analysis, now: float
+    state: RolloutState, policy: RolloutPolicy, a: _Analysis, now: float | None
 ) -> Decision | None:
     """The shared part of every evaluated status: a sequential rejection rolls back, a
     threshold breach counts towards rollback, insufficient data holds until the step's
-    deadline. Returns None when the analysis passed (the caller decides)."""
+    deadline (``now`` None: no deadline). Returns None when the analysis passed (the caller
+    decides)."""
     if a.immediate:
         return _decision(
             state,
@@ -273,8 +274,8 @@ def _judge_breaches(
     if a.verdict == "insufficient":
         why = "insufficient data: " + "; ".join(a.missing)
         deadline = policy.decision_deadline_s
-        waited = now - state.step_started_at
-        if deadline is not None and waited >= deadline:
+        waited = 0.0 if now is None else now - state.step_started_at
+        if deadline is not None and now is not None and waited >= deadline:
             reason = f"no decision within the {deadline:g} s deadline ({why})"
             if policy.deadline_action == "pause":
                 return _decision(state, "pause", f"paused: {reason}", status="paused", analysis=a)
@@ -379,7 +380,7 @@ def _from_awaiting_approval(
     # The candidate still serves its last step's share while a person decides, possibly for
     # hours, so breaches keep counting towards rollback; only promotion needs the person.
     a = _analyse(s, policy)
-    held = _judge_breaches(state, policy, a, now)
+    held = _judge_breaches(state, policy, a, None)  # a person decides: no deadline
     if held is not None:
         return held
     return _decision(state, "stay", "analysis passed; awaiting approval", analysis=a, failures=0)

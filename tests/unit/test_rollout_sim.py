@@ -170,6 +170,9 @@ def test_a_step_without_data_rolls_back_or_pauses_at_its_deadline() -> None:
     paused = decide(_state(pausing), quiet, pausing, T0 + 61)
     assert (paused.action, paused.status) == ("pause", "paused")
     assert paused.candidate_weight == pausing.steps[0]
+    # Waiting for approval is waiting for a person: no deadline there.
+    waiting = _state(policy, status="awaiting_approval")
+    assert decide(waiting, quiet, policy, T0 + 10**6).action == "stay"
 
 
 def test_a_worse_classifier_is_rolled_back_by_the_sequential_outcome_test() -> None:
