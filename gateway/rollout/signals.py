@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -131,7 +133,12 @@ class SignalGatherer:
                 n, agreed = n - n0, agreed - agreed0
             if n > 0:
                 signals["shadow_disagreement"] = 1.0 - agreed / n
-        signals.update(self._drift(model, stable, candidate))
+        drift = self._drift(model, stable, candidate)
+        # The drift monitor's window is rolling, not per rollout: until the step has run for
+        # one whole window it still holds rows from before the step, so it is not judged.
+        if time.time() - state.step_started_at < drift.pop("window_s", 0.0):
+            drift["drift_sufficient"] = False
+        signals.update(drift)
         if self._outcomes is not None:
             try:
                 outcome = self._outcomes(model, stable, candidate, repr(window_key(state)))
@@ -180,6 +187,7 @@ class SignalGatherer:
         except KeyError:
             return out  # no profile: drift is not measured
         sufficient = report.input_verdict != "insufficient_data"
+        out["window_s"] = report.window_s
         if report.inputs:
             worst = report.inputs[0]
             out["input_drift_psi"] = worst.psi
@@ -189,8 +197,10 @@ class SignalGatherer:
             versus = self._monitor.compare(cand_ref, stable_ref)
         except (KeyError, ValueError):
             versus = None
+        finite = [f.psi for f in versus.outputs if math.isfinite(f.psi)] if versus else []
+        if finite:
+            out["prediction_drift_psi"] = max(finite)
         if versus is not None and versus.outputs:
-            out["prediction_drift_psi"] = max(f.psi for f in versus.outputs)
             sufficient = sufficient and versus.output_verdict != "insufficient_data"
         out["drift_sufficient"] = sufficient
         return out
