@@ -667,10 +667,16 @@
       .sort((a, b) => b.psi - a.psi);
     d.bars.replaceChildren(barChart(`${view.name}-${version}`, sorted.slice(0, MAX_BARS), inputs.length));
     d.sparks.replaceChildren();
-    for (const f of sorted.slice(0, TOP_FEATURES)) {
+    // With an empty window (no PSI now) the features that had a PSI keep their sparkline,
+    // which shows the gap, rather than vanishing.
+    const plotted = sorted.length
+      ? sorted
+      : inputs.filter((f) => (series.get(f.name) || []).some((p) => isNum(p.psi)));
+    for (const f of plotted.slice(0, TOP_FEATURES)) {
       d.sparks.append(sparkline(`${view.name}-${version}`, f, series.get(f.name) || []));
     }
-    if (!sorted.length) d.sparks.append(el("p", { class: "drift-note", text: "No PSI yet." }));
+    if (!plotted.length) d.sparks.append(el("p", { class: "drift-note", text: "No PSI yet." }));
+    else if (!sorted.length) d.sparks.append(el("p", { class: "drift-note", text: "No rows in the current window: no PSI." }));
   }
 
   function barChart(key, features, total) {
