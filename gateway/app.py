@@ -227,7 +227,7 @@ class Gateway:
             alerts=self.alerts,
             check_versions=self.control.check_ready,
             begin_window=gather.begin_window,
-            activity=gather.candidate_errors,
+            activity=gather.candidate_failures,
             config_routes=self.router.routes(),  # the config file's, installed at start
         )
         self.controller.start()

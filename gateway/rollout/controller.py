@@ -9,7 +9,7 @@ what is loaded (``VersionCheck``: unknown or not-ready versions are an ``Invalid
 naming them); rollback is never checked, it must always work. Each rollout gets a unique id;
 its signal windows begin when it starts and when each step begins (``WindowStart``). The loop
 evaluates every ``evaluation_interval_s`` and, between ticks, as soon as a rollout's candidate
-fails a request (``Activity``, polled by ``loop.EvaluationLoop`` every 50 ms), so a failing
+fails or is slow (``Activity``, polled by ``loop.EvaluationLoop`` every 50 ms), so a failing
 candidate is judged within a fraction of a second; a new rollout is evaluated at once.
 
 The controller only gathers signals, applies what ``decide`` concludes and records it. Manual
@@ -563,7 +563,7 @@ class RolloutController:
     def start(self) -> None:
         """Restore stored routes (unless ``restore()`` ran already), then evaluate in the
         background every ``evaluation_interval_s`` (the smallest among active rollouts) and
-        whenever a candidate fails a request. Call on the running loop; evaluations run in
+        whenever a candidate fails or is slow. Call on the running loop; evaluations run in
         the loop's own worker thread."""
         if self._loop_runner.is_running:
             return

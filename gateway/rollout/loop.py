@@ -4,9 +4,9 @@ when something happened.
 In: ``evaluate`` (one pass over every active rollout; runs in the loop's own worker thread,
 since a decision writes to the store and calls the router), ``interval_s`` (the tick, read
 before each wait) and ``has_news`` (a cheap check, on the event loop, that new data arrived:
-a candidate's new failures). Out: calls to ``evaluate``. ``wake()`` (any thread) asks for an
-evaluation now: a new rollout is evaluated at once rather than after a tick. Knows nothing of
-the store or the router (``ActivityWatch`` reads only rollout states).
+a candidate's new failed or slow requests). Out: calls to ``evaluate``. ``wake()`` (any
+thread) asks for an evaluation now: a new rollout is evaluated at once, not after a tick.
+Knows nothing of the store or the router (``ActivityWatch`` reads only rollout states).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class EvaluationLoop:
 
 class ActivityWatch:
     """``has_news`` over rollouts: true when some rollout's ``activity`` count (its
-    candidate's failed requests) grew since the previous call. A rollout seen for the first
+    candidate's failed and slow requests) grew since the previous call. A rollout seen for the first
     time is not news (a new rollout is woken for by its start)."""
 
     def __init__(

@@ -24,7 +24,7 @@ WindowStart: TypeAlias = Callable[[RolloutState], None]
 """``begin_window(state)``: start the signal windows of ``state``'s rollout and step now;
 never raises (a window it could not start begins at the first gather instead)."""
 Activity: TypeAlias = Callable[[RolloutState], int]
-"""``activity(state)``: a cumulative count (the candidate's failed requests) whose growth
+"""``activity(state)``: a cumulative count (the candidate's failed and slow requests) whose growth
 wakes the loop for an evaluation before the next tick; cheap, called on the event loop."""
 
 

@@ -98,13 +98,22 @@ class SignalGatherer:
                 del self._baselines[old]
         return base
 
-    def candidate_errors(self, state: RolloutState) -> int:
-        """The candidate's cumulative failed requests: cheap, for the controller's wake-up
-        check (a burst of candidate errors is evaluated at once, not at the next tick)."""
-        for snap in self._router.traffic(state.model):
-            if snap.version == state.candidate_version:
-                return snap.errors
-        return 0
+    def candidate_failures(self, state: RolloutState) -> int:
+        """The candidate's failed plus (in the current window) slow requests: cheap, for the
+        controller's wake-up check (a burst of candidate failures is evaluated at once, not
+        at the next tick)."""
+        now = {s.version: s for s in self._router.traffic(state.model)}
+        cand = now.get(state.candidate_version)
+        if cand is None:
+            return 0
+        with self._lock:
+            base = self._baselines.get(window_key(state))
+        if base is None:
+            return cand.errors
+        before = base.get(state.candidate_version)
+        window = cand.minus(before) if before is not None else cand
+        slow = self._slow(state, base, window, None).get("candidate_slow", 0)
+        return int(cand.errors + slow)
 
     def __call__(self, state: RolloutState) -> Signals:
         model, stable, candidate = state.model, state.stable_version, state.candidate_version

@@ -178,7 +178,7 @@ def test_a_rollout_started_again_never_inherits_the_earlier_window(root: Path) -
                 await _infer(plane, "3")
         old = await asyncio.to_thread(gather, _state("1", "3", rid="old"))
         assert (old.candidate_samples, old.candidate_errors) == (3, 3)
-        assert gather.candidate_errors(_state("1", "3")) == 3
+        assert gather.candidate_failures(_state("1", "3", rid="old")) == 3
         # The same versions, a new rollout: its window starts empty.
         await asyncio.to_thread(gather.begin_window, _state("1", "3", rid="new"))
         new = await asyncio.to_thread(gather, _state("1", "3", rid="new"))
