@@ -140,6 +140,17 @@ def _evaluated(admin: httpx.Client, since: float) -> dict[str, Any]:
         time.sleep(0.02)
 
 
+def _judged(admin: httpx.Client, since: float) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        state = admin.get("/rollouts/pair").json()
+        last = state.get("last_evaluation")
+        if state["status"] == "rolled_back" or (last is not None and last["time"] >= since):
+            return
+        assert time.monotonic() < deadline, state
+        time.sleep(0.01)
+
+
 def test_a_rollout_started_again_starts_from_empty_windows(server: RunningGateway) -> None:
     with _admin(server) as admin:
         first = _start(admin, "2").json()
@@ -175,13 +186,17 @@ def test_a_failing_candidate_is_rolled_back_within_a_few_requests(
                 infer("http", server.http_url, "pair", {"INPUT0": X})
             except Exception:
                 failures += 1
+                # A failure wakes the controller: wait for an evaluation that saw it (or
+                # the rollback), so the count below is the test's, not the machine's speed.
+                _judged(admin, time.time())
             if admin.get("/rollouts/pair").json()["status"] == "rolled_back":
                 break
         state = admin.get("/rollouts/pair").json()
         assert state["status"] == "rolled_back", state
         assert "sequential" in state["history"][-1]["reason"]
-        # Judged after every new failure: a handful of failed requests, not hundreds.
-        assert failures <= 30, failures
+        # Judged after every new failure: a handful of failed requests at a 50% step
+        # (about 8; the simulation in test_rollout_sim bounds it), not hundreds.
+        assert failures <= 16, failures
         # No request fails after the decision.
         for _ in range(20):
             infer("http", server.http_url, "pair", {"INPUT0": X})
