@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from gateway.drift.buffer import BufferedObserver
 from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
+from gateway.fleet import Fleet
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.http_api import HttpFrontEnd
 from gateway.logs import AccessLog
@@ -43,7 +45,7 @@ from gateway.rollout.controller import RolloutController
 from gateway.rollout.signals import OutcomeWindows, SignalGatherer
 from gateway.router import Router
 from gateway.servers import GrpcListener, HttpListener
-from gateway.store import SqliteStore
+from gateway.store import RedisStore, SqliteStore
 from gateway.telemetry import Telemetry
 from gateway.types import Route, ShadowTarget, Variant
 
@@ -127,7 +129,11 @@ class Gateway:
             max_message_bytes=grpc.max_message_bytes,
         )
         self._admin: HttpListener | None = None
-        self.store: SqliteStore | None = None
+        self.store: SqliteStore | RedisStore | None = None
+        self.fleet: Fleet | None = None
+        """Set when ``store.url`` names a Redis: the control plane shared with other
+        replicas and worker processes."""
+        self.incarnation = secrets.token_hex(8)
         self.alerts: AlertSender | None = None
         self.controller: RolloutController | None = None
         self.admin_app: Any = None
@@ -173,6 +179,9 @@ class Gateway:
         self._start_control_plane()
         await self._http.start()
         await self._grpc.start()
+        if self.fleet is not None and self.controller is not None:
+            address = f"{settings.http.host}:{self.http_port}"
+            await self.fleet.start(self.controller.observe, address)
         admin = settings.admin
         self._admin = HttpListener(
             self.admin_app,
@@ -210,7 +219,15 @@ class Gateway:
         settings = self.settings
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(data_dir / "control.sqlite3")
+        gather = SignalGatherer(self.router, self.monitor, self.outcomes)
+        if settings.store.url:
+            self.fleet = Fleet(settings.store, self.router, self.incarnation)
+            self.store = self.fleet.store
+            gather = SignalGatherer(
+                self.router, self.monitor, self.outcomes, traffic=self.fleet.traffic
+            )
+        else:
+            self.store = SqliteStore(data_dir / "control.sqlite3")
         if settings.alerts.webhooks:
             self.alerts = AlertSender(
                 settings.alerts.webhooks,
@@ -222,8 +239,9 @@ class Gateway:
         self.controller = RolloutController(
             self.store,
             apply_weights=self.control.apply_weights,
-            gather=SignalGatherer(self.router, self.monitor, self.outcomes),
+            gather=gather,
             alerts=self.alerts,
+            lease=self.fleet.lease if self.fleet is not None else None,
         )
         self.controller.start()
         self.telemetry.controller = self.controller
@@ -246,6 +264,8 @@ class Gateway:
         self._draining = True
         if self.controller is not None:
             await self.controller.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         stops: list[Any] = [self._grpc.stop(self.settings.grace_period_s), self._http.stop()]
         if self._admin is not None:
             stops.append(self._admin.stop())

@@ -43,8 +43,12 @@ class SignalGatherer:
         router: Router,
         monitor: DriftMonitor,
         outcomes: OutcomeSource | None = None,
+        *,
+        traffic: Callable[[str], list[VariantSnapshot]] | None = None,
     ) -> None:
         self._router = router
+        self._traffic = router.traffic if traffic is None else traffic
+        """Cumulative per-variant counters of a model: this process's, or a fleet's pool."""
         self._monitor = monitor
         self._outcomes = outcomes
         self._lock = threading.Lock()
@@ -52,7 +56,7 @@ class SignalGatherer:
 
     def __call__(self, state: RolloutState) -> Signals:
         model, stable, candidate = state.model, state.stable_version, state.candidate_version
-        now = {s.version: s for s in self._router.traffic(model)}
+        now = {s.version: s for s in self._traffic(model)}
         key = (model, stable, candidate, state.step_index, state.status)
         with self._lock:
             base = self._baselines.setdefault(key, now)

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 3: routing and what hangs off it.
     ("router", "shadow", "traffic", "feedback"),
     # 4: the data plane and the control plane.
-    ("dataplane", "rollout.*", "control", "telemetry", "metrics"),
+    ("dataplane", "rollout.*", "control", "telemetry", "metrics", "fleet"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
     ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client"),
     # 6: composition root and entry points.

@@ -1,0 +1,180 @@
+"""fleet.py: one replica's membership in a fleet that shares one control plane through Redis.
+
+In: ``StoreSettings`` with a store URL, this replica's incarnation id and address, the
+router (for its traffic counters) and, once the controller exists, its ``observe``. Out: the
+``RedisStore`` the controller commits through, the controller lease (``lease()``: the
+``LeaseSource`` that gates evaluation and carries the fencing token), the replica's
+heartbeat, its cumulative traffic counters published every beat, the pooled traffic of all
+live replicas (``traffic(model)``, what the leader decides on) and the change-log follower
+that hands every change committed elsewhere to ``observe`` in commit order, on a thread of
+its own so a slow apply never holds the event loop. Nothing here is on the request path: the
+router keeps serving what it holds while Redis is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.config import StoreSettings
+from gateway.errors import GatewayError
+from gateway.router import Router
+from gateway.store import (
+    ChangeFollower,
+    Lease,
+    LeaseKeeper,
+    ModelState,
+    RedisStore,
+    ReplicaHeartbeat,
+    encode_counts,
+)
+from gateway.traffic import VariantSnapshot
+
+__all__ = ["Fleet"]
+
+logger = logging.getLogger(__name__)
+
+SYNC_TIMEOUT_S: Final = 5.0  # start-up waits this long for the first snapshot, then serves
+_TRAFFIC: Final = "traffic:"  # signal name prefix: traffic:<model>
+_SEP: Final = "\x1f"  # joins a version into a counter name (versions are path-safe names)
+
+
+class Fleet:
+    """The Redis-backed control plane of one replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        router: Router,
+        incarnation: str,
+    ) -> None:
+        self.settings = settings
+        self.incarnation = incarnation
+        self.store = RedisStore(settings.url, cluster=settings.cluster)
+        self.store.ensure_epoch()  # reachable at start, or the process does not start
+        self._router = router
+        self._lease = LeaseKeeper(self.store, incarnation, ttl_s=settings.lease_ttl_s)
+        self._heartbeat: ReplicaHeartbeat | None = None
+        self._follower: ChangeFollower | None = None
+        self._applier: ThreadPoolExecutor | None = None
+
+    def lease(self) -> Lease | None:
+        """The controller lease this replica holds now, or None."""
+        return self._lease.current()
+
+    @property
+    def is_following(self) -> bool:
+        return self._follower is not None and self._follower.is_connected
+
+    async def start(self, observe: Callable[[ModelState], object], address: str) -> None:
+        """Follow the change log (the first snapshot applied, or ``SYNC_TIMEOUT_S`` passed),
+        then keep the lease and the heartbeat (registered under ``address``)."""
+        applier = ThreadPoolExecutor(1, thread_name_prefix="control-follow")
+        self._applier = applier
+
+        def hand_over(state: ModelState) -> None:
+            applier.submit(_logged, observe, state)
+
+        self._follower = ChangeFollower(
+            self.settings.url,
+            hand_over,
+            cluster=self.settings.cluster,
+            resync_interval_s=self.settings.resync_interval_s,
+        )
+        await self._follower.start()
+        if not await self._follower.wait_synced(SYNC_TIMEOUT_S):
+            logger.warning("control store not synced within %.0f s; following", SYNC_TIMEOUT_S)
+        self._heartbeat = ReplicaHeartbeat(
+            self.store,
+            self.incarnation,
+            address,
+            ttl_s=self.settings.heartbeat_ttl_s,
+            publish=self.publish,
+        )
+        self._heartbeat.start()
+        self._lease.start()
+
+    async def stop(self) -> None:
+        """Give the lease up (another replica decides at once), leave the registry, stop
+        following. The store stays open (its owner closes it)."""
+        self._lease.stop(release=True)
+        if self._heartbeat is not None:
+            self._heartbeat.stop(forget=True)
+        if self._follower is not None:
+            await self._follower.stop()
+        if self._applier is not None:
+            self._applier.shutdown(wait=True)
+
+    # -- pooled traffic ---------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """This replica's cumulative traffic counters, one snapshot per model (idempotent)."""
+        by_model: dict[str, dict[str, npt.ArrayLike]] = {}
+        for snap in self._router.traffic():
+            counts = by_model.setdefault(snap.model, {})
+            name = snap.version + _SEP
+            counts[name + "requests"] = snap.requests
+            counts[name + "rows"] = snap.rows
+            counts[name + "errors"] = snap.errors
+            counts[name + "latency"] = np.asarray(snap.latency_counts, dtype=np.int64)
+            counts[name + "latency_us"] = round(snap.latency_total_ms * 1000)
+        for model, counts in by_model.items():
+            self.store.publish(_TRAFFIC + model, self.incarnation, encode_counts(counts))
+
+    def traffic(self, model: str) -> list[VariantSnapshot]:
+        """Every live replica's cumulative traffic of ``model``, summed exactly (this
+        replica's own counters if the store cannot be read). Shadow comparison figures stay
+        this replica's."""
+        local = {s.version: s for s in self._router.traffic(model)}
+        try:
+            pooled = self.store.pooled(_TRAFFIC + model)
+        except GatewayError as exc:
+            logger.debug("pooled traffic of %s unavailable: %s", model, exc)
+            return list(local.values())
+        if not pooled.contributors:
+            return list(local.values())
+        versions = sorted({k.split(_SEP)[0] for k in pooled.counts} | set(local))
+        out = []
+        for version in versions:
+            c = {
+                k.split(_SEP)[1]: v
+                for k, v in pooled.counts.items()
+                if k.startswith(version + _SEP)
+            }
+            mine = local.get(version)
+            if not c:
+                if mine is not None:
+                    out.append(mine)
+                continue
+            out.append(
+                VariantSnapshot(
+                    model,
+                    version,
+                    int(c["requests"]),
+                    int(c["rows"]),
+                    int(c["errors"]),
+                    tuple(int(x) for x in c["latency"]),
+                    float(c["latency_us"]) / 1000,
+                    dict(mine.shadow) if mine is not None else {},
+                )
+            )
+        return out
+
+
+def _logged(observe: Callable[[ModelState], object], state: ModelState) -> None:
+    started = time.perf_counter()
+    try:
+        observe(state)
+    except Exception:
+        logger.exception("applying the change of model %s failed", state.model)
+    logger.debug("applied %s v%d in %.1f ms", state.model, state.version, _ms(started))
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
