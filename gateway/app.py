@@ -57,8 +57,10 @@ logger = logging.getLogger(__name__)
 class Gateway:
     """All components of one gateway process, wired together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
+        """Listeners share their ports with sibling worker processes (SO_REUSEPORT)."""
         self.repository = ModelRepository(
             settings.repository_path(), settings.runtime, settings.models
         )
@@ -119,6 +121,7 @@ class Gateway:
             http.port,
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
+            reuse_port=reuse_port,
         )
         self._grpc = GrpcListener(
             self.inference,
@@ -127,6 +130,7 @@ class Gateway:
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
+            reuse_port=reuse_port,
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | RedisStore | None = None
@@ -189,6 +193,7 @@ class Gateway:
             admin.port,
             access_log=False,
             grace_period_s=settings.grace_period_s,
+            reuse_port=self.reuse_port,
         )
         await self._admin.start()
         self._started = True
@@ -288,9 +293,9 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Gateway]:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> AsyncIterator[Gateway]:
     """Start a gateway, yield it (ports bound, ready), stop it on exit."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, reuse_port=reuse_port)
     try:
         await gateway.start()
         yield gateway
@@ -298,19 +303,20 @@ async def serve(settings: Settings) -> AsyncIterator[Gateway]:
         await gateway.stop()
 
 
-async def _main(settings: Settings) -> None:
+async def _main(settings: Settings, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(settings) as gateway:
+    async with serve(settings, reuse_port=reuse_port) as gateway:
         del gateway
         await stop.wait()
         logger.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and exit (blocking).
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit (blocking). ``reuse_port``: one
+    of several worker processes on the same ports (``gateway.workers``).
 
     The event loop is uvloop's when installed (it is, with uvicorn[standard]): it halves the
     per-request cost of the loop and socket writes against asyncio's selector loop.
@@ -318,10 +324,10 @@ def run(settings: Settings) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        asyncio.run(_main(settings))
+        asyncio.run(_main(settings, reuse_port))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_main(settings))
+        runner.run(_main(settings, reuse_port))
 
 
 def _dashboard_routes() -> list[Any]:
