@@ -33,7 +33,9 @@ from gateway.store import (
     RedisStore,
     ReplicaHeartbeat,
     encode_counts,
+    sum_counts,
 )
+from gateway.store.pooled import Counts
 from gateway.traffic import VariantSnapshot
 
 __all__ = ["Fleet"]
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S: Final = 5.0  # start-up waits this long for the first snapshot, then serves
 _TRAFFIC: Final = "traffic:"  # signal name prefix: traffic:<model>
+_FORGET_S: Final = 3600.0  # a dead replica's last counters stay in the sum this long
 _SEP: Final = "\x1f"  # joins a version into a counter name (versions are path-safe names)
 
 
@@ -61,6 +64,8 @@ class Fleet:
         self._router = router
         self._lease = LeaseKeeper(self.store, incarnation, ttl_s=settings.lease_ttl_s)
         self._heartbeat: ReplicaHeartbeat | None = None
+        self._seen: dict[str, dict[str, tuple[float, Counts]]] = {}
+        """model -> incarnation -> (when last read, its last cumulative counters)."""
         self._follower: ChangeFollower | None = None
         self._applier: ThreadPoolExecutor | None = None
 
@@ -116,7 +121,11 @@ class Fleet:
     def publish(self) -> None:
         """This replica's cumulative traffic counters, one snapshot per model (idempotent)."""
         by_model: dict[str, dict[str, npt.ArrayLike]] = {}
-        for snap in self._router.traffic():
+        try:
+            snaps = self._router.traffic()
+        except RuntimeError:  # a variant's first request resized the table mid-read
+            return  # the next beat publishes
+        for snap in snaps:
             counts = by_model.setdefault(snap.model, {})
             name = snap.version + _SEP
             counts[name + "requests"] = snap.requests
@@ -129,24 +138,29 @@ class Fleet:
 
     def traffic(self, model: str) -> list[VariantSnapshot]:
         """Every live replica's cumulative traffic of ``model``, summed exactly (this
-        replica's own counters if the store cannot be read). Shadow comparison figures stay
-        this replica's."""
+        replica's own counters until the store was read once). A replica that died keeps its
+        last counters in the sum (those requests happened; dropping them would make a
+        window's count go backwards) for ``_FORGET_S``. Shadow comparison figures stay this
+        replica's."""
         local = {s.version: s for s in self._router.traffic(model)}
+        now = time.monotonic()
+        seen = self._seen.setdefault(model, {})
         try:
             pooled = self.store.pooled(_TRAFFIC + model)
-        except GatewayError as exc:
+        except GatewayError as exc:  # the last sums read stay (counts never go backwards)
             logger.debug("pooled traffic of %s unavailable: %s", model, exc)
+        else:
+            for inc, counts in pooled.per_incarnation.items():
+                seen[inc] = (now, counts)
+        for inc in [i for i, (at, _) in seen.items() if now - at > _FORGET_S]:
+            del seen[inc]
+        if not seen:
             return list(local.values())
-        if not pooled.contributors:
-            return list(local.values())
-        versions = sorted({k.split(_SEP)[0] for k in pooled.counts} | set(local))
+        total = sum_counts([counts for _, counts in seen.values()])
+        versions = sorted({k.split(_SEP)[0] for k in total} | set(local))
         out = []
         for version in versions:
-            c = {
-                k.split(_SEP)[1]: v
-                for k, v in pooled.counts.items()
-                if k.startswith(version + _SEP)
-            }
+            c = {k.split(_SEP)[1]: v for k, v in total.items() if k.startswith(version + _SEP)}
             mine = local.get(version)
             if not c:
                 if mine is not None:
@@ -156,11 +170,11 @@ class Fleet:
                 VariantSnapshot(
                     model,
                     version,
-                    int(c["requests"]),
-                    int(c["rows"]),
-                    int(c["errors"]),
+                    int(c["requests"].sum()),
+                    int(c["rows"].sum()),
+                    int(c["errors"].sum()),
                     tuple(int(x) for x in c["latency"]),
-                    float(c["latency_us"]) / 1000,
+                    float(c["latency_us"].sum()) / 1000,
                     dict(mine.shadow) if mine is not None else {},
                 )
             )
