@@ -331,6 +331,52 @@ def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) ->
         store.close()
 
 
+def test_a_failing_canary_is_rolled_back_once_by_the_leader_everywhere(fleet: Fleet) -> None:
+    clients = [r.admin() for r in fleet.replicas]
+    policy = {
+        "steps": [50, 100],
+        "step_duration_s": 600,
+        "evaluation_interval_s": 0.1,
+        "min_samples": 10,
+        "consecutive_failures": 2,
+    }
+    started = clients[1].post(
+        "/rollouts", json={"model": "pair", "stable": "1", "candidate": "4", "policy": policy}
+    )
+    assert started.status_code == 201, started.text
+    stop = threading.Event()
+
+    def load(replica: Replica) -> None:  # version 4 fails every request
+        with httpx.Client(base_url=replica.http, timeout=10) as http:
+            while not stop.is_set():
+                http.post("/v2/models/pair/infer", json=BODY)
+
+    threads = [threading.Thread(target=load, args=(r,)) for r in fleet.replicas]
+    for t in threads:
+        t.start()
+    try:
+        _wait(
+            lambda: clients[0].get("/rollouts/pair").json()["status"] == "rolled_back",
+            20.0,
+            "rolled back by the leader",
+        )
+        for c in clients:
+            _wait(lambda c=c: _route_of(c) == {"1": 100.0, "4": 0.0}, 1.0, "stopped everywhere")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    entries = clients[2].get("/audit", params={"model": "pair", "limit": 1000}).json()
+    entries = entries if isinstance(entries, list) else entries["entries"]
+    since_start = entries[: next(i for i, e in enumerate(entries) if e["action"] == "start")]
+    rollbacks = [e for e in since_start if e["action"] == "rollback"]
+    assert len(rollbacks) == 1
+    assert rollbacks[0]["actor"] == "controller"
+    assert clients[2].get("/audit/verify").json()["ok"]
+    for c in clients:
+        c.close()
+
+
 def _leader_port(store: RedisStore) -> int | None:
     lease = store.lease()
     if lease is None:
