@@ -8,31 +8,29 @@ The controller only gathers signals, applies what ``decide`` concludes and recor
 actions (promote, rollback, pause, weights) go through the same apply path as automatic ones,
 so the router, the store and the audit trail never disagree on who did what. It does not know
 HTTP, the router's internals or how drift is computed: it sees them only through the callables
-above.
+above. With a ``LeaseSource`` (a fleet sharing one store) only the lease holder evaluates,
+and every write goes through ``SharedState`` (``shared.py``): version-checked, fenced, undone
+if the store refuses; ``observe`` adopts what other replicas committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, ParamSpec, Protocol, TypeAlias, TypeVar
+from typing import Any, Final, Protocol, TypeAlias
 
 import msgspec
 
 from gateway.errors import (
     ConflictError,
-    FencedWriteError,
     GatewayError,
     InvalidInputError,
     ModelNotFoundError,
-    VersionConflictError,
 )
 from gateway.rollout.decide import decide
 from gateway.rollout.policy import (
@@ -49,7 +47,8 @@ from gateway.rollout.policy import (
     Signals,
     Transition,
 )
-from gateway.store import AuditEvent, Lease, ModelState, Store
+from gateway.rollout.shared import LeaseSource, SharedState, retried
+from gateway.store import AuditEvent, ModelState, Store
 from gateway.types import Route, Variant
 
 __all__ = ["WeightApplier", "SignalSource", "AlertSink", "RolloutController"]
@@ -64,32 +63,6 @@ WeightApplier: TypeAlias = Callable[[str, dict[str, float]], None]
 the controller's worker thread or an admin request's thread, never two at once."""
 SignalSource: TypeAlias = Callable[[RolloutState], Signals]
 """``gather(state)``: the current signals for a rollout; cheap, thread-safe, non-blocking."""
-LeaseSource: TypeAlias = Callable[[], Lease | None]
-"""``current()``: the controller lease this replica may decide under now, or None (another
-replica decides). Without one (a single process) the controller always decides."""
-
-COMMIT_ATTEMPTS: Final = 5  # a manual action re-validated against a newer state, then given up
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-def _retried(method: Callable[_P, _T]) -> Callable[_P, _T]:
-    """Re-run a manual action when another writer moved the model's state first: the failed
-    commit already undid the local change and re-read the state, so the retry re-validates
-    against the new one (and may become an ordinary ``ConflictError``)."""
-
-    @functools.wraps(method)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                return method(*args, **kwargs)
-            except VersionConflictError:
-                if attempt == COMMIT_ATTEMPTS:
-                    raise
-                time.sleep(random.uniform(0.002, 0.01) * attempt)
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 class AlertSink(Protocol):
@@ -105,8 +78,6 @@ class AlertSink(Protocol):
     ) -> bool: ...
 
 
-_state_decoder: Final = msgspec.json.Decoder(RolloutState)
-_encode: Final = msgspec.json.Encoder().encode
 _ALERTED: Final[Mapping[str, str]] = {
     "rolled_back": "rollout.rolled_back",
     "awaiting_approval": "rollout.awaiting_approval",
@@ -134,17 +105,15 @@ class RolloutController:
     ) -> None:
         self._store = store
         self._lease = lease
+        self._shared = SharedState(store, apply_weights, lease)
         self._apply = apply_weights
         self._gather = gather
         self._alerts = alerts
         self._clock = clock
         self._lock = threading.RLock()
-        self._states: dict[str, RolloutState] = {}
-        self._routes: dict[str, Route] = {}
-        self._versions: dict[str, int] = {}
-        """Model -> the store's version of the state held here (what commits expect)."""
-        for model_state in store.snapshot().models.values():
-            self._adopt(model_state, apply=False)
+        # The local copy of the shared state, owned by ``SharedState`` (the write path).
+        self._states: dict[str, RolloutState] = self._shared.states
+        self._routes: dict[str, Route] = self._shared.routes
         self._is_restored = False
         self._executor: ThreadPoolExecutor | None = None
         self._stopping: asyncio.Event | None = None
@@ -172,7 +141,7 @@ class RolloutController:
 
     # -- manual actions -----------------------------------------------------------------------
 
-    @_retried
+    @retried
     def start_rollout(
         self,
         model: str,
@@ -215,14 +184,14 @@ class RolloutController:
                 None, state, "start", actor, reason or f"canary of {candidate} at {first:g}%"
             )
 
-    @_retried
+    @retried
     def pause(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Hold the current weights and stop evaluating (only from "canary")."""
         with self._lock:
             state = self._require(model, "pause", {"canary"})
             return self._commit(state, self._moved(state, "paused"), "pause", actor, reason)
 
-    @_retried
+    @retried
     def resume(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Back to "canary" at the current step; the step's clock and request count restart
         and its weights are applied again (they may have been set by hand while paused)."""
@@ -234,7 +203,7 @@ class RolloutController:
             )
             return self._commit(state, after, "resume", actor, reason)
 
-    @_retried
+    @retried
     def promote(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Send all traffic to the candidate now, skipping remaining steps and approval."""
         with self._lock:
@@ -242,7 +211,7 @@ class RolloutController:
             after = self._moved(state, "promoted", FULL_WEIGHT, len(state.policy.steps))
             return self._commit(state, after, "promote", actor, reason)
 
-    @_retried
+    @retried
     def approve(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Promote a rollout that waits at the approval gate (only from "awaiting_approval")."""
         with self._lock:
@@ -250,7 +219,7 @@ class RolloutController:
             after = self._moved(state, "promoted", FULL_WEIGHT, len(state.policy.steps))
             return self._commit(state, after, "approve", actor, reason)
 
-    @_retried
+    @retried
     def rollback(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """All traffic back to the stable version at once; after promotion this restores
         the previous stable version."""
@@ -259,7 +228,7 @@ class RolloutController:
             after = self._moved(state, "rolled_back", 0.0)
             return self._commit(state, after, "rollback", actor, reason)
 
-    @_retried
+    @retried
     def set_weights(
         self, model: str, weights: Mapping[str, float], actor: str, reason: str = ""
     ) -> Route:
@@ -284,7 +253,7 @@ class RolloutController:
                 )
             before = self._routes.get(model)
             route = self._route(model, clean)
-            self._write(
+            self._shared.write(
                 model,
                 route,
                 None,
@@ -396,111 +365,12 @@ class RolloutController:
         variants = tuple(Variant(v, float(w)) for v, w in weights.items())
         return Route(model, variants, old.shadows if old else ())
 
-    # -- the one write path: apply locally, commit, undo if the store refuses ---------------
-
-    def _write(
-        self,
-        model: str,
-        route: Route | None,
-        state: RolloutState | None,
-        old_state: RolloutState | None,
-        old_route: Route | None,
-        event: AuditEvent,
-    ) -> None:
-        """Apply ``route`` (if any) to the router first (a rollback must not wait on the
-        store), hold ``state``, then commit both with ``event`` in one store transaction
-        that expects the model's version held here and, for the controller's own decisions,
-        carries the lease's fencing token. If the store refuses or cannot be reached, the
-        router and memory go back to ``old_route``/``old_state`` and the error is raised;
-        on a version conflict the model's newer state is read back first, so a retry
-        re-validates against it. Caller holds the lock."""
-        token: int | None = None
-        if event.actor == CONTROLLER_ACTOR and self._lease is not None:
-            lease = self._lease()
-            if lease is None:
-                raise FencedWriteError("this replica no longer holds the controller lease")
-            token = lease.token
-        if route is not None:
-            self._apply(model, route.weights())  # raises before anything changed
-            self._routes[model] = route
-        if state is not None:
-            self._states[model] = state
-        try:
-            done = self._store.commit(
-                model,
-                route=route,
-                rollout=_encode(state) if state is not None else None,
-                event=event,
-                expected_version=self._versions.get(model, 0),
-                fencing_token=token,
-            )
-        except Exception as exc:
-            logger.warning("model %s: %s not recorded, undone: %s", model, event.action, exc)
-            self._undo(model, route, old_route, state, old_state)
-            if isinstance(exc, VersionConflictError):
-                self._refresh(model)
-            raise
-        self._versions[model] = done.version
-
-    def _undo(
-        self,
-        model: str,
-        route: Route | None,
-        old_route: Route | None,
-        state: RolloutState | None,
-        old_state: RolloutState | None,
-    ) -> None:
-        if route is not None:
-            if old_route is not None:
-                try:
-                    self._apply(model, old_route.weights())
-                except GatewayError as exc:
-                    logger.error("model %s: weights not restored: %s", model, exc)
-                self._routes[model] = old_route
-            else:
-                self._routes.pop(model, None)
-        if state is None:
-            return
-        if old_state is not None:
-            self._states[model] = old_state
-        else:
-            self._states.pop(model, None)
-
-    def _refresh(self, model: str) -> None:
-        """Adopt the store's current state of ``model`` (after another writer moved it)."""
-        try:
-            current = self._store.snapshot().models.get(model)
-        except GatewayError as exc:
-            logger.warning("model %s: state not re-read: %s", model, exc)
-            return
-        if current is not None:
-            self._adopt(current)
-
     def observe(self, state: ModelState) -> bool:
         """Adopt a model's state committed by another replica (from the change log): its
         route goes to the router, its rollout document is held; nothing is written. A
         version not newer than the one held is ignored. True if anything was adopted."""
         with self._lock:
-            return self._adopt(state)
-
-    def _adopt(self, state: ModelState, *, apply: bool = True) -> bool:
-        model = state.model
-        if state.version <= self._versions.get(model, 0):
-            return False
-        if state.rollout is not None:
-            try:
-                self._states[model] = _state_decoder.decode(state.rollout)
-            except msgspec.DecodeError as exc:
-                logger.error("stored rollout state of model %s is unreadable: %s", model, exc)
-        if state.route is not None and state.route != self._routes.get(model):
-            self._routes[model] = state.route
-            if apply:
-                try:
-                    self._apply(model, state.route.weights())
-                except GatewayError as exc:
-                    logger.warning("route of model %s not applied: %s", model, exc)
-        self._versions[model] = state.version
-        return True
+            return self._shared.adopt(state)
 
     def _commit(
         self,
@@ -575,7 +445,7 @@ class RolloutController:
             details=details,
             ts=now,
         )
-        self._write(
+        self._shared.write(
             model, route if route is not old_route else None, after, before, old_route, event
         )
         if before is None or before.status != after.status:
