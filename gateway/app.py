@@ -185,7 +185,14 @@ class Gateway:
         await self._grpc.start()
         if self.fleet is not None and self.controller is not None:
             address = f"{settings.http.host}:{self.http_port}"
-            await self.fleet.start(self.controller.observe, address)
+            memory = self.memory
+            await self.fleet.start(
+                self.controller.observe,
+                address,
+                lambda model, items: memory.join(items, model=model),
+            )
+            if self.fleet.relay is not None:
+                self.plane.relay = self.fleet.relay.forward
         admin = settings.admin
         self._admin = HttpListener(
             self.admin_app,

@@ -36,7 +36,9 @@ from gateway.store import (
     sum_counts,
 )
 from gateway.store.pooled import Counts
+from gateway.store.relay import FeedbackRelay
 from gateway.traffic import VariantSnapshot
+from gateway.types import FeedbackItem
 
 __all__ = ["Fleet"]
 
@@ -67,6 +69,7 @@ class Fleet:
         self._seen: dict[str, dict[str, tuple[float, Counts]]] = {}
         """model -> incarnation -> (when last read, its last cumulative counters)."""
         self._follower: ChangeFollower | None = None
+        self.relay: FeedbackRelay | None = None
         self._applier: ThreadPoolExecutor | None = None
 
     def lease(self) -> Lease | None:
@@ -77,9 +80,20 @@ class Fleet:
     def is_following(self) -> bool:
         return self._follower is not None and self._follower.is_connected
 
-    async def start(self, observe: Callable[[ModelState], object], address: str) -> None:
+    async def start(
+        self,
+        observe: Callable[[ModelState], object],
+        address: str,
+        join: Callable[[str, list[FeedbackItem]], object] | None = None,
+    ) -> None:
         """Follow the change log (the first snapshot applied, or ``SYNC_TIMEOUT_S`` passed),
-        then keep the lease and the heartbeat (registered under ``address``)."""
+        then keep the lease and the heartbeat (registered under ``address``); with ``join``,
+        relay feedback between replicas (``join`` gets the others' items)."""
+        if join is not None:
+            self.relay = FeedbackRelay(
+                self.settings.url, self.incarnation, join, cluster=self.settings.cluster
+            )
+            await self.relay.start()
         applier = ThreadPoolExecutor(1, thread_name_prefix="control-follow")
         self._applier = applier
 
@@ -113,6 +127,8 @@ class Fleet:
             self._heartbeat.stop(forget=True)
         if self._follower is not None:
             await self._follower.stop()
+        if self.relay is not None:
+            await self.relay.stop()
         if self._applier is not None:
             self._applier.shutdown(wait=True)
 

@@ -377,6 +377,29 @@ def test_a_failing_canary_is_rolled_back_once_by_the_leader_everywhere(fleet: Fl
         c.close()
 
 
+def test_feedback_posted_to_another_replica_joins_where_it_was_served(fleet: Fleet) -> None:
+    served_by, posted_to = fleet.replicas[0], fleet.replicas[1]
+    with (
+        httpx.Client(base_url=served_by.http, timeout=10) as a,
+        httpx.Client(base_url=posted_to.http, timeout=10) as b,
+    ):
+
+        def joined() -> int:
+            versions = a.get("/v2/models/pair/outcomes").json().get("versions", {})
+            return int(versions.get("1", {}).get("n", 0))
+
+        before = joined()
+        ids = [f"fleet-fb-{n}" for n in range(20)]
+        for rid in ids:
+            reply = a.post("/v2/models/pair/infer", json={**BODY, "id": rid})
+            assert reply.json()["model_version"] == "1"
+        result = b.post(
+            "/v2/models/pair/feedback", json={"items": [{"id": i, "truth": 0} for i in ids]}
+        ).json()
+        assert result["unknown_ids"] == 20  # not held here: forwarded to the fleet
+        _wait(lambda: joined() == before + 20, 5.0, "joined on the serving replica")
+
+
 def _leader_port(store: RedisStore) -> int | None:
     lease = store.lease()
     if lease is None:
