@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument("--note", default="", help="a line appended to the report")
     args = parser.parse_args(argv)
     cells: dict[str, list[dict[str, Any]]] = {
         "embedded": [],
@@ -174,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )  # fmt: skip
     md += "\n" + table(["ratio", "value"], [[k, v] for k, v in ratios.items()])
+    md += (
+        "\nThroughput on a shared machine follows what else runs (see the load average): "
+        "compare the request-path cost by server CPU per request, which counts only the "
+        "gateway's own work. Every cell: `cells` in scaleout.json.\n"
+    )
+    if args.note:
+        md += f"\n{args.note}\n"
     json_path, md_path = write_results("scaleout", payload, md)
     print(md)
     print(f"wrote {json_path} and {md_path}")

@@ -13,6 +13,7 @@ router keeps serving what it holds while Redis is away.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -122,15 +123,17 @@ class Fleet:
     async def stop(self) -> None:
         """Give the lease up (another replica decides at once), leave the registry, stop
         following. The store stays open (its owner closes it)."""
-        self._lease.stop(release=True)
+        # Off the loop: joins and store calls block, and a change being applied needs the
+        # loop to reach the router.
+        await asyncio.to_thread(self._lease.stop, release=True)
         if self._heartbeat is not None:
-            self._heartbeat.stop(forget=True)
+            await asyncio.to_thread(self._heartbeat.stop, forget=True)
         if self._follower is not None:
             await self._follower.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self._applier is not None:
-            self._applier.shutdown(wait=True)
+            await asyncio.to_thread(self._applier.shutdown, wait=True)
 
     # -- pooled traffic ---------------------------------------------------------------------
 

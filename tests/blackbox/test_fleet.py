@@ -228,7 +228,9 @@ def test_rollback_through_any_replica_reaches_all_with_one_audit_entry(fleet: Fl
     done = clients[2].post("/rollouts/pair/rollback", json={"reason": "bad"})
     assert done.status_code == 200, done.text
     for c in clients:
-        _wait(lambda c=c: _route_of(c) == {"1": 100.0, "3": 0.0}, 1.0, "rollback everywhere")
+        # Milliseconds when idle (measured in the first test); the bound leaves room for a
+        # loaded CI machine instead of flaking.
+        _wait(lambda c=c: _route_of(c) == {"1": 100.0, "3": 0.0}, 5.0, "rollback everywhere")
         assert c.get("/rollouts/pair").json()["status"] == "rolled_back"
     second = clients[1].post("/rollouts/pair/rollback", json={"reason": "again"})
     assert second.status_code == 409, second.text
@@ -300,7 +302,7 @@ def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) ->
     store = fleet.store()
     try:
         # Right after the Redis restart of the test before, a beat or two may still fail.
-        _wait(lambda: len(store.pooled("traffic:pair").contributors) == 3, 5.0, "3 replicas")
+        _wait(lambda: len(store.pooled("traffic:pair").contributors) == 3, 10.0, "3 replicas")
         # Counters of earlier traffic are published within a beat (0.5 s): wait until stable.
         before = store.pooled("traffic:pair")
         for _ in range(10):
@@ -320,7 +322,7 @@ def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) ->
             now = store.pooled("traffic:pair")
             return _requests(now.counts) == _requests(before.counts) + sum(sent.values())
 
-        _wait(grown, 5.0, "every replica published its counters")
+        _wait(grown, 10.0, "every replica published its counters")
         after = store.pooled("traffic:pair")
         for port, n in sent.items():
             inc = by_port[port]
@@ -357,11 +359,11 @@ def test_a_failing_canary_is_rolled_back_once_by_the_leader_everywhere(fleet: Fl
     try:
         _wait(
             lambda: clients[0].get("/rollouts/pair").json()["status"] == "rolled_back",
-            20.0,
+            30.0,
             "rolled back by the leader",
         )
         for c in clients:
-            _wait(lambda c=c: _route_of(c) == {"1": 100.0, "4": 0.0}, 1.0, "stopped everywhere")
+            _wait(lambda c=c: _route_of(c) == {"1": 100.0, "4": 0.0}, 5.0, "stopped everywhere")
     finally:
         stop.set()
         for t in threads:
@@ -397,7 +399,7 @@ def test_feedback_posted_to_another_replica_joins_where_it_was_served(fleet: Fle
             "/v2/models/pair/feedback", json={"items": [{"id": i, "truth": 0} for i in ids]}
         ).json()
         assert result["unknown_ids"] == 20  # not held here: forwarded to the fleet
-        _wait(lambda: joined() == before + 20, 5.0, "joined on the serving replica")
+        _wait(lambda: joined() == before + 20, 10.0, "joined on the serving replica")
 
 
 def _leader_port(store: RedisStore) -> int | None:
