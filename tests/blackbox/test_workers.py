@@ -96,8 +96,12 @@ def test_two_workers_share_ports_and_one_control_plane(repository: Path, tmp_pat
         assert reply.status_code == 201, reply.text
         assert admin.post("/rollouts/pair/rollback", json={}).status_code == 200
         admin.close()
-        time.sleep(0.5)  # propagation is milliseconds; leave room on a busy machine
-        assert all(_routes(admin_port) == {"1": 100.0, "3": 0.0} for _ in range(20))
+        # Propagation takes milliseconds; poll (a loaded machine may take longer) until 20
+        # reads over fresh connections, spread over both workers, all see the rollback.
+        deadline = time.monotonic() + 10
+        while not all(_routes(admin_port) == {"1": 100.0, "3": 0.0} for _ in range(20)):
+            assert time.monotonic() < deadline, "rollback did not reach both workers"
+            time.sleep(0.05)
         with httpx.Client(timeout=10) as http:
             versions = {
                 http.post(f"http://127.0.0.1:{http_port}/v2/models/pair/infer", json=BODY).json()[
