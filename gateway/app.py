@@ -190,6 +190,7 @@ class Gateway:
                 self.controller.observe,
                 address,
                 lambda model, items: memory.join(items, model=model),
+                memory,
             )
             if self.fleet.relay is not None:
                 self.plane.relay = self.fleet.relay.forward
@@ -235,6 +236,8 @@ class Gateway:
         if settings.store.url:
             self.fleet = Fleet(settings.store, self.router, self.incarnation)
             self.store = self.fleet.store
+            self.outcomes = OutcomeWindows(self.memory, snapshot=self.fleet.outcome)
+            self.outcomes.start(asyncio.get_running_loop())
             gather = SignalGatherer(
                 self.router, self.monitor, self.outcomes, traffic=self.fleet.traffic
             )

@@ -123,8 +123,15 @@ class OutcomeWindows:
     the snapshots are taken on ``loop`` (bound at ``start``; None before: no outcome yet).
     """
 
-    def __init__(self, memory: PredictionMemory) -> None:
+    def __init__(
+        self,
+        memory: PredictionMemory,
+        *,
+        snapshot: Callable[[str, str], OutcomeSnapshot] | None = None,
+    ) -> None:
         self._memory = memory
+        self._snapshot = snapshot
+        """A fleet's pooled ``(model, version) -> OutcomeSnapshot``, read from this thread."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._baselines: dict[tuple[str, str, str], tuple[OutcomeSnapshot, OutcomeSnapshot]] = {}
 
@@ -135,12 +142,15 @@ class OutcomeWindows:
         loop = self._loop
         if loop is None:
             return None
-        memory = self._memory
+        memory, pooled = self._memory, self._snapshot
 
         async def snapshots() -> tuple[OutcomeSnapshot, OutcomeSnapshot]:
             return memory.snapshot(model, candidate), memory.snapshot(model, stable)
 
-        cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
+        if pooled is not None:
+            cand, stab = pooled(model, candidate), pooled(model, stable)
+        else:
+            cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
         # The window starts when this rollout was first judged (earlier rollouts of the
         # same versions must not count).
         start = self._baselines.setdefault((model, stable, candidate), (cand, stab))
