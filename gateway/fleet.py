@@ -130,6 +130,12 @@ class Fleet:
         )
         self._heartbeat.start()
         self._lease.start()
+        logger.info(
+            "control plane shared through redis at %s (cluster %s) as replica %s",
+            self.store.address,
+            self.settings.cluster,
+            self.incarnation,
+        )
 
     async def stop(self) -> None:
         """Give the lease up (another replica decides at once), leave the registry, stop
