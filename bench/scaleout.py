@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     env: dict[str, Any] = environment()
     payload = {
         "environment": env,
-        "command": " ".join(["python -m bench.scaleout", *(argv or sys.argv[1:])]),
+        "command": f"python -m bench.scaleout --rounds {args.rounds}"
+        f" --warmup-s {args.warmup_s:g} --measure-s {args.measure_s:g}",
+        "note": args.note,
         "model": MODEL,
         "cells": cells,
         "summary": summary,
