@@ -149,18 +149,25 @@ class SharedState:
             self.states.pop(model, None)
 
     def _refresh(self, model: str) -> None:
-        """Adopt the store's current state of ``model`` (after another writer moved it)."""
+        """Adopt the store's current state of ``model`` (after another writer moved it).
+        The store is the truth even when its version is lower than the one held (a store
+        replaced or restored from an older copy): otherwise every later commit would
+        conflict."""
         try:
             current = self._store.snapshot().models.get(model)
         except GatewayError as exc:
             logger.warning("model %s: state not re-read: %s", model, exc)
             return
-        if current is not None:
-            self.adopt(current)
+        if current is None:
+            self.versions.pop(model, None)  # the store has nothing for it: start at 0
+        else:
+            self.adopt(current, force=True)
 
-    def adopt(self, state: ModelState, *, apply: bool = True) -> bool:
+    def adopt(self, state: ModelState, *, apply: bool = True, force: bool = False) -> bool:
+        """Hold ``state`` and apply its route if it is newer than the one held (or always,
+        with ``force``); True if it was taken."""
         model = state.model
-        if state.version <= self.versions.get(model, 0):
+        if not force and state.version <= self.versions.get(model, 0):
             return False
         if state.rollout is not None:
             try:

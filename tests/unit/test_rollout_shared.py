@@ -133,3 +133,21 @@ def test_a_store_outage_undoes_a_manual_rollback(tmp_path: Path) -> None:
     finally:
         store.close()
         server.kill()
+
+
+def test_a_replaced_store_is_adopted_after_one_conflict(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisStore(server.url, cluster="t")
+    try:
+        a = Replica(store)
+        a.controller.set_weights("m", {"1": 90, "2": 10}, "alice")
+        a.controller.set_weights("m", {"1": 80, "2": 20}, "alice")
+        other = RedisStore(server.url, cluster="t")
+        other._redis.flushall()  # the store lost everything (replaced, restored empty)
+        other.close()
+        a.controller.set_weights("m", {"1": 70, "2": 30}, "bob")  # conflict, re-read, retried
+        assert store.snapshot().models["m"].route is not None
+        assert a.router.tables["m"] == {"1": 70.0, "2": 30.0}
+    finally:
+        store.close()
+        server.kill()
