@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from gateway.drift.buffer import BufferedObserver
 from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
+from gateway.fleet import Fleet
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.http_api import HttpFrontEnd
 from gateway.logs import AccessLog
@@ -43,7 +45,7 @@ from gateway.rollout.controller import RolloutController
 from gateway.rollout.signals import OutcomeWindows, SignalGatherer
 from gateway.router import Router
 from gateway.servers import GrpcListener, HttpListener
-from gateway.store import SqliteStore
+from gateway.store import RedisStore, SqliteStore
 from gateway.telemetry import Telemetry
 from gateway.types import Route, ShadowTarget, Variant
 
@@ -55,8 +57,10 @@ logger = logging.getLogger(__name__)
 class Gateway:
     """All components of one gateway process, wired together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
+        """Listeners share their ports with sibling worker processes (SO_REUSEPORT)."""
         self.repository = ModelRepository(
             settings.repository_path(), settings.runtime, settings.models
         )
@@ -117,6 +121,7 @@ class Gateway:
             http.port,
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
+            reuse_port=reuse_port,
         )
         self._grpc = GrpcListener(
             self.inference,
@@ -125,9 +130,14 @@ class Gateway:
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
+            reuse_port=reuse_port,
         )
         self._admin: HttpListener | None = None
-        self.store: SqliteStore | None = None
+        self.store: SqliteStore | RedisStore | None = None
+        self.fleet: Fleet | None = None
+        """Set when ``store.url`` names a Redis: the control plane shared with other
+        replicas and worker processes."""
+        self.incarnation = secrets.token_hex(8)
         self.alerts: AlertSender | None = None
         self.controller: RolloutController | None = None
         self.admin_app: Any = None
@@ -173,6 +183,17 @@ class Gateway:
         self._start_control_plane()
         await self._http.start()
         await self._grpc.start()
+        if self.fleet is not None and self.controller is not None:
+            address = f"{settings.http.host}:{self.http_port}"
+            memory = self.memory
+            await self.fleet.start(
+                self.controller.observe,
+                address,
+                lambda model, items: memory.join(items, model=model),
+                memory,
+            )
+            if self.fleet.relay is not None:
+                self.plane.relay = self.fleet.relay.forward
         admin = settings.admin
         self._admin = HttpListener(
             self.admin_app,
@@ -180,6 +201,7 @@ class Gateway:
             admin.port,
             access_log=False,
             grace_period_s=settings.grace_period_s,
+            reuse_port=self.reuse_port,
         )
         await self._admin.start()
         self._started = True
@@ -210,7 +232,17 @@ class Gateway:
         settings = self.settings
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(data_dir / "control.sqlite3")
+        gather = SignalGatherer(self.router, self.monitor, self.outcomes)
+        if settings.store.url:
+            self.fleet = Fleet(settings.store, self.router, self.incarnation)
+            self.store = self.fleet.store
+            self.outcomes = OutcomeWindows(self.memory, snapshot=self.fleet.outcome)
+            self.outcomes.start(asyncio.get_running_loop())
+            gather = SignalGatherer(
+                self.router, self.monitor, self.outcomes, traffic=self.fleet.traffic
+            )
+        else:
+            self.store = SqliteStore(data_dir / "control.sqlite3")
         if settings.alerts.webhooks:
             self.alerts = AlertSender(
                 settings.alerts.webhooks,
@@ -219,7 +251,6 @@ class Gateway:
                 backoff_s=settings.alerts.backoff_s,
             )
             self.alerts.start()
-        gather = SignalGatherer(self.router, self.monitor, self.outcomes)
         self.controller = RolloutController(
             self.store,
             apply_weights=self.control.apply_weights,
@@ -229,6 +260,7 @@ class Gateway:
             begin_window=gather.begin_window,
             activity=gather.candidate_failures,
             config_routes=self.router.routes(),  # the config file's, installed at start
+            lease=self.fleet.lease if self.fleet is not None else None,
         )
         self.controller.start()
         self.telemetry.controller = self.controller
@@ -251,6 +283,8 @@ class Gateway:
         self._draining = True
         if self.controller is not None:
             await self.controller.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         stops: list[Any] = [self._grpc.stop(self.settings.grace_period_s), self._http.stop()]
         if self._admin is not None:
             stops.append(self._admin.stop())
@@ -273,9 +307,9 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Gateway]:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> AsyncIterator[Gateway]:
     """Start a gateway, yield it (ports bound, ready), stop it on exit."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, reuse_port=reuse_port)
     try:
         await gateway.start()
         yield gateway
@@ -283,19 +317,20 @@ async def serve(settings: Settings) -> AsyncIterator[Gateway]:
         await gateway.stop()
 
 
-async def _main(settings: Settings) -> None:
+async def _main(settings: Settings, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(settings) as gateway:
+    async with serve(settings, reuse_port=reuse_port) as gateway:
         del gateway
         await stop.wait()
         logger.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and exit (blocking).
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit (blocking). ``reuse_port``: one
+    of several worker processes on the same ports (``gateway.workers``).
 
     The event loop is uvloop's when installed (it is, with uvicorn[standard]): it halves the
     per-request cost of the loop and socket writes against asyncio's selector loop.
@@ -303,10 +338,10 @@ def run(settings: Settings) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        asyncio.run(_main(settings))
+        asyncio.run(_main(settings, reuse_port))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_main(settings))
+        runner.run(_main(settings, reuse_port))
 
 
 def _dashboard_routes() -> list[Any]:

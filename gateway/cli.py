@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 = any)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes sharing the ports and one control plane (default 1)",
+    )
     profile = sub.add_parser(
         "profile",
         help="reference profiles for drift monitoring",
@@ -127,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format == "json")
+    if args.workers != 1:
+        from gateway.workers import serve_workers
+
+        try:
+            return serve_workers(settings, args.workers)
+        except ConfigError as exc:
+            print(f"gateway: {exc.message}", file=sys.stderr)
+            return 2
     from gateway.app import run  # deferred: onnxruntime and grpc load only to serve
 
     run(settings)

@@ -27,6 +27,7 @@ __all__ = [
     "ShadowSettings",
     "DriftSettings",
     "AdminSettings",
+    "StoreSettings",
     "AdminToken",
     "AlertSettings",
     "PredictionLogSettings",
@@ -283,6 +284,23 @@ class AlertSettings(_Base, frozen=True):
     """First retry delay; doubles each time."""
 
 
+class StoreSettings(_Base, frozen=True):
+    """Where the control plane (routes, rollouts, audit trail, controller lease) lives."""
+
+    url: str = ""
+    """"" keeps it embedded in ``<data_dir>/control.sqlite3`` (one process). A
+    ``redis://host:port/db`` URL (Redis or Valkey; GATEWAY_STORE__URL) shares it between
+    replicas and worker processes: every change reaches all of them."""
+    cluster: str = "gateway"
+    """Key prefix in Redis: replicas with the same URL and cluster share one control plane."""
+    lease_ttl_s: float = 2.0
+    """Controller lease: a crashed leader is replaced after about this long."""
+    resync_interval_s: float = 5.0
+    """Each replica re-reads the whole state this often (and after every reconnect)."""
+    heartbeat_ttl_s: float = 5.0
+    """A replica that stops beating leaves the registry and the pooled signals after this."""
+
+
 class Settings(_Base, frozen=True):
     """Everything the gateway needs to start, frozen once built."""
 
@@ -316,6 +334,7 @@ class Settings(_Base, frozen=True):
     """Share of successful inference requests logged as JSON access lines; every failed
     one is logged. 1% keeps a busy replica's logs readable."""
     alerts: AlertSettings = AlertSettings()
+    store: StoreSettings = StoreSettings()
     models: dict[str, dict[str, Any]] = {}
     """Per-model policy fields (see ``ModelPolicy``), keyed by model name; the fields set
     here win over the model's own ``config.toml``."""
@@ -381,6 +400,11 @@ def load_settings(
 
 
 def _check(settings: Settings) -> None:
+    store = settings.store
+    if store.url and not store.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("store.url must be a redis://, rediss:// or unix:// URL (or empty)")
+    if store.lease_ttl_s <= 0 or store.resync_interval_s <= 0 or store.heartbeat_ttl_s <= 0:
+        raise ConfigError("store: lease_ttl_s, resync_interval_s and heartbeat_ttl_s must be > 0")
     if settings.runtime.inference_workers < 1:
         raise ConfigError("runtime.inference_workers must be at least 1")
     for name, fields in settings.models.items():

@@ -80,6 +80,8 @@ class DataPlane:
         self.extensions = EXTENSIONS
         self.is_ready = is_ready
         self.memory = memory
+        self.relay: Callable[[str, list[FeedbackItem]], None] | None = None
+        """In a fleet: forwards feedback for ids this replica does not hold to the others."""
         self._predictions = predictions
         remembers = memory.settings.enabled or predictions is not None
         self._assign_ids = remembers
@@ -232,7 +234,11 @@ class DataPlane:
         """Join ground truth to remembered predictions (the feedback call, both protocols).
         Unknown and expired ids are counted in the answer, never an error for the call."""
         self.router.resolve(model)
-        return self.memory.join(items, model=model)
+        result = self.memory.join(items, model=model)
+        if self.relay is not None and result.unknown_ids:
+            held = self.memory.holds
+            self.relay(model, [i for i in items if isinstance(i.id, str) and not held(i.id)])
+        return result
 
     def outcomes(self, model: str) -> dict[str, Any]:
         """Outcome metrics per version of ``model`` and each version compared with the

@@ -248,6 +248,10 @@ class PredictionMemory:
         self._duplicate = 0
         self._invalid = 0
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a prediction with this id is remembered here (joined or not)."""
+        return request_id in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -34,14 +34,18 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening, non-blocking TCP socket on ``host:port`` (IPv6 when the host has a colon)."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port`` (IPv6 when the host has a colon).
+    ``reuse_port``: SO_REUSEPORT, so worker processes share the port (the kernel spreads
+    connections among them)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the
     # listening socket says TCP; without it a response written in two parts (headers,
     # body) waits ~40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(_BACKLOG)
     sock.setblocking(False)
@@ -52,8 +56,16 @@ class HttpListener:
     """One ASGI app served by uvicorn on a socket we bind (port 0 works)."""
 
     def __init__(
-        self, app: Any, host: str, port: int, *, access_log: bool, grace_period_s: float
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        access_log: bool,
+        grace_period_s: float,
+        reuse_port: bool = False,
     ) -> None:
+        self._reuse_port = reuse_port
         self._app = app
         self._host = host
         self._port = port
@@ -66,7 +78,7 @@ class HttpListener:
 
     async def start(self) -> None:
         """Bind and serve; returns once uvicorn has started."""
-        sock = bind(self._host, self._port)
+        sock = bind(self._host, self._port, reuse_port=self._reuse_port)
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self._app,
@@ -110,7 +122,9 @@ class GrpcListener:
         port: int,
         *,
         max_message_bytes: int,
+        reuse_port: bool = False,
     ) -> None:
+        self._reuse_port = reuse_port
         self._servicers = (inference, health, feedback)
         self._address = f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
@@ -125,7 +139,7 @@ class GrpcListener:
             options=[
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ]
         )
         # Generated registration functions carry no annotations.

@@ -8,7 +8,7 @@ that want the whole vocabulary in one import.
 
 from __future__ import annotations
 
-from gateway.rollout.controller import AlertSink, RolloutController, SignalSource, WeightApplier
+from gateway.rollout.controller import RolloutController
 from gateway.rollout.decide import decide
 from gateway.rollout.policy import (
     ACTIVE_STATUSES,
@@ -25,6 +25,7 @@ from gateway.rollout.policy import (
     Transition,
     Verdict,
 )
+from gateway.rollout.ports import AlertSink, SignalSource, WeightApplier
 
 __all__ = [
     "RolloutStatus",

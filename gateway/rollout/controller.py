@@ -13,9 +13,12 @@ fails or is slow (``Activity``, polled by ``loop.EvaluationLoop`` every 50 ms), 
 candidate is judged within a fraction of a second; a new rollout is evaluated at once.
 
 The controller only gathers signals, applies what ``decide`` concludes and records it. Manual
-actions go through the same apply path as automatic ones, so the router, the store and the
-audit trail never disagree on who did what. It sees HTTP, the router and drift only through
-the callables above (``ports``).
+actions (promote, rollback, pause, weights) go through the same apply path as automatic ones,
+so the router, the store and the audit trail never disagree on who did what. It sees HTTP, the
+router and drift only through the callables above (``ports``). With a ``LeaseSource`` (a fleet
+sharing one store) only the lease holder evaluates, and every write goes through
+``SharedState`` (``shared.py``): version-checked, fenced, undone if the store refuses;
+``observe`` adopts what other replicas committed.
 """
 
 from __future__ import annotations
@@ -56,25 +59,16 @@ from gateway.rollout.ports import (
 )
 from gateway.rollout.routes import not_ready, repaired_weights
 from gateway.rollout.routes import table as routes_table
-from gateway.store import AuditEvent, Store
+from gateway.rollout.shared import LeaseSource, SharedState, retried
+from gateway.store import AuditEvent, ModelState, Store
 from gateway.types import Route, Variant
 
-__all__ = [
-    "WeightApplier",
-    "SignalSource",
-    "VersionCheck",
-    "WindowStart",
-    "Activity",
-    "AlertSink",
-    "RolloutController",
-]
+__all__ = ["RolloutController"]  # its ports (callables it is given) live in ``ports``
 
 logger = logging.getLogger(__name__)
 
 MAX_HISTORY: Final = 200  # transitions kept in a state document; the audit trail keeps all
 
-_state_decoder: Final = msgspec.json.Decoder(RolloutState)
-_encode: Final = msgspec.json.Encoder().encode
 _ALERTED: Final[Mapping[str, str]] = {
     "rolled_back": "rollout.rolled_back",
     "paused": "rollout.paused",
@@ -104,8 +98,11 @@ class RolloutController:
         begin_window: WindowStart | None = None,
         activity: Activity | None = None,
         config_routes: Mapping[str, Route] | None = None,
+        lease: LeaseSource | None = None,
     ) -> None:
         self._store = store
+        self._lease = lease
+        self._shared = SharedState(store, apply_weights, lease)
         self._apply = apply_weights
         self._gather = gather
         self._alerts = alerts
@@ -115,13 +112,9 @@ class RolloutController:
         self._config_routes = dict(config_routes or {})
         self._missing: dict[str, list[str]] = {}  # model -> route versions not ready at start
         self._lock = threading.RLock()
-        self._states: dict[str, RolloutState] = {}
-        for model, doc in store.rollouts().items():
-            try:
-                self._states[model] = _state_decoder.decode(doc)
-            except msgspec.DecodeError as exc:
-                logger.error("stored rollout state of model %s is unreadable: %s", model, exc)
-        self._routes: dict[str, Route] = store.routes()
+        # The local copy of the shared state, owned by ``SharedState`` (the write path).
+        self._states: dict[str, RolloutState] = self._shared.states
+        self._routes: dict[str, Route] = self._shared.routes
         self._is_restored = False
         news = ActivityWatch(activity, self._evaluated) if activity is not None else None
         self._loop_runner = EvaluationLoop(self.evaluate_once, self._interval_s, news)
@@ -164,6 +157,7 @@ class RolloutController:
 
     # -- manual actions -----------------------------------------------------------------------
 
+    @retried
     def start_rollout(
         self,
         model: str,
@@ -211,12 +205,14 @@ class RolloutController:
         self.wake()  # the first evaluation runs at once, not at the next tick
         return state
 
+    @retried
     def pause(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Hold the current weights and stop evaluating (only from "canary")."""
         with self._lock:
             state = self._require(model, "pause", {"canary"})
             return self._commit(state, self._moved(state, "paused"), "pause", actor, reason)
 
+    @retried
     def resume(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Back to "canary" at the current step; the step's clock and request count restart
         and its weights are applied again (they may have been set by hand while paused)."""
@@ -230,6 +226,7 @@ class RolloutController:
             self._window(after)
             return after
 
+    @retried
     def promote(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Send all traffic to the candidate now, skipping remaining steps and approval."""
         with self._lock:
@@ -238,6 +235,7 @@ class RolloutController:
             after = self._moved(state, "promoted", FULL_WEIGHT, len(state.policy.steps))
             return self._commit(state, after, "promote", actor, reason)
 
+    @retried
     def approve(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """Promote a rollout that waits at the approval gate (only from "awaiting_approval")."""
         with self._lock:
@@ -245,6 +243,7 @@ class RolloutController:
             after = self._moved(state, "promoted", FULL_WEIGHT, len(state.policy.steps))
             return self._commit(state, after, "approve", actor, reason)
 
+    @retried
     def rollback(self, model: str, actor: str, reason: str = "") -> RolloutState:
         """All traffic back to the stable version at once; after promotion this restores
         the previous stable version."""
@@ -253,6 +252,7 @@ class RolloutController:
             after = self._moved(state, "rolled_back", 0.0)
             return self._commit(state, after, "rollback", actor, reason)
 
+    @retried
     def set_weights(
         self, model: str, weights: Mapping[str, float], actor: str, reason: str = ""
     ) -> Route:
@@ -277,13 +277,14 @@ class RolloutController:
                     "promote it or roll it back before setting weights"
                 )
             before = self._routes.get(model)
-            self._apply(model, dict(clean))
             route = self._route(model, clean)
-            self._routes[model] = route
-            self._store.save(
+            self._shared.write(
                 model,
-                route=route,
-                event=AuditEvent(
+                route,
+                None,
+                state,
+                before,
+                AuditEvent(
                     actor=actor,
                     action="set_weights",
                     model=model,
@@ -309,7 +310,10 @@ class RolloutController:
 
     def evaluate_once(self) -> dict[str, Decision]:
         """Evaluate every rollout in "canary" or "awaiting_approval" once. A failing
-        ``gather`` or apply is logged and skips that model only."""
+        ``gather`` or apply is logged and skips that model only. Only the lease holder
+        evaluates (with a ``lease`` source): elsewhere this returns {} at once."""
+        if self._lease is not None and self._lease() is None:
+            return {}
         with self._lock:
             models = [m for m, s in self._states.items() if s.status in EVALUATED_STATUSES]
         decisions: dict[str, Decision] = {}
@@ -396,6 +400,13 @@ class RolloutController:
         variants = tuple(Variant(v, float(w)) for v, w in weights.items())
         return Route(model, variants, old.shadows if old else ())
 
+    def observe(self, state: ModelState) -> bool:
+        """Adopt a model's state committed by another replica (from the change log): its
+        route goes to the router, its rollout document is held; nothing is written. A
+        version not newer than the one held is ignored. True if anything was adopted."""
+        with self._lock:
+            return self._shared.adopt(state)
+
     def _commit(
         self,
         before: RolloutState | None,
@@ -408,10 +419,8 @@ class RolloutController:
         apply: bool = True,
     ) -> RolloutState:
         """Apply ``after``'s weights (first: a rollback must not wait on the disk), then write
-        state, route and audit entry in one transaction, then alert. Caller holds the lock.
-
-        If the apply raises, nothing changes. If the write raises after the apply, memory
-        follows the router (what serves traffic) and the next successful write catches up.
+        state, route and audit entry in one transaction (``_write``), then alert. Caller
+        holds the lock. If the apply or the write raises, nothing changes (it is undone).
         """
         model, now = after.model, self._clock()
         if decision is not None:
@@ -446,11 +455,7 @@ class RolloutController:
         weight_changed = before is None or before.candidate_weight != after.candidate_weight
         # Resume re-applies unchanged weights: they may have been set by hand while paused.
         if apply and (weight_changed or action == "resume"):
-            weights = after.weights()
-            self._apply(model, weights)
-            route = self._route(model, weights)
-            self._routes[model] = route
-        self._states[model] = after
+            route = self._route(model, after.weights())
         details: dict[str, Any] = {
             "stable_version": after.stable_version,
             "candidate_version": after.candidate_version,
@@ -475,11 +480,9 @@ class RolloutController:
             details=details,
             ts=now,
         )
-        try:
-            self._store.save(model, route=route, rollout=_encode(after), event=event)
-        except Exception:
-            logger.exception("rollout of %s: %s applied but not recorded", model, action)
-            raise
+        self._shared.write(
+            model, route if route is not old_route else None, after, before, old_route, event
+        )
         if before is None or before.status != after.status:
             logger.info(
                 "rollout of %s: %s -> %s by %s: %s",

@@ -70,8 +70,12 @@ class SignalGatherer:
         router: Router,
         monitor: DriftMonitor,
         outcomes: OutcomeSource | None = None,
+        *,
+        traffic: Callable[[str], list[VariantSnapshot]] | None = None,
     ) -> None:
         self._router = router
+        self._traffic = router.traffic if traffic is None else traffic
+        """Cumulative per-variant counters of a model: this process's, or a fleet's pool."""
         self._monitor = monitor
         self._outcomes = outcomes
         self._lock = threading.Lock()
@@ -80,7 +84,7 @@ class SignalGatherer:
     def begin_window(self, state: RolloutState) -> None:
         """Start ``state``'s window now (a rollout's start, a step's start, a resume)."""
         try:
-            now = {s.version: s for s in self._router.traffic(state.model)}
+            now = {s.version: s for s in self._traffic(state.model)}
         except Exception:  # never fails the caller: the first gather starts the window
             logger.exception("signal window of the rollout of %s not started", state.model)
             return
@@ -102,7 +106,7 @@ class SignalGatherer:
         """The candidate's failed plus (in the current window) slow requests: cheap, for the
         controller's wake-up check (a burst of candidate failures is evaluated at once, not
         at the next tick)."""
-        now = {s.version: s for s in self._router.traffic(state.model)}
+        now = {s.version: s for s in self._traffic(state.model)}
         cand = now.get(state.candidate_version)
         if cand is None:
             return 0
@@ -117,7 +121,7 @@ class SignalGatherer:
 
     def __call__(self, state: RolloutState) -> Signals:
         model, stable, candidate = state.model, state.stable_version, state.candidate_version
-        now = {s.version: s for s in self._router.traffic(model)}
+        now = {s.version: s for s in self._traffic(model)}
         base = self._baseline(state, now)
         window = {v: (snap.minus(base[v]) if v in base else snap) for v, snap in now.items()}
         cand = window.get(candidate)
@@ -226,8 +230,15 @@ class OutcomeWindows:
     the snapshots are taken on ``loop`` (bound at ``start``; None before: no outcome yet).
     """
 
-    def __init__(self, memory: PredictionMemory) -> None:
+    def __init__(
+        self,
+        memory: PredictionMemory,
+        *,
+        snapshot: Callable[[str, str], OutcomeSnapshot] | None = None,
+    ) -> None:
         self._memory = memory
+        self._snapshot = snapshot
+        """A fleet's pooled ``(model, version) -> OutcomeSnapshot``, read from this thread."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._baselines: dict[str, tuple[OutcomeSnapshot, OutcomeSnapshot]] = {}
 
@@ -240,12 +251,15 @@ class OutcomeWindows:
         loop = self._loop
         if loop is None:
             return None
-        memory = self._memory
+        memory, pooled = self._memory, self._snapshot
 
         async def snapshots() -> tuple[OutcomeSnapshot, OutcomeSnapshot]:
             return memory.snapshot(model, candidate), memory.snapshot(model, stable)
 
-        cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
+        if pooled is not None:
+            cand, stab = pooled(model, candidate), pooled(model, stable)
+        else:
+            cand, stab = asyncio.run_coroutine_threadsafe(snapshots(), loop).result(timeout=10)
         # The window starts when this rollout's step was first judged (earlier rollouts and
         # steps must not count).
         key = window or f"{model}/{stable}/{candidate}"

@@ -6,7 +6,8 @@ one seam.
 service); ``RedisStore`` (``redis.py``, key layout and Lua scripts in ``keyspace.py``) shares
 the same state between replicas and worker processes through Redis or Valkey, and adds what
 only a fleet needs: the change log a ``ChangeFollower`` tails (``follower.py``), the replica
-registry, and pooled signals (``pooled.py``). ``LeaseKeeper`` and ``ReplicaHeartbeat``
+registry, pooled signals (``pooled.py``) and the feedback relay between replicas
+(``relay.py``). ``LeaseKeeper`` and ``ReplicaHeartbeat``
 (``cluster.py``) keep a replica's lease and heartbeat. ``open_store`` picks the backend from
 a URL or path. The audit chain has one format for both (``audit.py``), so verification is
 the same.

@@ -57,3 +57,19 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad.write_text("[grpc]\nport = 'x'\n")
     assert main(["check-config", str(bad)]) == 2
     assert "grpc.port" in capsys.readouterr().err
+
+
+def test_store_settings_default_to_embedded_and_validate_the_url() -> None:
+    assert load_settings(env={}).store.url == ""
+    store = load_settings(
+        env={"GATEWAY_STORE__URL": "redis://127.0.0.1:6379/0", "GATEWAY_STORE__LEASE_TTL_S": "1.5"}
+    ).store
+    assert (store.url, store.cluster, store.lease_ttl_s) == (
+        "redis://127.0.0.1:6379/0",
+        "gateway",
+        1.5,
+    )
+    with pytest.raises(ConfigError, match=r"store\.url"):
+        load_settings(env={"GATEWAY_STORE__URL": "postgres://db/gateway"})
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        load_settings(env={"GATEWAY_STORE__LEASE_TTL_S": "0"})

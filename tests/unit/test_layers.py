@@ -29,11 +29,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 3: routing and what hangs off it.
     ("router", "shadow", "traffic", "feedback"),
     # 4: the data plane and the control plane.
-    ("dataplane", "rollout.*", "control", "telemetry", "metrics"),
+    ("dataplane", "rollout.*", "control", "telemetry", "metrics", "fleet"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
     ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client"),
     # 6: composition root and entry points.
-    ("app", "cli", "__main__"),
+    ("app", "cli", "__main__", "workers"),
 )
 
 # Same-layer imports that are allowed: (importer pattern, imported pattern).
@@ -52,6 +52,9 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
+    # ``serve --workers N``: the CLI starts the supervisor, each worker runs the app.
+    ("cli", "workers"),
+    ("workers", "app"),
 )
 
 

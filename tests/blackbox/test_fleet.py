@@ -1,0 +1,462 @@
+"""Three real gateway processes sharing one control plane through one real redis-server on
+loopback: a change made through any replica reaches all of them (propagation measured), a
+rollback through any replica takes effect everywhere with exactly one audit entry, sticky
+keys map identically on every replica, a Redis crash under traffic fails no request (admin
+writes answer 503; replicas resync when it returns) and the controller lease moves to
+another replica when the leader is killed or paused (a resumed ex-leader does not take it
+back). Durations are bounded: the module runs in well under a minute on two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.store import RedisStore
+from tests.redis_server import RedisServer
+
+OPERATOR = "fleet-op-secret"
+CLUSTER = "fleet"
+LEASE_TTL_S = 1.0
+START_TIMEOUT_S = 120.0
+X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
+BODY = {
+    "inputs": [{"name": "INPUT0", "shape": [1, 32], "datatype": "FP32", "data": X.ravel().tolist()}]
+}
+LONG_POLICY = {"steps": [10, 100], "step_duration_s": 3600, "min_samples": 1_000_000}
+_LISTENING = re.compile(r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+) \(admin [\d.]+:(\d+)\)")
+
+
+@dataclass
+class Replica:
+    process: subprocess.Popen[str]
+    http_port: int
+    admin_port: int
+    lines: list[str] = field(default_factory=list)
+    drain: threading.Thread | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.admin_port}/admin/v1",
+            headers={"Authorization": f"Bearer {OPERATOR}"},
+            timeout=10,
+        )
+
+
+def _start_replica(repo: Path, data: Path, url: str) -> Replica:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        GATEWAY_DATA_DIR=str(data),
+        GATEWAY_ADMIN__PORT="0",
+        GATEWAY_ADMIN__TOKENS=f'[{{name = "ops", role = "operator", token = "{OPERATOR}"}}]',
+        GATEWAY_STORE__URL=url,
+        GATEWAY_STORE__CLUSTER=CLUSTER,
+        GATEWAY_STORE__LEASE_TTL_S=str(LEASE_TTL_S),
+        GATEWAY_STORE__RESYNC_INTERVAL_S="1.0",
+        GATEWAY_STORE__HEARTBEAT_TTL_S="2.0",
+        GATEWAY_LOG_FORMAT="text",
+        GATEWAY_GRACE_PERIOD_S="2",
+        GATEWAY_DRIFT__ENABLED="false",
+    )
+    cmd = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repo)]
+    cmd += ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            drain = threading.Thread(target=_drain, args=(proc, lines), daemon=True)
+            drain.start()
+            return Replica(proc, int(match.group(1)), int(match.group(3)), lines, drain)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError("replica did not start:\n" + "".join(lines[-30:]))
+
+
+def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        del lines[:-200]
+
+
+@dataclass
+class Fleet:
+    redis: RedisServer
+    replicas: list[Replica]
+
+    def store(self) -> RedisStore:
+        return RedisStore(self.redis.url, cluster=CLUSTER)
+
+
+@pytest.fixture(scope="module")
+def fleet(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    repo = root / "repo"
+    repo.mkdir()
+    (repo / "pair").symlink_to(repository / "pair")
+    redis_server = RedisServer(root / "redis").start()
+    replicas: list[Replica] = []
+    try:
+        for n in range(3):
+            replicas.append(_start_replica(repo, root / f"data{n}", redis_server.url))
+        yield Fleet(redis_server, replicas)
+    finally:
+        for replica in replicas:
+            proc = replica.process
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if replica.drain is not None:
+                replica.drain.join(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        redis_server.kill()
+
+
+def _weights(route: dict[str, Any] | None) -> dict[str, float]:
+    if not route:
+        return {}
+    return {v["version"]: float(v["weight"]) for v in route["variants"]}
+
+
+def _route_of(client: httpx.Client, model: str = "pair") -> dict[str, float]:
+    return _weights(client.get("/routes").json()["routes"].get(model))
+
+
+def _wait(predicate: Any, timeout_s: float, what: str) -> float:
+    """Seconds until ``predicate()`` holds (polled every 2 ms); fails after ``timeout_s``."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, what
+        time.sleep(0.002)
+    return time.monotonic() - started
+
+
+def _live(fleet: Fleet) -> list[Replica]:
+    return [r for r in fleet.replicas if r.process.poll() is None]
+
+
+def test_weight_changes_through_random_replicas_reach_every_replica(fleet: Fleet) -> None:
+    clients = [r.admin() for r in fleet.replicas]
+    rng = random.Random(7)
+    lags: list[float] = []
+    for n in range(60):
+        weight = float(rng.randint(1, 99))
+        wanted = {"1": 100.0 - weight, "3": weight}
+        writer = rng.randrange(3)
+        reply = clients[writer].put(
+            "/routes/pair/weights", json={"weights": wanted, "reason": f"change {n}"}
+        )
+        assert reply.status_code == 200, reply.text
+        for i, other in enumerate(clients):
+            if i != writer:
+                lags.append(
+                    _wait(
+                        lambda o=other, w=wanted: _route_of(o) == w, 5.0, f"replica {i} change {n}"
+                    )
+                )
+    lags.sort()
+    p99 = lags[int(len(lags) * 0.99) - 1]
+    print(
+        f"\npropagation over {len(lags)} probes: p50 {lags[len(lags) // 2] * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms"
+    )
+    assert lags[-1] < 5.0  # generous: the acceptance numbers are reported, not flaked on
+    audit = clients[0].get("/audit/verify").json()
+    assert audit["ok"], audit
+    for c in clients:
+        c.close()
+
+
+def test_rollback_through_any_replica_reaches_all_with_one_audit_entry(fleet: Fleet) -> None:
+    clients = [r.admin() for r in fleet.replicas]
+    started = clients[0].post(
+        "/rollouts",
+        json={"model": "pair", "stable": "1", "candidate": "3", "policy": LONG_POLICY},
+    )
+    assert started.status_code == 201, started.text
+    for c in clients:
+        _wait(lambda c=c: _route_of(c) == {"1": 90.0, "3": 10.0}, 5.0, "canary everywhere")
+    # Sticky keys map identically on every replica (same weights, same pure function).
+    keys = [f"user-{k}" for k in range(150)]
+    maps = []
+    for replica in fleet.replicas:
+        with httpx.Client(base_url=replica.http, timeout=10) as http:
+            maps.append(
+                [
+                    http.post(
+                        "/v2/models/pair/infer", json=BODY, headers={"x-routing-key": key}
+                    ).json()["model_version"]
+                    for key in keys
+                ]
+            )
+    assert maps[0] == maps[1] == maps[2]
+    assert set(maps[0]) == {"1", "3"}
+    done = clients[2].post("/rollouts/pair/rollback", json={"reason": "bad"})
+    assert done.status_code == 200, done.text
+    for c in clients:
+        # Milliseconds when idle (measured in the first test); the bound leaves room for a
+        # loaded CI machine instead of flaking.
+        _wait(lambda c=c: _route_of(c) == {"1": 100.0, "3": 0.0}, 5.0, "rollback everywhere")
+        assert c.get("/rollouts/pair").json()["status"] == "rolled_back"
+    second = clients[1].post("/rollouts/pair/rollback", json={"reason": "again"})
+    assert second.status_code == 409, second.text
+    entries = clients[1].get("/audit", params={"model": "pair", "limit": 1000}).json()
+    entries = entries if isinstance(entries, list) else entries["entries"]
+    assert [e["action"] for e in entries].count("rollback") == 1
+    assert clients[1].get("/audit/verify").json()["ok"]
+    for c in clients:
+        c.close()
+
+
+def test_redis_crash_fails_no_request_and_replicas_resync(fleet: Fleet) -> None:
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def load(replica: Replica) -> None:
+        with httpx.Client(base_url=replica.http, timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    reply = http.post("/v2/models/pair/infer", json=BODY)
+                    if reply.status_code != 200:
+                        failures.append(reply.text)
+                    served[0] += 1
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(r,)) for r in fleet.replicas]
+    for t in threads:
+        t.start()
+    clients = [r.admin() for r in fleet.replicas]
+    try:
+        time.sleep(0.3)
+        fleet.redis.kill()
+        began = time.monotonic()
+        refused = clients[1].put("/routes/pair/weights", json={"weights": {"1": 50, "3": 50}})
+        assert refused.status_code == 503, refused.text
+        assert "control store" in refused.text
+        refused_after = time.monotonic() - began
+        assert refused_after < 5.0
+        assert _route_of(clients[1]) == {"1": 100.0, "3": 0.0}  # the refused change undone
+        time.sleep(2.0)
+        fleet.redis.start()
+        wanted = {"1": 70.0, "3": 30.0}
+        back = _wait(
+            lambda: (
+                clients[0].put("/routes/pair/weights", json={"weights": wanted}).status_code == 200
+            ),
+            10.0,
+            "writes accepted again",
+        )
+        resynced = max(_wait(lambda c=c: _route_of(c) == wanted, 5.0, "resynced") for c in clients)
+        print(
+            f"\nRedis down: admin write refused in {refused_after * 1000:.0f} ms; after its "
+            f"restart writes accepted in {back:.2f} s, change on every replica "
+            f"{resynced * 1000:.0f} ms later"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert served[0] > 0
+    assert failures == []
+    assert clients[0].get("/audit/verify").json()["ok"]
+    for c in clients:
+        c.close()
+
+
+def _requests(counts: dict[str, Any]) -> int:
+    return sum(int(np.sum(v)) for k, v in counts.items() if k.endswith("\x1frequests"))
+
+
+def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) -> None:
+    store = fleet.store()
+    try:
+        # Right after the Redis restart of the test before, a beat or two may still fail.
+        _wait(lambda: len(store.pooled("traffic:pair").contributors) == 3, 10.0, "3 replicas")
+        # Counters of earlier traffic are published within a beat (0.5 s): wait until stable.
+        before = store.pooled("traffic:pair")
+        for _ in range(10):
+            time.sleep(0.6)
+            settled, before = before, store.pooled("traffic:pair")
+            if _requests(settled.counts) == _requests(before.counts):
+                break
+        sent = {}
+        for n, replica in zip((5, 7, 9), fleet.replicas, strict=True):
+            with httpx.Client(base_url=replica.http, timeout=10) as http:
+                for _ in range(n):
+                    assert http.post("/v2/models/pair/infer", json=BODY).status_code == 200
+            sent[replica.http_port] = n
+        by_port = {int(r.address.rsplit(":", 1)[1]): r.incarnation for r in store.replicas()}
+
+        def grown() -> bool:
+            now = store.pooled("traffic:pair")
+            return _requests(now.counts) == _requests(before.counts) + sum(sent.values())
+
+        _wait(grown, 10.0, "every replica published its counters")
+        after = store.pooled("traffic:pair")
+        for port, n in sent.items():
+            inc = by_port[port]
+            mine = _requests(after.per_incarnation[inc]) - _requests(before.per_incarnation[inc])
+            assert mine == n
+        assert sorted(after.contributors) == sorted(by_port.values())
+    finally:
+        store.close()
+
+
+def test_a_failing_canary_is_rolled_back_once_by_the_leader_everywhere(fleet: Fleet) -> None:
+    clients = [r.admin() for r in fleet.replicas]
+    policy = {
+        "steps": [50, 100],
+        "step_duration_s": 600,
+        "evaluation_interval_s": 0.1,
+        "min_samples": 10,
+        "consecutive_failures": 2,
+    }
+    started = clients[1].post(
+        "/rollouts", json={"model": "pair", "stable": "1", "candidate": "4", "policy": policy}
+    )
+    assert started.status_code == 201, started.text
+    stop = threading.Event()
+
+    def load(replica: Replica) -> None:  # version 4 fails every request
+        with httpx.Client(base_url=replica.http, timeout=10) as http:
+            while not stop.is_set():
+                http.post("/v2/models/pair/infer", json=BODY)
+
+    threads = [threading.Thread(target=load, args=(r,)) for r in fleet.replicas]
+    for t in threads:
+        t.start()
+    try:
+        _wait(
+            lambda: clients[0].get("/rollouts/pair").json()["status"] == "rolled_back",
+            30.0,
+            "rolled back by the leader",
+        )
+        for c in clients:
+            _wait(lambda c=c: _route_of(c) == {"1": 100.0, "4": 0.0}, 5.0, "stopped everywhere")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    entries = clients[2].get("/audit", params={"model": "pair", "limit": 1000}).json()
+    entries = entries if isinstance(entries, list) else entries["entries"]
+    since_start = entries[: next(i for i, e in enumerate(entries) if e["action"] == "start")]
+    rollbacks = [e for e in since_start if e["action"] == "rollback"]
+    assert len(rollbacks) == 1
+    assert rollbacks[0]["actor"] == "controller"
+    assert clients[2].get("/audit/verify").json()["ok"]
+    for c in clients:
+        c.close()
+
+
+def test_feedback_posted_to_another_replica_joins_where_it_was_served(fleet: Fleet) -> None:
+    served_by, posted_to = fleet.replicas[0], fleet.replicas[1]
+    with (
+        httpx.Client(base_url=served_by.http, timeout=10) as a,
+        httpx.Client(base_url=posted_to.http, timeout=10) as b,
+    ):
+
+        def joined() -> int:
+            versions = a.get("/v2/models/pair/outcomes").json().get("versions", {})
+            return int(versions.get("1", {}).get("n", 0))
+
+        before = joined()
+        ids = [f"fleet-fb-{n}" for n in range(20)]
+        for rid in ids:
+            reply = a.post("/v2/models/pair/infer", json={**BODY, "id": rid})
+            assert reply.json()["model_version"] == "1"
+        result = b.post(
+            "/v2/models/pair/feedback", json={"items": [{"id": i, "truth": 0} for i in ids]}
+        ).json()
+        assert result["unknown_ids"] == 20  # not held here: forwarded to the fleet
+        _wait(lambda: joined() == before + 20, 10.0, "joined on the serving replica")
+
+
+def _leader_port(store: RedisStore) -> int | None:
+    lease = store.lease()
+    if lease is None:
+        return None
+    for replica in store.replicas():
+        if replica.incarnation == lease.holder:
+            return int(replica.address.rsplit(":", 1)[1])
+    return None
+
+
+def test_the_lease_moves_when_the_leader_is_paused_or_killed(fleet: Fleet) -> None:
+    store = fleet.store()
+    try:
+        _wait(lambda: _leader_port(store) is not None, 10.0, "a leader")
+        port = _leader_port(store)
+        token = store.lease().token  # type: ignore[union-attr]
+        paused = next(r for r in fleet.replicas if r.http_port == port)
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        try:
+            took = _wait(
+                lambda: _leader_port(store) not in (None, port), 3 * LEASE_TTL_S + 4, "failover"
+            )
+            print(f"\nlease moved {took:.2f} s after SIGSTOP (TTL {LEASE_TTL_S} s)")
+            time.sleep(3 * LEASE_TTL_S)
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+        new = store.lease()
+        assert new is not None
+        assert new.token > token
+        time.sleep(LEASE_TTL_S)  # the resumed ex-leader finds its lease gone
+        # Its stale tenure never comes back: any later lease (a heavily loaded machine may
+        # let the new one lapse) has a newer token.
+        current = store.lease()
+        assert current is None or current.token >= new.token
+        with httpx.Client(base_url=paused.http, timeout=10) as http:
+            assert http.post("/v2/models/pair/infer", json=BODY).status_code == 200
+        leader = next(r for r in fleet.replicas if r.http_port == _leader_port(store))
+        leader.process.kill()
+        leader.process.wait()
+        took = _wait(
+            lambda: _leader_port(store) not in (None, leader.http_port),
+            3 * LEASE_TTL_S + 4,
+            "failover after kill -9",
+        )
+        print(f"lease moved {took:.2f} s after kill -9")
+        last = store.lease()
+        assert last is not None
+        assert last.token > new.token
+        entries = store.audit(limit=1000)
+        assert store.verify_audit().ok
+        assert json.dumps([e.action for e in entries])
+    finally:
+        store.close()
