@@ -35,7 +35,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
-from gateway.http_api import HttpFrontEnd
+from gateway.http_api import HttpFrontEnd, limit_body
 from gateway.logs import AccessLog
 from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository
@@ -107,8 +107,14 @@ class Gateway:
             settings.http,
             metrics=self.telemetry.metrics,
             access_log=self.access_log,
+            limits=settings.limits,
         )
-        self.inference = InferenceServicer(self.plane, self.control, access_log=self.access_log)
+        self.inference = InferenceServicer(
+            self.plane,
+            self.control,
+            access_log=self.access_log,
+            stream_max_unanswered=settings.limits.stream_max_unanswered,
+        )
         self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
         http, grpc = settings.http, settings.grpc
         self._http = HttpListener(
@@ -117,6 +123,7 @@ class Gateway:
             http.port,
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
+            limits=settings.limits,
         )
         self._grpc = GrpcListener(
             self.inference,
@@ -125,6 +132,7 @@ class Gateway:
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
+            limits=settings.limits,
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | None = None
@@ -175,11 +183,12 @@ class Gateway:
         await self._grpc.start()
         admin = settings.admin
         self._admin = HttpListener(
-            self.admin_app,
+            limit_body(self.admin_app, settings.limits.control_body_bytes),
             admin.host,
             admin.port,
             access_log=False,
             grace_period_s=settings.grace_period_s,
+            limits=settings.limits,
         )
         await self._admin.start()
         self._started = True

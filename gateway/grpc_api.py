@@ -25,6 +25,7 @@ from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.codecs import v2_grpc
 from gateway.codecs.feedback import decode_feedback_message, encode_feedback_message
+from gateway.codecs.limits import check_model_name
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInputError
 from gateway.logs import AccessLog
@@ -35,7 +36,7 @@ __all__ = ["InferenceServicer", "HealthServicer", "FeedbackServicer"]
 
 logger = logging.getLogger(__name__)
 
-_STREAM_CONCURRENCY: Final = 256  # requests in flight per stream before reading pauses
+_STREAM_CONCURRENCY: Final = 256  # requests admitted, not yet answered, per stream
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -104,9 +105,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control: ModelControl,
         *,
         access_log: AccessLog | None = None,
+        stream_max_unanswered: int = _STREAM_CONCURRENCY,
     ) -> None:
         self._plane = plane
         self._control = control
+        self._stream_limit = stream_max_unanswered
         self._access = access_log
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
@@ -197,8 +200,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
+        # Flow control: a slot is taken when a request is read and freed only when its
+        # answer has been handed to gRPC, so a client that stops reading stops the intake
+        # with at most ``stream_max_unanswered`` answers held for it.
+        limit = self._stream_limit
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(limit + 1)
+        slots = asyncio.Semaphore(limit)
         tasks: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
         stream_fields = _fields(context)
@@ -209,16 +216,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 _admit(self._plane, infer, deadline, stream_fields)
                 response = await self._plane.infer(infer)
                 encoded = v2_grpc.encode_infer_response(response, infer)
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
+                answer = pb.ModelStreamInferResponse(infer_response=encoded)
                 self.responses["OK"] += 1
             except GatewayError as exc:
                 self.responses[grpc_code(exc.kind).name] += 1
-                results.put_nowait(self._stream_error(message, exc.message))
-            except Exception:
-                logger.exception("unexpected error in a ModelStreamInfer request")
-                results.put_nowait(self._stream_error(message, "internal error"))
-            finally:
+                answer = self._stream_error(message, exc.message)
+            except asyncio.CancelledError:
                 slots.release()
+                raise
+            except Exception as exc:
+                logger.exception("unexpected error in a ModelStreamInfer request")
+                self.responses["INTERNAL"] += 1
+                answer = self._stream_error(
+                    message, f"internal error: {type(exc).__name__} while serving the request"
+                )
+            # Never blocks: at most ``limit`` answers are pending (one per slot).
+            results.put_nowait(answer)
 
         async def read() -> None:
             try:
@@ -239,10 +252,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if item is None:
                     break
                 yield item
+                slots.release()  # the answer is written: the slot may take another request
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            while not results.empty():  # drop the answers nobody will read
+                results.get_nowait()
 
     @staticmethod
     def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
@@ -267,6 +283,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name: str = request.model_name or request.repository_name
         if not name:
             raise InvalidInputError("model_name is required")
+        check_model_name(name)
         return name
 
     @_guarded

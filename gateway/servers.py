@@ -20,6 +20,9 @@ import uvicorn
 
 from gateway._proto import feedback_pb2_grpc, health_pb2_grpc
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
+from gateway.config import LimitsSettings
+from gateway.listener_limits import grpc_options, uvicorn_limits
+from gateway.logs import uvicorn_log_config
 
 __all__ = ["HttpListener", "GrpcListener", "bind"]
 
@@ -52,9 +55,17 @@ class HttpListener:
     """One ASGI app served by uvicorn on a socket we bind (port 0 works)."""
 
     def __init__(
-        self, app: Any, host: str, port: int, *, access_log: bool, grace_period_s: float
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        access_log: bool,
+        grace_period_s: float,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self._app = app
+        self._limits = limits or LimitsSettings()
         self._host = host
         self._port = port
         self._access_log = access_log
@@ -68,18 +79,20 @@ class HttpListener:
         """Bind and serve; returns once uvicorn has started."""
         sock = bind(self._host, self._port)
         self.port = int(sock.getsockname()[1])
+        kwargs: dict[str, Any] = {"http": "httptools", "timeout_keep_alive": 30}
+        kwargs.update(uvicorn_limits(self._limits))  # header, idle and connection limits
         config = uvicorn.Config(
             self._app,
             lifespan="off",
             interface="asgi3",
-            http="httptools",
             access_log=self._access_log,
             proxy_headers=False,
             server_header=False,
             date_header=False,
             log_level="warning",
             timeout_graceful_shutdown=int(self._grace_period_s),
-            timeout_keep_alive=30,
+            log_config=uvicorn_log_config(),
+            **kwargs,
         )
         server = self._server = _Uvicorn(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -110,10 +123,12 @@ class GrpcListener:
         port: int,
         *,
         max_message_bytes: int,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self._servicers = (inference, health, feedback)
         self._address = f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
+        self._limits = limits or LimitsSettings()
         self._server: grpc.aio.Server | None = None
         self.port = 0
         """The bound port, once started."""
@@ -122,11 +137,7 @@ class GrpcListener:
         """Build the server on the running loop, bind and start it."""
         inference, health, feedback = self._servicers
         server = self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
+            options=grpc_options(self._limits, self._max_message_bytes)
         )
         # Generated registration functions carry no annotations.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
