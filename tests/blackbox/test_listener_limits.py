@@ -5,6 +5,7 @@ and a gateway under a 512-descriptor limit that 600 idle sockets cannot lock cli
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -98,8 +99,8 @@ def test_duration_parser() -> None:
     assert parse_duration(2) == 2.0
     assert parse_duration("1.5") == 1.5
     for bad in ("nan", "inf", "-1s", "ten", True):
-        with pytest.raises(ValueError):
-            parse_duration(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
 
 
 def test_grpc_options_carry_the_limits() -> None:
@@ -221,8 +222,20 @@ def test_idle_sockets_cannot_lock_out_clients_under_a_512_fd_limit(
         GATEWAY_LIMITS__HEADER_TIMEOUT="2s",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--model-repository", str(root)]
-        + ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--model-repository",
+            str(root),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -246,10 +259,8 @@ def test_idle_sockets_cannot_lock_out_clients_under_a_512_fd_limit(
         for i in range(600):
             sock = socket.socket()
             sock.setblocking(False)
-            try:
+            with contextlib.suppress(OSError):
                 sock.connect_ex(("127.0.0.1", http_port if i % 2 else grpc_port))
-            except OSError:
-                pass
             sockets.append(sock)
         # Within the header timeout plus a margin both listeners serve new clients.
         served_http = served_grpc = False
@@ -264,13 +275,12 @@ def test_idle_sockets_cannot_lock_out_clients_under_a_512_fd_limit(
                 except httpx.HTTPError:
                     pass
             if not served_grpc:
-                try:
+                with contextlib.suppress(grpc.RpcError):
                     served_grpc = stub.ServerLive(pb.ServerLiveRequest(), timeout=2).live
-                except grpc.RpcError:
-                    pass
             time.sleep(0.2)
         channel.close()
-        assert served_http and served_grpc
+        assert served_http
+        assert served_grpc
         assert proc.poll() is None
     finally:
         for sock in sockets:
