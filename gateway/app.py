@@ -253,6 +253,7 @@ class Gateway:
         """Readiness goes false at once; in-flight requests finish (up to the grace
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
+        self.inference.drain()
         if self.controller is not None:
             await self.controller.stop()
         stops: list[Any] = [self._grpc.stop(self.settings.grace_period_s), self._http.stop()]

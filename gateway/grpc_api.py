@@ -110,9 +110,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._plane = plane
         self._control = control
         self._stream_limit = stream_max_unanswered
+        self._draining = False
+        self._streams: set[asyncio.Event] = set()
         self._access = access_log
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
+
+    def drain(self) -> None:
+        """Shutdown begins: every open ModelStreamInfer stops reading, answers what it has
+        read, and ends with UNAVAILABLE (retry on another replica or after a reconnect)."""
+        self._draining = True
+        for stream in self._streams:
+            stream.set()
 
     async def ServerLive(  # noqa: N802 - protocol method name
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -233,18 +242,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Never blocks: at most ``limit`` answers are pending (one per slot).
             results.put_nowait(answer)
 
+        async def take() -> None:
+            async for message in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        draining = asyncio.Event()
+
         async def read() -> None:
+            # Reads until the client half-closes, or until the server drains: then the
+            # requests read so far are answered and the stream ends UNAVAILABLE.
+            taker = asyncio.create_task(take())
+            stop = asyncio.create_task(draining.wait())
             try:
-                async for message in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                await asyncio.wait((taker, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not taker.done():
+                    taker.cancel()
+                elif taker.exception() is not None:
+                    logger.debug("ModelStreamInfer read ended", exc_info=taker.exception())
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
             finally:
+                taker.cancel()
+                stop.cancel()
                 results.put_nowait(None)
 
+        self._streams.add(draining)
+        if self._draining:
+            draining.set()
         reader = asyncio.create_task(read())
         try:
             while True:
@@ -253,7 +280,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     break
                 yield item
                 slots.release()  # the answer is written: the slot may take another request
+            if draining.is_set():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; requests not answered on this stream "
+                    "were not processed, retry them on a new stream",
+                )
         finally:
+            self._streams.discard(draining)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()

@@ -63,6 +63,12 @@ def _refusal(status: int, message: str) -> bytes:
     )
 
 
+# On shutdown an idle kept-alive connection stays open this long before it is closed: a
+# request its client sent just before (still in the kernel's buffers) is then answered,
+# with ``connection: close``, instead of meeting a closed socket.
+_DRAIN_LINGER_S: Final = 0.5
+
+
 class _HeadersRefusedError(Exception):
     """Raised from a parser callback to stop parsing a request whose headers are refused."""
 
@@ -79,9 +85,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_headers: int = 100
     header_timeout_s: float = 10.0
     max_connections: int = 0
+    drain_linger_s: float = _DRAIN_LINGER_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._draining = False
         self._in_headers = True
         self._header_bytes = 0
         self._header_count = 0
@@ -160,6 +168,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._disarm_header_timer()
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with connection: close, then closed
+
+    # -- graceful shutdown ----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, per connection: a request being served finishes
+        and its connection closes after it; an idle connection lingers briefly, so a
+        request already on its way is answered rather than cut off."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        self._unset_keepalive_if_required()
+        self.loop.call_later(self.drain_linger_s, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request arrived meanwhile: closed once answered
+        if self._in_headers and self._header_bytes:
+            return  # a request is arriving: the header timer bounds it
+        transport.close()
 
     # -- refusals and timers --------------------------------------------------------------
 

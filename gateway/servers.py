@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Generator
 from typing import Any
+
+# grpc's C core logs to stderr itself, as text; errors only (a setting from the
+# environment wins). Read when the first server or channel starts.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import uvicorn
