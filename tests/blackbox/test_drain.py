@@ -1,7 +1,7 @@
 """SIGTERM under load: 32 clients on both protocols (HTTP keep-alive, gRPC unary, gRPC
 streams) keep sending while the gateway drains. Every request is answered, or refused
-cleanly before the server took it (connection refused, 503, UNAVAILABLE); the process
-exits 0."""
+cleanly before the server took it (connection refused, 503, UNAVAILABLE; for gRPC also the
+CANCELLED that grpc's core gives calls it had not handed over yet); the process exits 0."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -135,6 +135,7 @@ def test_sigterm_under_32_clients_loses_nothing(tmp_path: Path, repository: Path
     stop = threading.Event()
     tally = _Tally()
     threads = []
+    target: Callable[[str, threading.Event, _Tally], None]
     for i in range(32):
         if i < 16:
             target, address = _http_client, gateway.http_url
@@ -161,5 +162,12 @@ def test_sigterm_under_32_clients_loses_nothing(tmp_path: Path, repository: Path
     assert tally.counts["http ok"] > 0
     assert tally.counts["grpc ok"] > 0
     assert tally.counts["stream ok"] > 0
-    assert tally.lost == [], tally.lost[:10]
+    # grpc's core cancels the calls it has received but not yet handed to a handler when
+    # shutdown starts (grpc/grpc#41785): the client sees CANCELLED for a call the server
+    # never began. At most one per gRPC client (one call each in flight); the access log,
+    # which records every failed call a handler took, shows none was cancelled.
+    core_cancelled = [lost for lost in tally.lost if "CANCELLED: CANCELLED" in lost]
+    assert len(core_cancelled) <= 16, core_cancelled
+    assert [lost for lost in tally.lost if lost not in core_cancelled] == []
+    assert not any('"CANCELLED"' in line for line in gateway.lines)
     assert not any("Traceback" in line for line in gateway.lines), "".join(gateway.lines)[-3000:]
