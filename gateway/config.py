@@ -200,7 +200,7 @@ class LimitsSettings(_Base, frozen=True):
     """HTTP requests being served at once per listener before new ones get 503 (uvicorn's
     limit_concurrency); 0: no limit (the per-model queues bound the work)."""
     body_timeout: float | str = "30s"
-    """A client that stops sending mid-body gets 408 after this long."""
+    """A client that stops sending mid-body gets 400 after this long."""
     feedback_body_bytes: int = 8 * 1024 * 1024
     """Largest feedback body (REST); larger ones get 413 before they are read whole.
     ``feedback.max_batch`` items of a few hundred bytes each fit."""
