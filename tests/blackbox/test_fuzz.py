@@ -38,6 +38,8 @@ CAMPAIGN = settings(
     phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure prints its input
 )
 _MB = 1 << 20
+# A campaign's time grows with its size: about 25 ms per case on a busy machine.
+CAMPAIGN_TIMEOUT = pytest.mark.timeout(int(60 + REQUESTS * 0.1))
 
 models = st.one_of(
     st.sampled_from(["mlp_small", "identity_all", "identity_all", "nope"]),
@@ -81,6 +83,7 @@ class _Seen:
         self.codes[code] = self.codes.get(code, 0) + 1
 
 
+@CAMPAIGN_TIMEOUT
 def test_http_fuzz(gateway: GatewayProcess) -> None:
     seen = _Seen()
     before = gateway.rss_bytes()
@@ -120,6 +123,7 @@ _SERVER_FAULTS = {
 }
 
 
+@CAMPAIGN_TIMEOUT
 def test_grpc_fuzz(gateway: GatewayProcess) -> None:
     seen = _Seen()
     before = gateway.rss_bytes()
