@@ -245,10 +245,14 @@ class LimitsSettings(_Base, frozen=True):
             parse_duration(getattr(self, name))
         if self.max_connections < -1:
             raise ValueError("max_connections must be -1 (automatic), 0 (off) or > 0")
-        for name in ("max_header_bytes", "max_headers", "feedback_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        for name in ("control_body_bytes", "offload_decode_bytes", "stream_max_unanswered"):
+        for name in (
+            "max_header_bytes",
+            "max_headers",
+            "feedback_body_bytes",
+            "control_body_bytes",
+            "offload_decode_bytes",
+            "stream_max_unanswered",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_concurrency < 0 or self.grpc_max_concurrent_streams < 0:
