@@ -185,6 +185,43 @@ def test_silent_and_idle_connections_are_closed(limited: RunningGateway) -> None
     assert time.monotonic() - started < 8
 
 
+def test_2000_idle_connections_are_closed_while_others_are_served(
+    repository: Path, tmp_path: Path
+) -> None:
+    root = _small_repository(tmp_path, repository)
+    settings = gateway_settings(root, **{"limits.header_timeout": "2s"})
+    running = RunningGateway(settings).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(2000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(_address(running))
+            idle.append(sock)
+        _healthy(running)  # served while 2,000 sockets sit idle
+        time.sleep(2.5)
+        deadline = time.monotonic() + 20
+        open_ = list(idle)
+        while open_ and time.monotonic() < deadline:
+            still = []
+            for sock in open_:
+                try:
+                    if sock.recv(1) != b"":
+                        still.append(sock)
+                except BlockingIOError:
+                    still.append(sock)
+                except OSError:
+                    pass  # reset: closed too
+            open_ = still
+            time.sleep(0.2)
+        assert open_ == [], f"{len(open_)} idle connections still open"
+        _healthy(running)
+    finally:
+        for sock in idle:
+            sock.close()
+        running.stop()
+
+
 def test_connection_cap_answers_503_and_frees_the_socket(limited: RunningGateway) -> None:
     held = [socket.create_connection(_address(limited)) for _ in range(40)]
     try:
