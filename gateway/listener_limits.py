@@ -76,9 +76,9 @@ class _HeadersRefusedError(Exception):
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header, header-time and connection limits.
 
-    The class attributes are set by ``http_protocol_class``. Header bytes are counted as
-    they arrive, before httptools joins a header's pieces, so an 8 MiB header costs at most
-    one read (a few hundred KiB) past the limit.
+    The class attributes are set by ``http_protocol_class``. Header bytes are counted per
+    read while a request's headers are incomplete, so an 8 MiB header costs at most one
+    read (a few hundred KiB) past the limit before it is refused.
     """
 
     max_header_bytes: int = 64 * 1024
@@ -116,8 +116,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         idle = self.cycle is None or self.cycle.response_complete
         if idle and self._header_timer is None:
             self._arm_header_timer()
-        if self._in_headers:
-            self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -131,14 +129,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.logger.debug("invalid HTTP request received")
                 self.send_400_response("Invalid HTTP request received.")
             return
-        if self._in_headers and self._header_bytes > self.max_header_bytes:
-            self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
+        if self._in_headers:
+            # Still inside a request's headers after this read: all of it counts (a read
+            # that completes the headers is not counted, so a body never does).
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
 
     # -- parser callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._header_bytes = 0
         self._header_count = 0
         if self._header_timer is None:
             self._arm_header_timer()
@@ -158,10 +161,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
             raise _HeadersRefusedError
         super().on_header(name, value)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._in_headers = True  # the next bytes are the next request's headers
 
     def on_headers_complete(self) -> None:
         self._in_headers = False

@@ -151,6 +151,15 @@ def test_headers_within_limits_are_served(limited: RunningGateway) -> None:
     assert answer.status_code == 200
 
 
+def test_large_bodies_are_not_counted_as_headers(limited: RunningGateway) -> None:
+    # A body the app answers without reading, then the next request on the same connection.
+    with httpx.Client(base_url=f"http://{limited.http_url}", timeout=10) as client:
+        for _ in range(3):
+            answer = client.post("/v2/no-such-route", content=b"x" * (300 * 1024))
+            assert answer.status_code == 404
+            assert client.get("/v2/health/live").status_code == 200
+
+
 def test_slowloris_connection_gets_408(limited: RunningGateway) -> None:
     started = time.monotonic()
     with socket.create_connection(_address(limited)) as sock:
