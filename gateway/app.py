@@ -37,7 +37,7 @@ from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
 from gateway.fleet import Fleet
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
-from gateway.http_api import HttpFrontEnd
+from gateway.http_api import HttpFrontEnd, limit_body
 from gateway.logs import AccessLog
 from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository
@@ -111,8 +111,14 @@ class Gateway:
             settings.http,
             metrics=self.telemetry.metrics,
             access_log=self.access_log,
+            limits=settings.limits,
         )
-        self.inference = InferenceServicer(self.plane, self.control, access_log=self.access_log)
+        self.inference = InferenceServicer(
+            self.plane,
+            self.control,
+            access_log=self.access_log,
+            stream_max_unanswered=settings.limits.stream_max_unanswered,
+        )
         self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
         http, grpc = settings.http, settings.grpc
         self._http = HttpListener(
@@ -122,6 +128,7 @@ class Gateway:
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
             reuse_port=reuse_port,
+            limits=settings.limits,
         )
         self._grpc = GrpcListener(
             self.inference,
@@ -131,6 +138,7 @@ class Gateway:
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
             reuse_port=reuse_port,
+            limits=settings.limits,
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | RedisStore | None = None
@@ -196,12 +204,13 @@ class Gateway:
                 self.plane.relay = self.fleet.relay.forward
         admin = settings.admin
         self._admin = HttpListener(
-            self.admin_app,
+            limit_body(self.admin_app, settings.limits.control_body_bytes),
             admin.host,
             admin.port,
             access_log=False,
             grace_period_s=settings.grace_period_s,
             reuse_port=self.reuse_port,
+            limits=settings.limits,
         )
         await self._admin.start()
         self._started = True
@@ -281,6 +290,7 @@ class Gateway:
         """Readiness goes false at once; in-flight requests finish (up to the grace
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
+        self.inference.drain()
         if self.controller is not None:
             await self.controller.stop()
         if self.fleet is not None:

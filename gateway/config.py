@@ -33,6 +33,8 @@ __all__ = [
     "PredictionLogSettings",
     "FeedbackSettings",
     "GrpcSettings",
+    "LimitsSettings",
+    "parse_duration",
     "Settings",
     "ConfigError",
     "load_settings",
@@ -141,6 +143,125 @@ class GrpcSettings(_Base, frozen=True):
     """TCP port; 0 picks a free one. 8001 is the V2 convention."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
+
+
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds from a duration setting: a number of seconds (``10``, ``0.5``) or a string
+    with a unit (``"10s"``, ``"250ms"``, ``"5m"``, ``"1h"``). ``ValueError`` for anything
+    else, a negative value, NaN or infinity."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        for unit in ("ms", "s", "m", "h"):
+            if text.endswith(unit):
+                number = text[: -len(unit)].strip()
+                break
+        else:
+            unit, number = "s", text
+        try:
+            seconds = float(number) * _DURATION_UNITS[unit]
+        except ValueError:
+            raise ValueError(
+                f"not a duration: {value!r} (use seconds, or a number with ms, s, m or h)"
+            ) from None
+    if not 0.0 <= seconds < float("inf"):
+        raise ValueError(f"a duration must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+class LimitsSettings(_Base, frozen=True):
+    """Bounds on every listener and route, so no client can take more than its share.
+
+    Durations are seconds or strings with a unit ("10s", "250ms", "5m"); 0 turns a
+    timeout or a count limit off. Defaults follow nginx and Envoy where they have one.
+    """
+
+    max_header_bytes: int = 64 * 1024
+    """Request line plus headers of one HTTP request at most; more gets 431 and the
+    connection closed (Envoy's default is 60 KiB, nginx's 4 x 8 KiB)."""
+    max_headers: int = 100
+    """Header fields of one HTTP request at most; more gets 431 (Envoy's default)."""
+    header_timeout: float | str = "10s"
+    """Time from a connection's (or a request's) first byte to the end of its headers; a
+    connection that sends nothing, or trickles its headers (slowloris), is closed then."""
+    keep_alive_timeout: float | str = "30s"
+    """Idle time between requests on a kept-alive HTTP connection before it is closed."""
+    max_connections: int = -1
+    """Open HTTP connections per listener at most; one more is answered 503 and closed at
+    once, so idle sockets cannot use up the process's file descriptors. -1: three
+    quarters of the soft RLIMIT_NOFILE shared by the three listeners (a quarter each);
+    0: no limit."""
+    max_concurrency: int = 0
+    """HTTP requests being served at once per listener before new ones get 503 (uvicorn's
+    limit_concurrency); 0: no limit (the per-model queues bound the work)."""
+    body_timeout: float | str = "30s"
+    """A client that stops sending mid-body gets 400 after this long."""
+    feedback_body_bytes: int = 8 * 1024 * 1024
+    """Largest feedback body (REST); larger ones get 413 before they are read whole.
+    ``feedback.max_batch`` items of a few hundred bytes each fit."""
+    control_body_bytes: int = 1024 * 1024
+    """Largest body of every other POST (repository index, load, unload; the admin API)."""
+    offload_decode_bytes: int = 1024 * 1024
+    """JSON inference bodies at least this large are decoded on a worker thread, so a
+    large body does not hold the event loop (and every other client) while it decodes."""
+    grpc_max_concurrent_streams: int = 1024
+    """Calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    grpc_keepalive_time: float | str = "2h"
+    """Interval of the server's keep-alive pings on an idle gRPC connection (gRPC's
+    default); a peer that does not answer within grpc_keepalive_timeout is dropped."""
+    grpc_keepalive_timeout: float | str = "20s"
+    """How long a keep-alive ping may go unanswered."""
+    grpc_min_ping_interval: float | str = "10s"
+    """Clients pinging more often than this without data get GOAWAY (ping flood)."""
+    grpc_max_connection_idle: float | str = "5m"
+    """A gRPC connection with no call for this long gets GOAWAY and is closed; 0: never."""
+    grpc_max_connection_age: float | str = 0
+    """A gRPC connection is closed after this long, calls in flight allowed
+    grpc_max_connection_age_grace to finish (spreads load behind an L4 balancer); 0: never."""
+    grpc_max_connection_age_grace: float | str = "30s"
+    """Time calls in flight get when a connection reaches grpc_max_connection_age."""
+    stream_max_unanswered: int = 256
+    """ModelStreamInfer requests of one stream admitted but not yet written to the client;
+    at the limit the stream stops reading, so a client that never reads holds at most this
+    many answers."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "header_timeout",
+            "keep_alive_timeout",
+            "body_timeout",
+            "grpc_keepalive_time",
+            "grpc_keepalive_timeout",
+            "grpc_min_ping_interval",
+            "grpc_max_connection_idle",
+            "grpc_max_connection_age",
+            "grpc_max_connection_age_grace",
+        ):
+            parse_duration(getattr(self, name))
+        if self.max_connections < -1:
+            raise ValueError("max_connections must be -1 (automatic), 0 (off) or > 0")
+        for name in (
+            "max_header_bytes",
+            "max_headers",
+            "feedback_body_bytes",
+            "control_body_bytes",
+            "offload_decode_bytes",
+            "stream_max_unanswered",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_concurrency < 0 or self.grpc_max_concurrent_streams < 0:
+            raise ValueError("max_concurrency and grpc_max_concurrent_streams must be >= 0")
+
+    def seconds(self, name: str) -> float:
+        """A duration field in seconds (validated when the settings were built)."""
+        return parse_duration(getattr(self, name))
 
 
 class DriftSettings(_Base, frozen=True):
@@ -314,6 +435,7 @@ class Settings(_Base, frozen=True):
     """Python logging level name."""
     http: HttpSettings = HttpSettings()
     grpc: GrpcSettings = GrpcSettings()
+    limits: LimitsSettings = LimitsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     routes: dict[str, RouteSettings] = {}
     """Traffic splits by model name (weighted A/B, canary, shadows); the admin API changes

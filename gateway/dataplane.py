@@ -19,14 +19,14 @@ from typing import Any, Final
 
 import msgspec
 
+from gateway.codecs.limits import timeout_from_parameter_us
 from gateway.errors import (
     DeadlineExceededError,
-    InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
 )
 from gateway.feedback import PredictionMemory
-from gateway.logs import RequestIds
+from gateway.logs import RequestIds, sanitize_request_id
 from gateway.logs import request_id as request_id_from
 from gateway.outcomes import OutcomeKindError
 from gateway.outcomes import compare as compare_outcomes
@@ -107,6 +107,10 @@ class DataPlane:
         predictions are remembered), the version pin and the routing key (the caller's, else
         the V2 ``routing_key`` parameter)."""
         request.deadline = deadline
+        if request.id:
+            # The body id goes into the response header and log lines: made safe like a
+            # header's (printable ASCII, at most 128 characters).
+            request.id = sanitize_request_id(request.id)
         if not request.id:
             if request_id or traceparent:
                 request.id = request_id_from(
@@ -129,12 +133,7 @@ class DataPlane:
         ``DeadlineExceededError``."""
         seconds = timeout_s
         if seconds is None and request.parameters and "timeout" in request.parameters:
-            value = request.parameters["timeout"]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidInputError(
-                    "parameter 'timeout' must be a non-negative integer (microseconds)"
-                )
-            seconds = value / 1e6 if value else None
+            seconds = timeout_from_parameter_us(request.parameters["timeout"]) or None
         if seconds is None:
             return None
         if seconds <= 0:

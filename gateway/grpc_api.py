@@ -25,6 +25,7 @@ from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.codecs import v2_grpc
 from gateway.codecs.feedback import decode_feedback_message, encode_feedback_message
+from gateway.codecs.limits import check_model_name
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInputError
 from gateway.logs import AccessLog
@@ -35,7 +36,7 @@ __all__ = ["InferenceServicer", "HealthServicer", "FeedbackServicer"]
 
 logger = logging.getLogger(__name__)
 
-_STREAM_CONCURRENCY: Final = 256  # requests in flight per stream before reading pauses
+_STREAM_CONCURRENCY: Final = 256  # requests admitted, not yet answered, per stream
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -104,12 +105,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control: ModelControl,
         *,
         access_log: AccessLog | None = None,
+        stream_max_unanswered: int = _STREAM_CONCURRENCY,
     ) -> None:
         self._plane = plane
         self._control = control
+        self._stream_limit = stream_max_unanswered
+        self._draining = False
+        self._streams: set[asyncio.Event] = set()
         self._access = access_log
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
+
+    def drain(self) -> None:
+        """Shutdown begins: every open ModelStreamInfer stops reading, answers what it has
+        read, and ends with UNAVAILABLE (retry on another replica or after a reconnect)."""
+        self._draining = True
+        for stream in self._streams:
+            stream.set()
 
     async def ServerLive(  # noqa: N802 - protocol method name
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -197,8 +209,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
+        # Flow control: a slot is taken when a request is read and freed only when its
+        # answer has been handed to gRPC, so a client that stops reading stops the intake
+        # with at most ``stream_max_unanswered`` answers held for it.
+        limit = self._stream_limit
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(limit + 1)
+        slots = asyncio.Semaphore(limit)
         tasks: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
         stream_fields = _fields(context)
@@ -209,29 +225,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 _admit(self._plane, infer, deadline, stream_fields)
                 response = await self._plane.infer(infer)
                 encoded = v2_grpc.encode_infer_response(response, infer)
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=encoded))
+                answer = pb.ModelStreamInferResponse(infer_response=encoded)
                 self.responses["OK"] += 1
             except GatewayError as exc:
                 self.responses[grpc_code(exc.kind).name] += 1
-                results.put_nowait(self._stream_error(message, exc.message))
-            except Exception:
-                logger.exception("unexpected error in a ModelStreamInfer request")
-                results.put_nowait(self._stream_error(message, "internal error"))
-            finally:
+                answer = self._stream_error(message, exc.message)
+            except asyncio.CancelledError:
                 slots.release()
+                raise
+            except Exception as exc:
+                logger.exception("unexpected error in a ModelStreamInfer request")
+                self.responses["INTERNAL"] += 1
+                answer = self._stream_error(
+                    message, f"internal error: {type(exc).__name__} while serving the request"
+                )
+            # Never blocks: at most ``limit`` answers are pending (one per slot).
+            results.put_nowait(answer)
+
+        async def take() -> None:
+            async for message in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        draining = asyncio.Event()
 
         async def read() -> None:
+            # Reads until the client half-closes, or until the server drains: then the
+            # requests read so far are answered and the stream ends UNAVAILABLE.
+            taker = asyncio.create_task(take())
+            stop = asyncio.create_task(draining.wait())
             try:
-                async for message in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                await asyncio.wait((taker, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not taker.done():
+                    taker.cancel()
+                elif taker.exception() is not None:
+                    logger.debug("ModelStreamInfer read ended", exc_info=taker.exception())
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
             finally:
+                taker.cancel()
+                stop.cancel()
                 results.put_nowait(None)
 
+        self._streams.add(draining)
+        if self._draining:
+            draining.set()
         reader = asyncio.create_task(read())
         try:
             while True:
@@ -239,10 +279,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if item is None:
                     break
                 yield item
+                slots.release()  # the answer is written: the slot may take another request
+            if draining.is_set():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; requests not answered on this stream "
+                    "were not processed, retry them on a new stream",
+                )
         finally:
+            self._streams.discard(draining)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            while not results.empty():  # drop the answers nobody will read
+                results.get_nowait()
 
     @staticmethod
     def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
@@ -267,6 +317,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name: str = request.model_name or request.repository_name
         if not name:
             raise InvalidInputError("model_name is required")
+        check_model_name(name)
         return name
 
     @_guarded

@@ -29,7 +29,13 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.codecs import v2_json
 from gateway.codecs.feedback import decode_feedback_json
-from gateway.config import HttpSettings
+from gateway.codecs.limits import (
+    DEFAULT_LIMITS,
+    check_count,
+    check_model_name,
+    parse_timeout_ms,
+)
+from gateway.config import HttpSettings, LimitsSettings
 from gateway.dataplane import DataPlane
 from gateway.errors import (
     GatewayError,
@@ -41,9 +47,9 @@ from gateway.errors import (
 from gateway.logs import AccessLog
 from gateway.metrics import CONTENT_TYPE
 from gateway.status import error_response, http_status, render_error
-from gateway.types import ModelControl
+from gateway.types import InferRequest, ModelControl
 
-__all__ = ["HttpFrontEnd"]
+__all__ = ["HttpFrontEnd", "limit_body"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +95,58 @@ def _compress(body: bytes, encoding: str) -> bytes:
     return zlib.compress(body, 1)
 
 
-def _timeout_s(header: str) -> float:
-    try:
-        return float(header) / 1000
-    except ValueError:
-        raise InvalidInputError("x-request-timeout-ms must be a number of milliseconds") from None
+def _content_length(scope: Scope) -> int:
+    """The declared Content-Length, -1 when there is none (or it is not a number)."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value) if value.isdigit() else -1
+    return -1
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body of {size} bytes exceeds the limit of {limit} bytes")
+
+
+def _limited_receive(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises ``PayloadTooLargeError`` once the body passes ``limit``
+    bytes, so an endpoint that reads the body whole never buffers more than that."""
+    size = 0
+
+    async def limited() -> Any:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        return message
+
+    return limited
+
+
+async def _refuse(send: Send, exc: GatewayError) -> None:
+    status, headers, body = render_error(exc)
+    headers = [*headers, (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def limit_body(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An ASGI app that answers 413 to any request whose body is over ``limit`` bytes: at
+    once when its Content-Length says so, else when the body read passes the limit."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            declared = _content_length(scope)
+            if declared > limit:
+                await _refuse(send, _too_large(declared, limit))
+                return
+            receive = _limited_receive(receive, limit)
+        await app(scope, receive, send)
+
+    return limited
 
 
 def _pick_encoding(accept: str) -> str | None:
@@ -115,7 +168,13 @@ class HttpFrontEnd:
         *,
         metrics: Callable[[], bytes] | None = None,
         access_log: AccessLog | None = None,
+        limits: LimitsSettings | None = None,
     ) -> None:
+        limits = limits or LimitsSettings()
+        self._feedback_limit = limits.feedback_body_bytes
+        self._control_limit = limits.control_body_bytes
+        self._offload_bytes = limits.offload_decode_bytes
+        self._body_timeout_s = limits.seconds("body_timeout") or _BODY_TIMEOUT_S
         self._plane = plane
         self._metrics = metrics
         self._access = access_log
@@ -138,6 +197,13 @@ class HttpFrontEnd:
                 if len(parts) == 7 and parts[4] == "versions":
                     await self._infer(scope, receive, send, parts[3], parts[5])
                     return
+            # Every other POST: its route's body limit, checked before the body is read.
+            limit = self._feedback_limit if path.endswith("/feedback") else self._control_limit
+            declared = _content_length(scope)
+            if declared > limit:
+                await _refuse(send, _too_large(declared, limit))
+                return
+            receive = _limited_receive(receive, limit)
         await self._rest(scope, receive, send)
 
     # -- infer (hot path) ---------------------------------------------------------------
@@ -189,11 +255,16 @@ class HttpFrontEnd:
             body = await self._read_body(receive)
             if encoding and encoding != "identity":
                 body = _decompress(body, encoding, self._limit)
-            request = v2_json.decode_infer_request(body, header_length, model, version)
+            if len(body) < self._offload_bytes:
+                request = v2_json.decode_infer_request(body, header_length, model, version)
+            else:
+                request = await self._decode_large(body, header_length, model, version)
             plane = self._plane
             plane.admit(
                 request,
-                plane.deadline(request, None if timeout_ms is None else _timeout_s(timeout_ms)),
+                plane.deadline(
+                    request, None if timeout_ms is None else parse_timeout_ms(timeout_ms)
+                ),
                 request_id=given_id,
                 traceparent=traceparent,
                 routing_key=routing_key,
@@ -244,6 +315,18 @@ class HttpFrontEnd:
                     (time.perf_counter() - started) * 1000,
                 )
 
+    @staticmethod
+    async def _decode_large(
+        body: bytes, header_length: int | None, model: str, version: str
+    ) -> InferRequest:
+        """A large JSON body: refused at once when a cheap count shows more inputs than
+        allowed, else decoded on a worker thread so other clients are served meanwhile."""
+        json_part = body if header_length is None else body[:header_length]
+        check_count("inputs", json_part.count(b'"shape"'), DEFAULT_LIMITS.max_inputs)
+        return await asyncio.to_thread(
+            v2_json.decode_infer_request, body, header_length, model, version
+        )
+
     async def _read_body(self, receive: Receive) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -254,7 +337,7 @@ class HttpFrontEnd:
         chunks = [body]
         size = len(body)
         try:
-            async with asyncio.timeout(_BODY_TIMEOUT_S):
+            async with asyncio.timeout(self._body_timeout_s):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -270,7 +353,7 @@ class HttpFrontEnd:
                         break
         except TimeoutError:
             raise InvalidInputError(
-                f"request body incomplete after {_BODY_TIMEOUT_S:.0f} s"
+                f"request body incomplete after {self._body_timeout_s:g} s"
             ) from None
         return b"".join(chunks)
 
@@ -426,11 +509,13 @@ class HttpFrontEnd:
         return params
 
     async def _load(self, request: Request) -> Response:
+        check_model_name(request.path_params["model"])
         params = await self._repository_params(request)
         await self._control.load(request.path_params["model"], params)
         return _json_response({})
 
     async def _unload(self, request: Request) -> Response:
+        check_model_name(request.path_params["model"])
         await self._repository_params(request)
         await self._control.unload(request.path_params["model"])
         return _json_response({})

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Generator
 from typing import Any
+
+# grpc's C core logs to stderr itself, as text; errors only (a setting from the
+# environment wins). Read when the first server or channel starts.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import uvicorn
 
 from gateway._proto import feedback_pb2_grpc, health_pb2_grpc
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
+from gateway.config import LimitsSettings
+from gateway.listener_limits import grpc_options, uvicorn_limits
+from gateway.logs import uvicorn_log_config
 
 __all__ = ["HttpListener", "GrpcListener", "bind"]
 
@@ -64,9 +72,11 @@ class HttpListener:
         access_log: bool,
         grace_period_s: float,
         reuse_port: bool = False,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self._reuse_port = reuse_port
         self._app = app
+        self._limits = limits or LimitsSettings()
         self._host = host
         self._port = port
         self._access_log = access_log
@@ -80,18 +90,20 @@ class HttpListener:
         """Bind and serve; returns once uvicorn has started."""
         sock = bind(self._host, self._port, reuse_port=self._reuse_port)
         self.port = int(sock.getsockname()[1])
+        kwargs: dict[str, Any] = {"http": "httptools", "timeout_keep_alive": 30}
+        kwargs.update(uvicorn_limits(self._limits))  # header, idle and connection limits
         config = uvicorn.Config(
             self._app,
             lifespan="off",
             interface="asgi3",
-            http="httptools",
             access_log=self._access_log,
             proxy_headers=False,
             server_header=False,
             date_header=False,
             log_level="warning",
             timeout_graceful_shutdown=int(self._grace_period_s),
-            timeout_keep_alive=30,
+            log_config=uvicorn_log_config(),
+            **kwargs,
         )
         server = self._server = _Uvicorn(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -123,11 +135,13 @@ class GrpcListener:
         *,
         max_message_bytes: int,
         reuse_port: bool = False,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self._reuse_port = reuse_port
         self._servicers = (inference, health, feedback)
         self._address = f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
+        self._limits = limits or LimitsSettings()
         self._server: grpc.aio.Server | None = None
         self.port = 0
         """The bound port, once started."""
@@ -136,11 +150,7 @@ class GrpcListener:
         """Build the server on the running loop, bind and start it."""
         inference, health, feedback = self._servicers
         server = self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
+            options=grpc_options(self._limits, self._max_message_bytes, reuse_port=self._reuse_port)
         )
         # Generated registration functions carry no annotations.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]

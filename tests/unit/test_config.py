@@ -73,3 +73,25 @@ def test_store_settings_default_to_embedded_and_validate_the_url() -> None:
         load_settings(env={"GATEWAY_STORE__URL": "postgres://db/gateway"})
     with pytest.raises(ConfigError, match="lease_ttl_s"):
         load_settings(env={"GATEWAY_STORE__LEASE_TTL_S": "0"})
+
+
+def test_limits_section_with_durations(tmp_path: Path) -> None:
+    file = tmp_path / "gateway.toml"
+    file.write_text(
+        '[limits]\nheader_timeout = "250ms"\nkeep_alive_timeout = 5\nmax_headers = 50\n'
+    )
+    settings = load_settings(file, env={"GATEWAY_LIMITS__GRPC_MAX_CONNECTION_AGE": "10m"})
+    limits = settings.limits
+    assert limits.seconds("header_timeout") == 0.25
+    assert limits.seconds("keep_alive_timeout") == 5.0
+    assert limits.seconds("grpc_max_connection_age") == 600.0
+    assert limits.max_headers == 50
+    assert load_settings(None, env={}).limits.max_header_bytes == 64 * 1024
+    for env in (
+        {"GATEWAY_LIMITS__HEADER_TIMEOUT": "soon"},
+        {"GATEWAY_LIMITS__HEADER_TIMEOUT": "nan"},
+        {"GATEWAY_LIMITS__MAX_HEADERS": "0"},
+        {"GATEWAY_LIMITS__MAX_CONNECTIONS": "-2"},
+    ):
+        with pytest.raises(ConfigError, match="limits"):
+            load_settings(None, env=env)

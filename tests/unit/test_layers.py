@@ -31,7 +31,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 4: the data plane and the control plane.
     ("dataplane", "rollout.*", "control", "telemetry", "metrics", "fleet"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
-    ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client"),
+    (
+        "http_api",
+        "grpc_api",
+        "admin",
+        "servers",
+        "listener_limits",
+        "dashboard.*",
+        "admin_client",
+    ),
     # 6: composition root and entry points.
     ("app", "cli", "__main__", "workers"),
 )
@@ -49,6 +57,8 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     ("shadow", "traffic"),
     # Telemetry gathers the snapshot that the metric families render.
     ("telemetry", "metrics"),
+    # The listeners take their connection limits from listener_limits.
+    ("servers", "listener_limits"),
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
