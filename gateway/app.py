@@ -27,6 +27,7 @@ from starlette.routing import Route as Route_
 from gateway import __version__
 from gateway.admin import Token, build_admin_app
 from gateway.alerts import AlertSender
+from gateway.auth import DataPlaneGuard
 from gateway.config import Settings
 from gateway.control import ModelLifecycle
 from gateway.dataplane import DataPlane
@@ -34,6 +35,7 @@ from gateway.drift.buffer import BufferedObserver
 from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
+from gateway.files import private_dir, private_file
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.http_api import HttpFrontEnd
 from gateway.logs import AccessLog
@@ -45,6 +47,7 @@ from gateway.router import Router
 from gateway.servers import GrpcListener, HttpListener
 from gateway.store import SqliteStore
 from gateway.telemetry import Telemetry
+from gateway.tls import ServerTls, TlsReloader, is_loopback
 from gateway.types import Route, ShadowTarget, Variant
 
 __all__ = ["Gateway", "serve", "run"]
@@ -80,6 +83,7 @@ class Gateway:
             self.monitor,
             self.observer,
             drift_enabled=settings.drift.enabled,
+            load_bounds=settings.model_control,
         )
         self._started = False
         self._draining = False
@@ -111,12 +115,25 @@ class Gateway:
         self.inference = InferenceServicer(self.plane, self.control, access_log=self.access_log)
         self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
         http, grpc = settings.http, settings.grpc
+        self.guard = DataPlaneGuard(
+            settings.auth,
+            settings.model_control,
+            settings.admin.tokens,
+            internal_endpoints=http.internal_endpoints,
+        )
+        self.tls = {
+            name: ServerTls(tls, name)
+            for name, tls in (("http", http.tls), ("grpc", grpc.tls), ("admin", settings.admin.tls))
+            if tls.enabled
+        }
+        self._tls_reloader = TlsReloader(list(self.tls.values()))
         self._http = HttpListener(
-            self.http.app,
+            self.guard.http_app(self.http.app),
             http.host,
             http.port,
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
+            ssl_context=self.tls["http"].ssl_context() if "http" in self.tls else None,
         )
         self._grpc = GrpcListener(
             self.inference,
@@ -125,6 +142,8 @@ class Gateway:
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
+            credentials=self.tls["grpc"].grpc_credentials() if "grpc" in self.tls else None,
+            interceptors=[self.guard.interceptor()],
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | None = None
@@ -146,6 +165,10 @@ class Gateway:
 
     def is_ready(self) -> bool:
         return self._started and not self._draining
+
+    def reload_tls(self) -> None:
+        """Re-read every listener's certificate, key and client CA (SIGHUP)."""
+        self._tls_reloader.reload_all()
 
     def drift_report(self, model: str, version: str = "", against: str = "") -> DriftReport:
         return self.control.drift_report(model, version, against)
@@ -174,14 +197,22 @@ class Gateway:
         await self._http.start()
         await self._grpc.start()
         admin = settings.admin
+        if not admin.tls.enabled and not is_loopback(admin.host):
+            logger.warning(
+                "admin listener on %s without TLS: bearer tokens cross the network in clear "
+                "text; set admin.tls.cert and admin.tls.key",
+                admin.host,
+            )
         self._admin = HttpListener(
             self.admin_app,
             admin.host,
             admin.port,
             access_log=False,
             grace_period_s=settings.grace_period_s,
+            ssl_context=self.tls["admin"].ssl_context() if "admin" in self.tls else None,
         )
         await self._admin.start()
+        self._tls_reloader.start()
         self._started = True
         logger.info(
             "serving %s on HTTP %s:%d and gRPC %s:%d (admin %s:%d)",
@@ -209,8 +240,7 @@ class Gateway:
         controller's evaluation loop, alert webhooks and the admin app."""
         settings = self.settings
         data_dir = Path(settings.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(data_dir / "control.sqlite3")
+        self.store = SqliteStore(private_file(private_dir(data_dir) / "control.sqlite3"))
         if settings.alerts.webhooks:
             self.alerts = AlertSender(
                 settings.alerts.webhooks,
@@ -236,14 +266,17 @@ class Gateway:
             self.control.drift_json,
             extra_routes=[
                 Route_("/metrics", self.telemetry.endpoint, methods=["GET"]),
+                *self.http.internal_routes(),
                 *_dashboard_routes(),
             ],
+            control=self.control,
         )
 
     async def stop(self) -> None:
         """Readiness goes false at once; in-flight requests finish (up to the grace
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
+        await self._tls_reloader.stop()
         if self.controller is not None:
             await self.controller.stop()
         stops: list[Any] = [self._grpc.stop(self.settings.grace_period_s), self._http.stop()]
@@ -284,7 +317,7 @@ async def _main(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with serve(settings) as gateway:
-        del gateway
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
         await stop.wait()
         logger.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Generator
+import ssl
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import grpc
@@ -52,9 +53,17 @@ class HttpListener:
     """One ASGI app served by uvicorn on a socket we bind (port 0 works)."""
 
     def __init__(
-        self, app: Any, host: str, port: int, *, access_log: bool, grace_period_s: float
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        access_log: bool,
+        grace_period_s: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._app = app
+        self._ssl = ssl_context
         self._host = host
         self._port = port
         self._access_log = access_log
@@ -81,6 +90,10 @@ class HttpListener:
             timeout_graceful_shutdown=int(self._grace_period_s),
             timeout_keep_alive=30,
         )
+        if self._ssl is not None:
+            # uvicorn builds a context from file names; ours is reloaded in place (tls.py).
+            config.load()
+            config.ssl = self._ssl
         server = self._server = _Uvicorn(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
@@ -110,7 +123,11 @@ class GrpcListener:
         port: int,
         *,
         max_message_bytes: int,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        self._credentials = credentials
+        self._interceptors = tuple(interceptors)
         self._servicers = (inference, health, feedback)
         self._address = f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
@@ -122,18 +139,22 @@ class GrpcListener:
         """Build the server on the running loop, bind and start it."""
         inference, health, feedback = self._servicers
         server = self._server = grpc.aio.server(
+            interceptors=self._interceptors or None,
             options=[
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         # Generated registration functions carry no annotations.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         if feedback is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
-        self.port = server.add_insecure_port(self._address)
+        if self._credentials is not None:
+            self.port = server.add_secure_port(self._address, self._credentials)
+        else:
+            self.port = server.add_insecure_port(self._address)
         await server.start()
 
     async def stop(self, grace_period_s: float) -> None:
