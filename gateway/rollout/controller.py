@@ -14,17 +14,24 @@ above.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol, TypeAlias
 
 import msgspec
 
-from gateway.errors import ConflictError, GatewayError, InvalidInputError, ModelNotFoundError
+from gateway.errors import (
+    ConflictError,
+    GatewayError,
+    InvalidInputError,
+    ModelNotFoundError,
+    StoreUnavailableError,
+)
 from gateway.rollout.decide import decide
 from gateway.rollout.policy import (
     ACTIVE_STATUSES,
@@ -240,22 +247,23 @@ class RolloutController:
                     "promote it or roll it back before setting weights"
                 )
             before = self._routes.get(model)
-            self._apply(model, dict(clean))
+            self._apply(model, dict(clean))  # the router validates the versions
             route = self._route(model, clean)
+            with self._recorded_or_undone(model, "set_weights", before):
+                self._store.save(
+                    model,
+                    route=route,
+                    event=AuditEvent(
+                        actor=actor,
+                        action="set_weights",
+                        model=model,
+                        reason=reason,
+                        before={"weights": before.weights() if before else {}},
+                        after={"weights": route.weights()},
+                        ts=self._clock(),
+                    ),
+                )
             self._routes[model] = route
-            self._store.save(
-                model,
-                route=route,
-                event=AuditEvent(
-                    actor=actor,
-                    action="set_weights",
-                    model=model,
-                    reason=reason,
-                    before={"weights": before.weights() if before else {}},
-                    after={"weights": route.weights()},
-                    ts=self._clock(),
-                ),
-            )
             logger.info("model %s weights set to %s by %s: %s", model, clean, actor, reason)
             return route
 
@@ -360,11 +368,15 @@ class RolloutController:
         *,
         apply: bool = True,
     ) -> RolloutState:
-        """Apply ``after``'s weights (first: a rollback must not wait on the disk), then write
-        state, route and audit entry in one transaction, then alert. Caller holds the lock.
+        """Apply ``after``'s weights (the router validates them; a rollback must not wait on
+        the disk), then write state, route and audit entry in one transaction, then alert.
+        Caller holds the lock.
 
-        If the apply raises, nothing changes. If the write raises after the apply, memory
-        follows the router (what serves traffic) and the next successful write catches up.
+        If the apply raises, nothing changes. All-or-nothing: if the write raises, the
+        router gets the previous weights back and memory is unchanged
+        (``StoreUnavailableError``, 503). A rollback is the exception: it stays applied
+        (it must work even on a full disk), memory follows the router, the failure is
+        raised, and the next successful write catches up.
         """
         model, now = after.model, self._clock()
         if decision is not None:
@@ -398,12 +410,12 @@ class RolloutController:
         route = old_route
         weight_changed = before is None or before.candidate_weight != after.candidate_weight
         # Resume re-applies unchanged weights: they may have been set by hand while paused.
+        applied = False
         if apply and (weight_changed or action == "resume"):
             weights = after.weights()
             self._apply(model, weights)
+            applied = True
             route = self._route(model, weights)
-            self._routes[model] = route
-        self._states[model] = after
         details: dict[str, Any] = {
             "stable_version": after.stable_version,
             "candidate_version": after.candidate_version,
@@ -428,11 +440,21 @@ class RolloutController:
             details=details,
             ts=now,
         )
-        try:
-            self._store.save(model, route=route, rollout=_encode(after), event=event)
-        except Exception:
-            logger.exception("rollout of %s: %s applied but not recorded", model, action)
-            raise
+        if action == "rollback":
+            self._states[model] = after
+            if route is not None:
+                self._routes[model] = route
+            try:
+                self._store.save(model, route=route, rollout=_encode(after), event=event)
+            except Exception:
+                logger.exception("rollout of %s: %s applied but not recorded", model, action)
+                raise
+        else:
+            with self._recorded_or_undone(model, action, old_route if applied else None, applied):
+                self._store.save(model, route=route, rollout=_encode(after), event=event)
+            self._states[model] = after
+            if route is not None:
+                self._routes[model] = route
         if before is None or before.status != after.status:
             logger.info(
                 "rollout of %s: %s -> %s by %s: %s",
@@ -444,6 +466,31 @@ class RolloutController:
             )
         self._alert(before, after, actor, reason, values)
         return after
+
+    @contextlib.contextmanager
+    def _recorded_or_undone(
+        self, model: str, action: str, previous: Route | None, undo: bool = True
+    ) -> Iterator[None]:
+        """A failed durable write of an applied change: the router gets ``previous`` back;
+        a failure that is no ``GatewayError`` (full disk) becomes a 503."""
+        try:
+            yield
+        except Exception as exc:
+            if undo:
+                try:
+                    self._apply(model, previous.weights() if previous else {})
+                except Exception:
+                    logger.exception(
+                        "%s of %s: restoring the previous weights failed", action, model
+                    )
+            logger.error("%s of %s not recorded, so not applied: %s", action, model, exc)
+            if isinstance(exc, GatewayError):
+                raise
+            raise StoreUnavailableError(
+                f"{action} of model '{model}' was not applied: the control store could not "
+                f"record it ({type(exc).__name__}: {str(exc)[:200]}); the live state is "
+                "unchanged"
+            ) from exc
 
     def _alert(
         self,
