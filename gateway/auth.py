@@ -11,8 +11,8 @@ handler runs:
   preflight) is refused;
 - inference and metadata: an ``infer`` token once any exists; feedback: a ``feedback``
   token once any exists (a token has one scope: an inference caller cannot grade), and a
-  rate per client (token name, else peer address) beyond which feedback gets 429 /
-  RESOURCE_EXHAUSTED;
+  rate per client (token name, else the HTTP peer address) beyond which feedback gets
+  429 / RESOURCE_EXHAUSTED;
 - ``/metrics``, ``.../route``, ``.../outcomes``: 404 on the data port when internal
   endpoints are served on the admin listener only.
 
@@ -179,11 +179,14 @@ class DataPlaneGuard:
         if self._infer:
             self._check_scope(authorization, "infer")
 
-    def check_feedback(self, authorization: str | None, peer: str) -> None:
+    def check_feedback(self, authorization: str | None, peer: str | None) -> None:
+        """The feedback token (when any exists) and the client's rate: by token name,
+        else by ``peer`` (HTTP: the address); None with no token means no rate check
+        (gRPC calls carry no peer here)."""
         client = peer
         if self._feedback:
             client = "token:" + self._check_scope(authorization, "feedback")
-        if not self.feedback_rate.allow(client):
+        if client is not None and not self.feedback_rate.allow(client):
             raise RateLimitedError("feedback rate limit exceeded for this client; retry later")
 
     # -- HTTP -------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class DataPlaneGuard:
         if rpc in _REPOSITORY_RPCS:
             self.check_control(authorization)
         elif rpc == "Submit":
-            self.check_feedback(authorization, "grpc")
+            self.check_feedback(authorization, None)
         else:
             self.check_infer(authorization)
 
