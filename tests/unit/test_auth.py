@@ -155,7 +155,7 @@ def test_feedback_rate_per_client() -> None:
 def test_load_bounds_name_the_field() -> None:
     bounds = ModelControlSettings()
     bounds.check_load({"max_batch_size": 64, "instances": 2})
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"max_batch_size": 1_500_000}, "max_batch_size"),
         ({"max_queue_delay_us": 1e10}, "max_queue_delay_us"),
         ({"instances": 100}, "instances"),
