@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "tls": BASE + "[http.tls]\n" + tls + "[grpc.tls]\n" + tls,
     }
     meta = environment()
-    meta["command"] = "python -m bench.tls " + " ".join(argv or sys.argv[1:])
+    meta["command"] = " ".join(["python -m bench.tls", *(argv or sys.argv[1:])])
     meta["concurrency"] = args.concurrency
     cells: list[dict[str, Any]] = []
     with (

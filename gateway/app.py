@@ -138,7 +138,7 @@ class Gateway:
         self._grpc = GrpcListener(
             self.inference,
             HealthServicer(self.plane),
-            FeedbackServicer(self.plane),
+            FeedbackServicer(self.plane, self.guard.check_grpc_feedback_peer),
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,

@@ -11,8 +11,8 @@ handler runs:
   preflight) is refused;
 - inference and metadata: an ``infer`` token once any exists; feedback: a ``feedback``
   token once any exists (a token has one scope: an inference caller cannot grade), and a
-  rate per client (token name, else the HTTP peer address) beyond which feedback gets
-  429 / RESOURCE_EXHAUSTED;
+  rate per client (token name, else the peer address) beyond which feedback gets 429 /
+  RESOURCE_EXHAUSTED;
 - ``/metrics``, ``.../route``, ``.../outcomes``: 404 on the data port when internal
   endpoints are served on the admin listener only.
 
@@ -182,11 +182,17 @@ class DataPlaneGuard:
     def check_feedback(self, authorization: str | None, peer: str | None) -> None:
         """The feedback token (when any exists) and the client's rate: by token name,
         else by ``peer`` (HTTP: the address); None with no token means no rate check
-        (gRPC calls carry no peer here)."""
+        here (gRPC: ``check_grpc_feedback_peer`` in the servicer)."""
         client = peer
         if self._feedback:
             client = "token:" + self._check_scope(authorization, "feedback")
         if client is not None and not self.feedback_rate.allow(client):
+            raise RateLimitedError("feedback rate limit exceeded for this client; retry later")
+
+    def check_grpc_feedback_peer(self, peer: str) -> None:
+        """The feedback rate of an anonymous gRPC client, by address (the interceptor sees
+        no peer; with feedback tokens the interceptor already limited by token)."""
+        if not self._feedback and not self.feedback_rate.allow(peer):
             raise RateLimitedError("feedback rate limit exceeded for this client; retry later")
 
     # -- HTTP -------------------------------------------------------------------------------

@@ -332,13 +332,17 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """gateway.feedback.v1.Feedback: ground truth joined to earlier predictions by id."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, rate_check: Callable[[str], None] | None = None) -> None:
         self._plane = plane
+        self._rate_check = rate_check
+        """Called with the peer's address before decoding; raises when over its rate."""
 
     @_guarded
     async def Submit(  # noqa: N802
         self, request: feedback_pb2.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feedback_pb2.FeedbackResponse:
+        if self._rate_check is not None:
+            self._rate_check(context.peer().rpartition(":")[0])
         items = decode_feedback_message(request)
         result = await self._plane.feedback(request.model_name, items)
         return encode_feedback_message(result)

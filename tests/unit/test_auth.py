@@ -148,7 +148,10 @@ def test_feedback_rate_per_client() -> None:
     guard.check_feedback(None, "1.2.3.4")
     with pytest.raises(RateLimitedError):
         guard.check_feedback(None, "1.2.3.4")
-    guard.check_feedback(None, None)  # gRPC without a token: no peer, no limit
+    guard.check_feedback(None, None)  # gRPC without a token: limited in the servicer
+    guard.check_grpc_feedback_peer("ipv4:10.0.0.9")
+    with pytest.raises(RateLimitedError):
+        guard.check_grpc_feedback_peer("ipv4:10.0.0.9")
     assert RateLimiter(rate=0, burst=1).allow("x")
 
 
