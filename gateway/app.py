@@ -112,8 +112,6 @@ class Gateway:
             metrics=self.telemetry.metrics,
             access_log=self.access_log,
         )
-        self.inference = InferenceServicer(self.plane, self.control, access_log=self.access_log)
-        self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
         http, grpc = settings.http, settings.grpc
         self.guard = DataPlaneGuard(
             settings.auth,
@@ -121,6 +119,13 @@ class Gateway:
             settings.admin.tokens,
             internal_endpoints=http.internal_endpoints,
         )
+        self.inference = InferenceServicer(
+            self.plane,
+            self.control,
+            access_log=self.access_log,
+            control_check=self.guard.check_control_metadata,
+        )
+        self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
         self.tls = {
             name: ServerTls(tls, name)
             for name, tls in (("http", http.tls), ("grpc", grpc.tls), ("admin", settings.admin.tls))
@@ -143,7 +148,7 @@ class Gateway:
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
             credentials=self.tls["grpc"].grpc_credentials() if "grpc" in self.tls else None,
-            interceptors=[self.guard.interceptor()],
+            interceptors=self.guard.interceptors(),
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | None = None

@@ -2,8 +2,9 @@
 
 In: the data-plane client tokens (``[auth]``), the model-control settings and the admin
 tokens (operators may control models), and where internal endpoints are served. Out: an ASGI
-wrapper for the V2 REST app and a grpc.aio server interceptor that refuse a call before its
-handler runs:
+wrapper for the V2 REST app and a grpc.aio server interceptor (installed only when data-plane
+tokens exist) that refuse a call before its handler runs, and the model-control check the
+gRPC repository calls make in their servicer:
 
 - repository load/unload/index: 403 / PERMISSION_DENIED while ``model_control.enabled`` is
   false; when on, an admin token with the operator role, and (HTTP) no cross-site request:
@@ -245,8 +246,16 @@ class DataPlaneGuard:
 
     # -- gRPC -------------------------------------------------------------------------------
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _Interceptor(self)
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The interceptor when data-plane tokens exist; none otherwise: an interceptor
+        costs about 0.03 ms of CPU per call (8% of a small gRPC inference), and without
+        tokens the only gRPC check, model control, runs in the servicer
+        (``check_control_metadata``)."""
+        return [_Interceptor(self)] if self._all else []
+
+    def check_control_metadata(self, metadata: Sequence[tuple[str, Any]] | None) -> None:
+        """Model control over gRPC, from the call's metadata (raises when refused)."""
+        self.check_control(_metadata(metadata, "authorization"))
 
     def check_grpc(self, rpc: str, metadata: Sequence[tuple[str, Any]] | None) -> None:
         if rpc in _OPEN_RPCS:

@@ -104,9 +104,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control: ModelControl,
         *,
         access_log: AccessLog | None = None,
+        control_check: Callable[[Any], None] | None = None,
     ) -> None:
         self._plane = plane
         self._control = control
+        self._control_check = control_check
+        """Called with a repository call's metadata first; raises when it is refused."""
         self._access = access_log
         self.responses: collections.Counter[str] = collections.Counter()
         """Infer responses by gRPC status code name (for the metrics endpoint)."""
@@ -259,7 +262,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RepositoryIndexResponse:
+        self._may_control(context)
         return v2_grpc.repository_index(self._control.index(), request.ready)
+
+    def _may_control(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._control_check is not None:
+            self._control_check(context.invocation_metadata())
 
     @staticmethod
     def _model_name(request: Any) -> str:
@@ -275,6 +283,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelLoadRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.RepositoryModelLoadResponse:
+        self._may_control(context)
         params = v2_grpc.repository_parameters(request.parameters)
         await self._control.load(self._model_name(request), params)
         return pb.RepositoryModelLoadResponse()
@@ -285,6 +294,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelUnloadRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.RepositoryModelUnloadResponse:
+        self._may_control(context)
         await self._control.unload(self._model_name(request))
         return pb.RepositoryModelUnloadResponse()
 
