@@ -241,8 +241,6 @@ class DataPlaneGuard:
             return
         if path == "/metrics" and self._hide_internal:
             raise _HiddenError("Not Found")
-        if path == "/v2/models/stats" and self._infer:
-            self.check_infer(_header(scope, b"authorization"))
 
     # -- gRPC -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from gateway.config import TlsSettings
+from gateway.config import ConfigError, TlsSettings
 
 __all__ = ["ServerTls", "TlsReloader", "is_loopback"]
 
@@ -81,7 +81,7 @@ class ServerTls:
         try:
             return _read(s.cert), _read(s.key), _read(s.client_ca) if s.client_ca else None
         except OSError as exc:
-            raise OSError(
+            raise ConfigError(
                 f"{self.listener} TLS: cannot read {exc.filename}: {exc.strerror}"
             ) from None
 
@@ -99,7 +99,7 @@ class ServerTls:
                 context.load_verify_locations(cafile=s.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"{self.listener} TLS: {exc}") from None
+            raise ConfigError(f"{self.listener} TLS: {exc}") from None
 
     # -- what the servers take ----------------------------------------------------------
 

@@ -3,9 +3,12 @@ all-or-nothing control-plane changes, against real servers and real clients."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,3 +325,37 @@ def test_a_change_that_cannot_be_recorded_changes_nothing(locked: RunningGateway
     finally:
         _read_only(locked, False)
     assert httpx.get(f"{api}/audit", headers=auth).json()["entries"] == audit_before
+
+
+def test_start_up_failures_are_one_line_naming_the_path(repository: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    shutil.copytree(repository / "mlp_small", root / "mlp_small")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base.update(GATEWAY_ADMIN__PORT="0", GATEWAY_LOG_FORMAT="text")
+    cases = [
+        ({"GATEWAY_DATA_DIR": str(blocker / "data")}, str(blocker / "data")),
+        (
+            {
+                "GATEWAY_DATA_DIR": str(tmp_path / "data"),
+                "GATEWAY_HTTP__TLS__CERT": str(tmp_path / "missing.pem"),
+                "GATEWAY_HTTP__TLS__KEY": str(tmp_path / "missing.key"),
+            },
+            str(tmp_path / "missing.pem"),
+        ),
+    ]
+    for env, named in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--model-repository", str(root),
+             "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("gateway: ")
+        assert named in last
+        assert "Traceback" not in done.stderr
