@@ -47,7 +47,7 @@ from gateway.router import Router
 from gateway.servers import GrpcListener, HttpListener
 from gateway.store import SqliteStore
 from gateway.telemetry import Telemetry
-from gateway.tls import ServerTls, TlsReloader, is_loopback
+from gateway.tls import ServerTls, TlsReloader, plaintext_warning
 from gateway.types import Route, ShadowTarget, Variant
 
 __all__ = ["Gateway", "serve", "run"]
@@ -202,12 +202,9 @@ class Gateway:
         await self._http.start()
         await self._grpc.start()
         admin = settings.admin
-        if not admin.tls.enabled and not is_loopback(admin.host):
-            logger.warning(
-                "admin listener on %s without TLS: bearer tokens cross the network in clear "
-                "text; set admin.tls.cert and admin.tls.key",
-                admin.host,
-            )
+        warning = plaintext_warning("admin", admin.host, admin.tls)
+        if warning:
+            logger.warning(warning)
         self._admin = HttpListener(
             self.admin_app,
             admin.host,

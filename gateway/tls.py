@@ -25,7 +25,7 @@ import grpc
 
 from gateway.config import ConfigError, TlsSettings
 
-__all__ = ["ServerTls", "TlsReloader", "is_loopback"]
+__all__ = ["ServerTls", "TlsReloader", "is_loopback", "plaintext_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def plaintext_warning(listener: str, host: str, tls: TlsSettings) -> str | None:
+    """The start-up warning for a listener that carries bearer tokens in clear text
+    beyond this machine (a non-loopback address without TLS); None when there is none."""
+    if tls.enabled or is_loopback(host):
+        return None
+    return (
+        f"{listener} listener on {host} without TLS: bearer tokens cross the network in "
+        f"clear text; set {listener}.tls.cert and {listener}.tls.key"
+    )
 
 
 def _read(path: str) -> bytes:

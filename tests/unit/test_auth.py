@@ -31,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.files import DataDirError, open_new, private_dir, private_file
 from gateway.predlog import PredictionLogger
-from gateway.tls import is_loopback
+from gateway.tls import is_loopback, plaintext_warning
 
 ADMIN = [
     AdminToken(name="ops", role="operator", token="op"),
@@ -181,6 +181,12 @@ def test_tls_settings_are_checked() -> None:
     assert is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("10.1.2.3")
+    with_tls = TlsSettings(cert="c.pem", key="k.pem")
+    warning = plaintext_warning("admin", "0.0.0.0", TlsSettings())
+    assert warning is not None
+    assert "clear text" in warning
+    assert plaintext_warning("admin", "0.0.0.0", with_tls) is None
+    assert plaintext_warning("admin", "127.0.0.1", TlsSettings()) is None
 
 
 def _mode(path: Path) -> int:
