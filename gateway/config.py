@@ -497,6 +497,12 @@ def load_settings(
 def _check(settings: Settings) -> None:
     if settings.runtime.inference_workers < 1:
         raise ConfigError("runtime.inference_workers must be at least 1")
+    secrets = [c.token for c in settings.auth.clients] + [t.token for t in settings.admin.tokens]
+    if any(not secret for secret in secrets):
+        raise ConfigError("auth.clients and admin.tokens: a token must not be empty")
+    if len(set(secrets)) != len(secrets):
+        # One secret per scope: an inference token must never also grade or operate.
+        raise ConfigError("auth.clients and admin.tokens: each token must be distinct")
     for name, fields in settings.models.items():
         try:
             policy = msgspec.convert(fields, ModelPolicy, strict=False)

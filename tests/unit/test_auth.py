@@ -170,6 +170,18 @@ def test_load_bounds_name_the_field() -> None:
             bounds.check_load(fields)
 
 
+def test_tokens_are_distinct_across_scopes() -> None:
+    clients = [
+        {"name": "a", "token": "same", "scope": "infer"},
+        {"name": "b", "token": "same", "scope": "feedback"},
+    ]
+    with pytest.raises(ConfigError, match="distinct"):
+        load_settings(None, env={}, overrides={"auth.clients": clients})
+    admin = [{"name": "ops", "role": "operator", "token": "same"}]
+    with pytest.raises(ConfigError, match="distinct"):
+        load_settings(None, env={}, overrides={"auth.clients": clients[:1], "admin.tokens": admin})
+
+
 def test_tls_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="cert and key"):
         load_settings(None, env={}, overrides={"http.tls": {"cert": "a.pem"}})
