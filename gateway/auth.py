@@ -218,15 +218,15 @@ class DataPlaneGuard:
 
     def _check_http(self, scope: dict[str, Any]) -> None:
         path: str = scope["path"]
-        if path.endswith("/infer"):
-            if self._infer:
-                self.check_infer(_header(scope, b"authorization"))
-            return
         if path.startswith("/v2/repository"):
             if not self._control_enabled:
                 raise PermissionDeniedError(CONTROL_DISABLED)
             _same_site(scope, strict_type=True)
             self.check_control(_header(scope, b"authorization"))
+            return
+        if path.endswith("/infer"):
+            if self._infer:
+                self.check_infer(_header(scope, b"authorization"))
             return
         if path.startswith("/v2/models/"):
             if path.endswith("/feedback"):
