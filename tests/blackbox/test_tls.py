@@ -5,9 +5,11 @@ certificate reload under traffic."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +141,26 @@ def test_admin_cli_over_https(secure: RunningGateway, material: Material, tmp_pa
     err = io.StringIO()
     assert admin_main(["routes"], env, io.StringIO(), err) == 1  # an unknown CA: refused
     assert "certificate" in err.getvalue().lower()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_over_mtls(secure: RunningGateway, material: Material) -> None:
+    curl = ["curl", "-sS", "--max-time", "20", "--cacert", str(material.ca.cert)]
+    client = ["--cert", str(material.client.cert), "--key", str(material.client.key)]
+    url = f"https://{secure.http_url}/v2/models/mlp_small/infer"
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT0", "shape": [1, 32], "datatype": "FP32", "data": [1.0] * 32}]}
+    )
+    done = subprocess.run(
+        [*curl, *client, "-H", "content-type: application/json", "-d", body, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"][0]["shape"] == [1, 2]
+    refused = subprocess.run([*curl, url, "-d", body], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0  # no client certificate: the handshake fails
 
 
 def _served_serial(port: int, material: Material) -> int:
