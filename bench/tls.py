@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import secrets
 import ssl
 import statistics
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment()
     meta["command"] = " ".join(["python -m bench.tls", *(argv or sys.argv[1:])])
     meta["concurrency"] = args.concurrency
+    meta["load_average_at_start"] = list(os.getloadavg())
     cells: list[dict[str, Any]] = []
     with (
         GatewayProcess(root / "repo", settings["plain"], "plain") as plain,
@@ -249,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`{meta['command']}` — concurrency {args.concurrency}, {args.rounds} alternating "
         f"rounds of {args.window_s:g} s windows, medians; one-row mlp_small-shaped model; "
         "client and servers on the same machine. TLS: ECDSA P-256 server certificate, "
-        "connections reused (steady state, handshakes outside the window).\n\n"
+        "connections reused (steady state, handshakes outside the window). Load average "
+        f"at start {meta['load_average_at_start'][0]:.1f} on a shared machine: compare "
+        "within this run only; per-round cells are in tls.json.\n\n"
         + table(
             [
                 "protocol",
