@@ -39,6 +39,7 @@ from gateway.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    StoreUnavailableError,
     UnauthenticatedError,
 )
 from gateway.rollout.controller import RolloutController
@@ -393,10 +394,19 @@ def build_admin_app(
         else:
             body, params = await _read_body(request, ReasonBody), {}
         details: dict[str, object] = {"parameters": params} if params else {}
-        # Recorded first: a change that cannot be audited does not run (503 from the store).
-        await run_in_threadpool(
-            store.append_audit, token.name, f"model_{verb}", model, body.reason, details=details
-        )
+        # Recorded first: a change that cannot be audited does not run (503).
+        try:
+            await run_in_threadpool(
+                store.append_audit, token.name, f"model_{verb}", model, body.reason, details=details
+            )
+        except GatewayError:
+            raise
+        except Exception as exc:
+            logger.error("model %s of %s not audited, so not run: %s", verb, model, exc)
+            raise StoreUnavailableError(
+                f"{verb} of model '{model}' was not run: the audit trail could not record it "
+                f"({type(exc).__name__}); nothing changed"
+            ) from exc
         try:
             if verb == "load":
                 await control.load(model, params)

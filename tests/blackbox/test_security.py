@@ -319,6 +319,10 @@ def test_a_change_that_cannot_be_recorded_changes_nothing(locked: RunningGateway
         assert reply.status_code == 503, reply.text
         assert locked.on_loop(lambda: locked.gateway.router.get_route("pair")) == live  # type: ignore[union-attr]
         assert httpx.get(f"{api}/rollouts", headers=auth).json()["rollouts"] == []
+        reply = httpx.post(f"{api}/models/pair/unload", headers=auth)
+        assert reply.status_code == 503, reply.text
+        ready = httpx.get(f"http://{locked.http_url}/v2/models/pair/ready", headers=_bearer(INFER))
+        assert ready.status_code == 200
         assert httpx.get(f"{api}/routes", headers=auth).json()["routes"]["pair"]["variants"] == [
             {"version": "1", "weight": 1.0}
         ]
