@@ -39,13 +39,14 @@ from gateway.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    StoreUnavailableError,
     UnauthenticatedError,
 )
 from gateway.rollout.controller import RolloutController
 from gateway.rollout.policy import RolloutPolicy, RolloutState
 from gateway.status import error_response
 from gateway.store import MAX_AUDIT_LIMIT, Store
-from gateway.types import ModelIndexEntry
+from gateway.types import ModelControl, ModelIndexEntry, ParamValue
 
 __all__ = [
     "PREFIX",
@@ -55,6 +56,7 @@ __all__ = [
     "ReasonBody",
     "WeightsBody",
     "StartRolloutBody",
+    "LoadBody",
     "ModelLister",
     "DriftReporter",
     "build_admin_app",
@@ -102,6 +104,14 @@ class WeightsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of ``PUT routes/{model}/weights``: relative weights by version."""
 
     weights: dict[str, float]
+    reason: Reason = ""
+
+
+class LoadBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST models/{model}/load``: V2 load parameters (``config`` as a JSON
+    string, bounded by ``[model_control]``)."""
+
+    parameters: dict[str, str | int | float | bool] = {}
     reason: Reason = ""
 
 
@@ -279,10 +289,13 @@ def build_admin_app(
     *,
     extra_routes: Sequence[BaseRoute] = (),
     clock: Callable[[], float] = time.time,
+    control: ModelControl | None = None,
 ) -> Starlette:
     """The admin app. ``tokens`` maps each secret to its ``Token``; ``extra_routes`` (e.g.
     ``/metrics``, a dashboard) are appended as given, outside the auth. ``clock`` times the
-    auth-failure audit budget. Reads ``openapi_admin.json`` once, here."""
+    auth-failure audit budget. ``control`` adds model load, unload and index (operator;
+    audited before the change runs, so no change goes unrecorded). Reads
+    ``openapi_admin.json`` once, here."""
     auth = _Auth(tokens, store, clock)
     openapi = OPENAPI_PATH.read_bytes()
 
@@ -370,6 +383,52 @@ def build_admin_app(
     async def get_verify(request: Request, token: Token) -> Response:
         return _json(await run_in_threadpool(store.verify_audit))
 
+    async def model_change(request: Request, token: Token) -> Response:
+        assert control is not None
+        model = request.path_params["model"]
+        verb = request.url.path.rsplit("/", 1)[1]
+        body: LoadBody | ReasonBody
+        if verb == "load":
+            body = await _read_body(request, LoadBody)
+            params: dict[str, ParamValue] = dict(body.parameters)
+        else:
+            body, params = await _read_body(request, ReasonBody), {}
+        details: dict[str, object] = {"parameters": params} if params else {}
+        # Recorded first: a change that cannot be audited does not run (503).
+        try:
+            await run_in_threadpool(
+                store.append_audit, token.name, f"model_{verb}", model, body.reason, details=details
+            )
+        except GatewayError:
+            raise
+        except Exception as exc:
+            logger.error("model %s of %s not audited, so not run: %s", verb, model, exc)
+            raise StoreUnavailableError(
+                f"{verb} of model '{model}' was not run: the audit trail could not record it "
+                f"({type(exc).__name__}); nothing changed"
+            ) from exc
+        try:
+            if verb == "load":
+                await control.load(model, params)
+            else:
+                await control.unload(model)
+        except GatewayError as exc:
+            await run_in_threadpool(
+                store.append_audit,
+                token.name,
+                f"model_{verb}_failed",
+                model,
+                exc.message[:MAX_REASON_CHARS],
+            )
+            raise
+        return _json(
+            {"model": model, "action": verb, "models": _models_view(control.index(), controller)}
+        )
+
+    async def post_index(request: Request, token: Token) -> Response:
+        assert control is not None
+        return _json({"models": _models_view(control.index(), controller)})
+
     async def get_openapi(request: Request) -> Response:
         return Response(openapi, media_type=_JSON)
 
@@ -402,11 +461,24 @@ def build_admin_app(
                 methods=["POST"],
             )
         )
+    if control is not None:
+        for verb in ("load", "unload"):
+            routes.append(
+                Route(
+                    f"{p}/models/{{model}}/{verb}",
+                    endpoint("operator", model_change),
+                    methods=["POST"],
+                )
+            )
+        routes.append(Route(f"{p}/models/index", endpoint("viewer", post_index), methods=["POST"]))
     routes.extend(extra_routes)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths and methods get the same JSON error body as everything else.
         assert isinstance(exc, HTTPException)
-        return error_response((exc.status_code, str(exc.detail)))
+        response = error_response((exc.status_code, str(exc.detail)))
+        if exc.headers and "Allow" in exc.headers:  # RFC 9110: a 405 names the methods
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

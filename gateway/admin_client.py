@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -51,7 +52,16 @@ def _is_loopback(host: str) -> bool:
 class AdminClient:
     """Calls the admin API with a bearer token. Raises ``AdminClientError``."""
 
-    def __init__(self, url: str, token: str, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout_s: float = TIMEOUT_S,
+        *,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AdminClientError(0, f"admin URL must be http(s)://host[:port], not {url!r}")
@@ -61,7 +71,19 @@ class AdminClient:
         self._token = token
         self._timeout_s = timeout_s
         # A local admin port must not be reached through an HTTP proxy that would see the token.
-        handlers = [urllib.request.ProxyHandler({})] if self.is_local else []
+        handlers: list[urllib.request.BaseHandler] = (
+            [urllib.request.ProxyHandler({})] if self.is_local else []
+        )
+        if parts.scheme == "https":
+            # --cacert: trust this CA (a private one); --cert/--key: a client certificate
+            # for an admin listener that requires one (mTLS).
+            try:
+                context = ssl.create_default_context(cafile=cacert)
+                if cert:
+                    context.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                raise AdminClientError(0, f"cannot load TLS files: {exc}") from None
+            handlers.append(urllib.request.HTTPSHandler(context=context))
         self._opener = urllib.request.build_opener(*handlers)
 
     def call(self, method: str, path: str, body: object | None = None) -> Any:
@@ -122,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", help=f"admin API base URL (${URL_ENV}, default {DEFAULT_URL})")
     parser.add_argument("--token-file", help="read the bearer token from this file")
+    parser.add_argument("--cacert", help="PEM CA bundle to verify an https admin URL")
+    parser.add_argument("--cert", help="PEM client certificate (admin listener with mTLS)")
+    parser.add_argument("--key", help="PEM key of --cert (if not inside it)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON as is")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -306,7 +331,7 @@ def main(
         return 2
     url = args.url or env.get(URL_ENV) or DEFAULT_URL
     try:
-        client = AdminClient(url, token)
+        client = AdminClient(url, token, cacert=args.cacert, cert=args.cert, key=args.key)
         if client.is_plaintext_remote:
             err.write(f"gateway admin: warning: sending the token in clear text to {url}\n")
         result = client.call(method, path, body)

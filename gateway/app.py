@@ -28,6 +28,7 @@ from starlette.routing import Route as Route_
 from gateway import __version__
 from gateway.admin import Token, build_admin_app
 from gateway.alerts import AlertSender
+from gateway.auth import DataPlaneGuard
 from gateway.config import Settings
 from gateway.control import ModelLifecycle
 from gateway.dataplane import DataPlane
@@ -35,6 +36,7 @@ from gateway.drift.buffer import BufferedObserver
 from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
+from gateway.files import private_dir, private_file
 from gateway.fleet import Fleet
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.http_api import HttpFrontEnd, limit_body
@@ -47,6 +49,7 @@ from gateway.router import Router
 from gateway.servers import GrpcListener, HttpListener
 from gateway.store import RedisStore, SqliteStore
 from gateway.telemetry import Telemetry
+from gateway.tls import ServerTls, TlsReloader, plaintext_warning
 from gateway.types import Route, ShadowTarget, Variant
 
 __all__ = ["Gateway", "serve", "run"]
@@ -84,6 +87,7 @@ class Gateway:
             self.monitor,
             self.observer,
             drift_enabled=settings.drift.enabled,
+            load_bounds=settings.model_control,
         )
         self._started = False
         self._draining = False
@@ -113,32 +117,48 @@ class Gateway:
             access_log=self.access_log,
             limits=settings.limits,
         )
+        http, grpc = settings.http, settings.grpc
+        self.guard = DataPlaneGuard(
+            settings.auth,
+            settings.model_control,
+            settings.admin.tokens,
+            internal_endpoints=http.internal_endpoints,
+        )
         self.inference = InferenceServicer(
             self.plane,
             self.control,
             access_log=self.access_log,
+            control_check=self.guard.check_control_metadata,
             stream_max_unanswered=settings.limits.stream_max_unanswered,
         )
         self.telemetry.responses.update(http=self.http.responses, grpc=self.inference.responses)
-        http, grpc = settings.http, settings.grpc
+        self.tls = {
+            name: ServerTls(tls, name)
+            for name, tls in (("http", http.tls), ("grpc", grpc.tls), ("admin", settings.admin.tls))
+            if tls.enabled
+        }
+        self._tls_reloader = TlsReloader(list(self.tls.values()))
         self._http = HttpListener(
-            self.http.app,
+            self.guard.http_app(self.http.app),
             http.host,
             http.port,
             access_log=http.access_log,
             grace_period_s=settings.grace_period_s,
             reuse_port=reuse_port,
             limits=settings.limits,
+            ssl_context=self.tls["http"].ssl_context() if "http" in self.tls else None,
         )
         self._grpc = GrpcListener(
             self.inference,
             HealthServicer(self.plane),
-            FeedbackServicer(self.plane),
+            FeedbackServicer(self.plane, self.guard.check_grpc_feedback_peer),
             grpc.host,
             grpc.port,
             max_message_bytes=grpc.max_message_bytes,
             reuse_port=reuse_port,
             limits=settings.limits,
+            credentials=self.tls["grpc"].grpc_credentials() if "grpc" in self.tls else None,
+            interceptors=self.guard.interceptors(),
         )
         self._admin: HttpListener | None = None
         self.store: SqliteStore | RedisStore | None = None
@@ -164,6 +184,10 @@ class Gateway:
 
     def is_ready(self) -> bool:
         return self._started and not self._draining
+
+    def reload_tls(self) -> None:
+        """Re-read every listener's certificate, key and client CA (SIGHUP)."""
+        self._tls_reloader.reload_all()
 
     def drift_report(self, model: str, version: str = "", against: str = "") -> DriftReport:
         return self.control.drift_report(model, version, against)
@@ -203,6 +227,9 @@ class Gateway:
             if self.fleet.relay is not None:
                 self.plane.relay = self.fleet.relay.forward
         admin = settings.admin
+        warning = plaintext_warning("admin", admin.host, admin.tls)
+        if warning:
+            logger.warning(warning)
         self._admin = HttpListener(
             limit_body(self.admin_app, settings.limits.control_body_bytes),
             admin.host,
@@ -211,8 +238,10 @@ class Gateway:
             grace_period_s=settings.grace_period_s,
             reuse_port=self.reuse_port,
             limits=settings.limits,
+            ssl_context=self.tls["admin"].ssl_context() if "admin" in self.tls else None,
         )
         await self._admin.start()
+        self._tls_reloader.start()
         self._started = True
         logger.info(
             "serving %s on HTTP %s:%d and gRPC %s:%d (admin %s:%d)",
@@ -240,7 +269,7 @@ class Gateway:
         controller's evaluation loop, alert webhooks and the admin app."""
         settings = self.settings
         data_dir = Path(settings.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         gather = SignalGatherer(self.router, self.monitor, self.outcomes)
         if settings.store.url:
             self.fleet = Fleet(settings.store, self.router, self.incarnation)
@@ -251,7 +280,7 @@ class Gateway:
                 self.router, self.monitor, self.outcomes, traffic=self.fleet.traffic
             )
         else:
-            self.store = SqliteStore(data_dir / "control.sqlite3")
+            self.store = SqliteStore(private_file(data_dir / "control.sqlite3"))
         if settings.alerts.webhooks:
             self.alerts = AlertSender(
                 settings.alerts.webhooks,
@@ -282,8 +311,10 @@ class Gateway:
             self.control.drift_json,
             extra_routes=[
                 Route_("/metrics", self.telemetry.endpoint, methods=["GET"]),
+                *self.http.internal_routes(),
                 *_dashboard_routes(),
             ],
+            control=self.control,
         )
 
     async def stop(self) -> None:
@@ -291,6 +322,7 @@ class Gateway:
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
         self.inference.drain()
+        await self._tls_reloader.stop()
         if self.controller is not None:
             await self.controller.stop()
         if self.fleet is not None:
@@ -333,7 +365,7 @@ async def _main(settings: Settings, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with serve(settings, reuse_port=reuse_port) as gateway:
-        del gateway
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
         await stop.wait()
         logger.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
 

@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from gateway.app import run  # deferred: onnxruntime and grpc load only to serve
 
-    run(settings)
+    try:
+        run(settings)
+    except ConfigError as exc:  # found at start: an unwritable data folder, bad TLS files
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -35,6 +35,10 @@ __all__ = [
     "GrpcSettings",
     "LimitsSettings",
     "parse_duration",
+    "TlsSettings",
+    "ModelControlSettings",
+    "ClientToken",
+    "DataAuthSettings",
     "Settings",
     "ConfigError",
     "load_settings",
@@ -121,6 +125,33 @@ class RuntimeSettings(_Base, frozen=True):
     """Run each model once at load so the first request does not pay the initialisation."""
 
 
+class TlsSettings(_Base, frozen=True):
+    """TLS for one listener: off unless ``cert`` and ``key`` are set; mTLS with ``client_ca``.
+    The files are re-read when they change on disk or on SIGHUP (no restart, no dropped
+    connections: only new handshakes use the new certificate)."""
+
+    cert: str = ""
+    """PEM certificate chain the listener presents; "" serves plain TCP."""
+    key: str = ""
+    """PEM private key of ``cert``."""
+    client_ca: str = ""
+    """PEM bundle of CAs whose client certificates are required (mTLS); "" asks for none."""
+    reload_interval_s: float = 5.0
+    """How often (s) the files' modification times are checked; 0 reloads on SIGHUP only."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key must be set together")
+        if self.client_ca and not self.cert:
+            raise ValueError("client_ca (mTLS) needs cert and key")
+        if self.reload_interval_s < 0:
+            raise ValueError("reload_interval_s must be >= 0")
+
+
 class HttpSettings(_Base, frozen=True):
     """The REST listener (KServe V2 over HTTP/1.1)."""
 
@@ -132,6 +163,15 @@ class HttpSettings(_Base, frozen=True):
     """Largest request body accepted (after decompression); larger ones get 413."""
     access_log: bool = False
     """uvicorn's access log; off because it costs about 0.03 ms per request."""
+    tls: TlsSettings = TlsSettings()
+    """HTTPS (and mTLS) on this listener."""
+    internal_endpoints: Literal["data", "admin"] = "data"
+    """Where ``/metrics``, ``/v2/models/<m>/route`` and ``/v2/models/<m>/outcomes`` are
+    served: "data" on this listener and the admin listener, "admin" on the admin listener
+    only. "data" is the default because the route view exists for external load balancers
+    and splitters that only reach the data port, and existing scrapers use it; set "admin"
+    whenever the data port faces clients you do not trust (these pages name features,
+    routes and accuracy)."""
 
 
 class GrpcSettings(_Base, frozen=True):
@@ -143,6 +183,8 @@ class GrpcSettings(_Base, frozen=True):
     """TCP port; 0 picks a free one. 8001 is the V2 convention."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
+    tls: TlsSettings = TlsSettings()
+    """TLS (and mTLS) on this listener."""
 
 
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -309,6 +351,11 @@ class PredictionLogSettings(_Base, frozen=True):
     deleted while serving goes on."""
     flush_interval_s: float = 1.0
     """Seconds between flushes of open files: how stale a reader's view may be."""
+    keep_files: int = 48
+    """Rotated files kept per model version; older ones are deleted (0 keeps all). 48
+    hourly files are two days of samples."""
+    keep_age_s: float = 7 * 24 * 3600.0
+    """Rotated files older than this are deleted (0 keeps them regardless of age)."""
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError with the field's path
@@ -390,6 +437,71 @@ class AdminSettings(_Base, frozen=True):
     tokens: list[AdminToken] = []
     """Who may call it. No tokens: every API call is refused (401); metrics and the
     dashboard page stay readable."""
+    tls: TlsSettings = TlsSettings()
+    """HTTPS (and mTLS) on the admin listener; without it a non-loopback ``host`` logs a
+    warning at start (tokens would cross the network in clear text)."""
+
+
+class ModelControlSettings(_Base, frozen=True):
+    """The V2 repository extension (load, unload, index) on the data listeners."""
+
+    enabled: bool = False
+    """Off (as Triton's ``--model-control-mode=none``): the data port answers 403 /
+    PERMISSION_DENIED; the admin API's model routes still work. On: each call needs an
+    admin token with the operator role (``Authorization: Bearer``, gRPC metadata too)."""
+    max_batch_size: int = 4096
+    """Largest ``max_batch_size`` a load request's config may set (warm-up allocates it)."""
+    max_queue_delay_us: int = 100_000
+    """Largest ``max_queue_delay_microseconds`` a load request may set (100 ms)."""
+    max_instances: int = 8
+    """Largest ``instance_group[0].count`` a load request may set."""
+    max_queue_size: int = 65_536
+    """Largest queue size a load request may set."""
+
+    def check_load(self, fields: Mapping[str, Any]) -> None:
+        """Refuse load-time policy values beyond the bounds, naming the field."""
+        bounds = {
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "instances": self.max_instances,
+            "max_queue_size": self.max_queue_size,
+        }
+        for name, bound in bounds.items():
+            if name not in fields:
+                continue
+            value = fields[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInputError(f"load config field '{name}' must be a number")
+            if not 0 <= value <= bound:
+                raise InvalidInputError(
+                    f"load config field '{name}' = {value} is outside 0..{bound} "
+                    f"(model_control.{'max_instances' if name == 'instances' else name})"
+                )
+
+
+class ClientToken(_Base, frozen=True):
+    """A data-plane bearer token: who holds it and what it may do."""
+
+    name: str
+    """The client's name (logs, feedback rate limit); the secret is never logged."""
+    token: str
+    """The secret (prefer GATEWAY_AUTH__CLIENTS in the environment)."""
+    scope: Literal["infer", "feedback"]
+    """infer: inference and metadata; feedback: ground truth only. A token holds one scope,
+    so a caller that can infer cannot also grade (give a client two tokens for both)."""
+
+
+class DataAuthSettings(_Base, frozen=True):
+    """Optional bearer tokens on the data listeners, checked before the body is decoded."""
+
+    clients: list[ClientToken] = []
+    """Known tokens. Inference needs an infer token once any infer token exists; feedback
+    needs a feedback token once any feedback token exists (each scope is on by itself)."""
+    feedback_rate: float = 50.0
+    """Feedback calls per second per client (token, else peer address); beyond the burst
+    calls get 429 / RESOURCE_EXHAUSTED. 0 turns the limit off."""
+    feedback_burst: int = 100
+    """Feedback calls a client may make at once before the rate applies."""
 
 
 class AlertSettings(_Base, frozen=True):
@@ -448,6 +560,8 @@ class Settings(_Base, frozen=True):
     """Folder for durable control-plane state (routes, rollouts, the audit trail) and
     prediction logs; relative paths are relative to the working directory."""
     admin: AdminSettings = AdminSettings()
+    model_control: ModelControlSettings = ModelControlSettings()
+    auth: DataAuthSettings = DataAuthSettings()
     predictions: PredictionLogSettings = PredictionLogSettings()
     feedback: FeedbackSettings = FeedbackSettings()
     log_format: Literal["json", "text"] = "json"
@@ -529,6 +643,12 @@ def _check(settings: Settings) -> None:
         raise ConfigError("store: lease_ttl_s, resync_interval_s and heartbeat_ttl_s must be > 0")
     if settings.runtime.inference_workers < 1:
         raise ConfigError("runtime.inference_workers must be at least 1")
+    secrets = [c.token for c in settings.auth.clients] + [t.token for t in settings.admin.tokens]
+    if any(not secret for secret in secrets):
+        raise ConfigError("auth.clients and admin.tokens: a token must not be empty")
+    if len(set(secrets)) != len(secrets):
+        # One secret per scope: an inference token must never also grade or operate.
+        raise ConfigError("auth.clients and admin.tokens: each token must be distinct")
     for name, fields in settings.models.items():
         try:
             policy = msgspec.convert(fields, ModelPolicy, strict=False)

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway.batcher import Batcher
+from gateway.config import ModelControlSettings
 from gateway.drift.buffer import BufferedObserver
 from gateway.drift.build import find_profile, load_checked
 from gateway.drift.monitor import DriftMonitor
@@ -71,12 +72,14 @@ class ModelLifecycle:
         observer: BufferedObserver,
         *,
         drift_enabled: bool,
+        load_bounds: ModelControlSettings | None = None,
     ) -> None:
         self.repository = repository
         self.router = router
         self.monitor = monitor
         self.observer = observer
         self._drift_enabled = drift_enabled
+        self._load_bounds = load_bounds
         self.drift_refused: dict[tuple[str, str], str] = {}
         """(model, version) -> why its drift profile was refused."""
         self._lock = asyncio.Lock()
@@ -107,6 +110,8 @@ class ModelLifecycle:
                 raise InvalidInputError(
                     "uploading model files is not supported; place them in the repository"
                 )
+        if self._load_bounds is not None:
+            self._load_bounds.check_load(extra)
         async with self._lock:
             loaded = await self.repository.load(name, extra)
             if not loaded:

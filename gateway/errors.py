@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "UnauthenticatedError",
     "PermissionDeniedError",
+    "RateLimitedError",
     "UnimplementedError",
     "ModelExecutionError",
     "InternalError",
@@ -43,6 +44,7 @@ class ErrorKind(enum.Enum):
     UNSUPPORTED_MEDIA = "unsupported_media"
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
     UNIMPLEMENTED = "unimplemented"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -133,6 +135,12 @@ class PermissionDeniedError(GatewayError, PermissionError):
     """Valid credentials whose role does not allow the operation."""
 
     kind = ErrorKind.FORBIDDEN
+
+
+class RateLimitedError(GatewayError):
+    """The caller exceeded its request rate (e.g. feedback per client); retry later."""
+
+    kind = ErrorKind.RATE_LIMITED
 
 
 class UnimplementedError(GatewayError, NotImplementedError):

@@ -106,9 +106,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         *,
         access_log: AccessLog | None = None,
         stream_max_unanswered: int = _STREAM_CONCURRENCY,
+        control_check: Callable[[Any], None] | None = None,
     ) -> None:
         self._plane = plane
         self._control = control
+        self._control_check = control_check
+        """Called with a repository call's metadata first; raises when it is refused."""
         self._stream_limit = stream_max_unanswered
         self._draining = False
         self._streams: set[asyncio.Event] = set()
@@ -309,7 +312,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RepositoryIndexResponse:
+        self._may_control(context)
         return v2_grpc.repository_index(self._control.index(), request.ready)
+
+    def _may_control(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._control_check is not None:
+            self._control_check(context.invocation_metadata())
 
     @staticmethod
     def _model_name(request: Any) -> str:
@@ -326,6 +334,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelLoadRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.RepositoryModelLoadResponse:
+        self._may_control(context)
         params = v2_grpc.repository_parameters(request.parameters)
         await self._control.load(self._model_name(request), params)
         return pb.RepositoryModelLoadResponse()
@@ -336,6 +345,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelUnloadRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.RepositoryModelUnloadResponse:
+        self._may_control(context)
         await self._control.unload(self._model_name(request))
         return pb.RepositoryModelUnloadResponse()
 
@@ -383,13 +393,17 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """gateway.feedback.v1.Feedback: ground truth joined to earlier predictions by id."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, rate_check: Callable[[str], None] | None = None) -> None:
         self._plane = plane
+        self._rate_check = rate_check
+        """Called with the peer's address before decoding; raises when over its rate."""
 
     @_guarded
     async def Submit(  # noqa: N802
         self, request: feedback_pb2.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feedback_pb2.FeedbackResponse:
+        if self._rate_check is not None:
+            self._rate_check(context.peer().rpartition(":")[0])
         items = decode_feedback_message(request)
         result = await self._plane.feedback(request.model_name, items)
         return encode_feedback_message(result)

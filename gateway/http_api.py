@@ -404,7 +404,10 @@ class HttpFrontEnd:
             message = {404: "Not Found", 405: "Method Not Allowed"}.get(
                 exc.status_code, str(exc.detail)
             )
-            return error_response((exc.status_code, message))
+            response = error_response((exc.status_code, message))
+            if exc.headers and "Allow" in exc.headers:  # RFC 9110: a 405 names the methods
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
 
         async def unexpected(request: Request, exc: Exception) -> Response:
             logger.exception("unexpected error serving %s", request.url.path, exc_info=exc)
@@ -418,6 +421,26 @@ class HttpFrontEnd:
                 Exception: unexpected,
             },
         )
+
+    def internal_routes(self) -> list[Route]:
+        """The route view and outcomes, for the admin listener (always served there; on
+        this listener unless ``http.internal_endpoints`` is "admin")."""
+
+        def safe(
+            handler: Callable[[Request], Awaitable[Response]],
+        ) -> Callable[[Request], Awaitable[Response]]:
+            async def run(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except GatewayError as exc:
+                    return error_response(exc)
+
+            return run
+
+        return [
+            Route("/v2/models/{model}/route", safe(self._route), methods=["GET"]),
+            Route("/v2/models/{model}/outcomes", safe(self._get_outcomes), methods=["GET"]),
+        ]
 
     async def _prometheus(self, request: Request) -> Response:
         if self._metrics is None:

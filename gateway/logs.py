@@ -12,8 +12,8 @@ name/value pairs, and uvicorn gets a logging config (``uvicorn_log_config``) to 
 
 from __future__ import annotations
 
-import itertools
 import logging
+import os
 import random
 import re
 import secrets
@@ -325,15 +325,24 @@ class AccessLog:
 
 
 class RequestIds:
-    """Fast unique ids for requests that bring none: a random per-process prefix and a
-    counter (about 0.3 µs, against 3.5 µs for 16 random bytes per request); unique across
-    replicas through the prefix, never reused within a process."""
+    """Unguessable ids for requests that bring none: 128 random bits each (32 hex digits),
+    cut from a buffer the OS CSPRNG fills 256 ids at a time. About 0.2 µs per id against
+    0.7 µs for ``secrets.token_hex(16)`` per call (``python -m bench.tls`` measures both).
+    An id cannot be derived from another, so a caller who sees its own ids cannot name
+    another caller's prediction (feedback joins by id)."""
 
-    __slots__ = ("_counter", "_prefix")
+    __slots__ = ("_hex", "_pos")
+
+    _BATCH = 256
 
     def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count(1)
+        self._hex = ""
+        self._pos = 0
 
     def new(self) -> str:
-        return f"{self._prefix}-{next(self._counter):x}"
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(16 * self._BATCH).hex()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos : pos + 32]

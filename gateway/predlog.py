@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.config import PredictionLogSettings
+from gateway.files import open_new, private_dir
 
 __all__ = [
     "PredictionLogSettings",
@@ -114,7 +115,7 @@ def _segment_name(ts: float, seq: int) -> str:
 
 
 def _open_exclusive(path: Path) -> IO[bytes]:
-    return open(path, "xb")  # closed by the writer thread
+    return open_new(path)  # 0600; closed by the writer thread
 
 
 @dataclass(slots=True)
@@ -159,6 +160,8 @@ class PredictionLogger:
         self._dropped = 0
         self._written = 0
         self._errors = 0
+        self.deleted = 0
+        """Files removed by retention (keep_files, keep_age_s)."""
         self._seq = 0
         self._wake: threading.Event | None = None
         self._stopping: threading.Event | None = None
@@ -244,7 +247,7 @@ class PredictionLogger:
         """Start the writer thread (nothing when disabled). Creates the directory."""
         if not self.settings.enabled or self._thread is not None:
             return
-        Path(self.settings.directory).mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.directory)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -352,8 +355,8 @@ class PredictionLogger:
             self._close(key)
             segment = None
         if segment is None:
-            folder = segment_dir(self.settings.directory, *key)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = private_dir(segment_dir(self.settings.directory, *key))
+            self._retain(folder)
             while True:
                 self._seq += 1
                 path = folder / _segment_name(now, self._seq)
@@ -365,6 +368,31 @@ class PredictionLogger:
             segment = _Segment(path, file, now)
             self._segments[key] = segment
         return segment
+
+    def _retain(self, folder: Path) -> None:
+        """Delete this folder's closed files beyond ``keep_files`` (oldest first) and those
+        older than ``keep_age_s`` (by modification time). Runs when a file rotates."""
+        keep, max_age = self.settings.keep_files, self.settings.keep_age_s
+        if keep <= 0 and max_age <= 0:
+            return
+        try:
+            files = sorted(
+                (p.stat().st_mtime, p.name, p)
+                for p in folder.iterdir()
+                if p.name.startswith(_FILE_PREFIX) and p.name.endswith(_FILE_SUFFIX)
+            )
+        except OSError as exc:
+            logger.warning("prediction log retention skipped in %s: %s", folder.name, exc)
+            return
+        expired = time.time() - max_age
+        for index, (mtime, _name, path) in enumerate(files):
+            beyond_count = keep > 0 and index < len(files) - keep
+            if beyond_count or (max_age > 0 and mtime < expired):
+                try:
+                    path.unlink()
+                    self.deleted += 1
+                except OSError as exc:
+                    logger.warning("prediction log file %s not deleted: %s", path.name, exc)
 
     def _flush_and_age(self) -> None:
         now = self._clock()

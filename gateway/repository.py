@@ -429,10 +429,15 @@ class ModelRepository:
         model_dir = self.root / name
         if not model_dir.is_dir() or not self._version_dirs(model_dir):
             raise ModelNotFoundError(
-                f"model '{name}' is not in the repository (no {self.root}/{name}/<version>/"
+                f"model '{name}' is not in the repository (no <repository>/{name}/<version>/"
                 f"{MODEL_FILE})"
             )
-        policy = load_model_policy(model_dir, self._overrides.get(name), extra)
+        try:
+            policy = load_model_policy(model_dir, self._overrides.get(name), extra)
+        except GatewayError as exc:
+            # Client-visible: the repository's absolute path stays on the server.
+            exc.message = exc.message.replace(str(self.root), "<repository>")
+            raise
         loop = asyncio.get_running_loop()
         loaded: list[ModelVersion] = []
         for vdir in self._version_dirs(model_dir):
@@ -445,6 +450,8 @@ class ModelRepository:
             except Exception as exc:
                 reason = exc.message if isinstance(exc, GatewayError) else f"{exc}"
                 logger.error("model %s version %s failed to load: %s", name, version, reason)
+                # The index and load errors reach clients: no absolute server paths.
+                reason = reason.replace(str(self.root), "<repository>")
                 self.set_state(name, version, "UNAVAILABLE", reason)
                 continue
             loaded.append(model)

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Generator
+import ssl
+from collections.abc import Generator, Sequence
 from typing import Any
 
 # grpc's C core logs to stderr itself, as text; errors only (a setting from the
@@ -73,10 +74,12 @@ class HttpListener:
         grace_period_s: float,
         reuse_port: bool = False,
         limits: LimitsSettings | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._reuse_port = reuse_port
         self._app = app
         self._limits = limits or LimitsSettings()
+        self._ssl = ssl_context
         self._host = host
         self._port = port
         self._access_log = access_log
@@ -105,6 +108,10 @@ class HttpListener:
             log_config=uvicorn_log_config(),
             **kwargs,
         )
+        if self._ssl is not None:
+            # uvicorn builds a context from file names; ours is reloaded in place (tls.py).
+            config.load()
+            config.ssl = self._ssl
         server = self._server = _Uvicorn(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
@@ -136,8 +143,12 @@ class GrpcListener:
         max_message_bytes: int,
         reuse_port: bool = False,
         limits: LimitsSettings | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self._reuse_port = reuse_port
+        self._credentials = credentials
+        self._interceptors = tuple(interceptors)
         self._servicers = (inference, health, feedback)
         self._address = f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
@@ -150,14 +161,20 @@ class GrpcListener:
         """Build the server on the running loop, bind and start it."""
         inference, health, feedback = self._servicers
         server = self._server = grpc.aio.server(
-            options=grpc_options(self._limits, self._max_message_bytes, reuse_port=self._reuse_port)
+            interceptors=self._interceptors or None,
+            options=grpc_options(
+                self._limits, self._max_message_bytes, reuse_port=self._reuse_port
+            ),
         )
         # Generated registration functions carry no annotations.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         if feedback is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
-        self.port = server.add_insecure_port(self._address)
+        if self._credentials is not None:
+            self.port = server.add_secure_port(self._address, self._credentials)
+        else:
+            self.port = server.add_insecure_port(self._address)
         await server.start()
 
     async def stop(self, grace_period_s: float) -> None:

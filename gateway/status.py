@@ -39,6 +39,7 @@ STATUS: Final[Mapping[ErrorKind, tuple[int, grpc.StatusCode]]] = {
     ErrorKind.UNSUPPORTED_MEDIA: (415, grpc.StatusCode.INVALID_ARGUMENT),
     ErrorKind.UNAUTHENTICATED: (401, grpc.StatusCode.UNAUTHENTICATED),
     ErrorKind.FORBIDDEN: (403, grpc.StatusCode.PERMISSION_DENIED),
+    ErrorKind.RATE_LIMITED: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorKind.UNIMPLEMENTED: (501, grpc.StatusCode.UNIMPLEMENTED),
     ErrorKind.UNAVAILABLE: (503, grpc.StatusCode.UNAVAILABLE),
     ErrorKind.INTERNAL: (500, grpc.StatusCode.INTERNAL),
@@ -69,6 +70,7 @@ _KIND_HEADERS: Final[Mapping[ErrorKind, tuple[tuple[bytes, bytes], ...]]] = {
     ErrorKind.FORBIDDEN: (
         (b"www-authenticate", f'{AUTH_CHALLENGE}, error="insufficient_scope"'.encode()),
     ),
+    ErrorKind.RATE_LIMITED: ((b"retry-after", b"1"),),
 }
 _JSON: Final = b"application/json"
 

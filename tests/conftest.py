@@ -18,6 +18,15 @@ from tests.models import build_repository
 T = TypeVar("T")
 _COUNTER = itertools.count()
 
+CONTROL_TOKEN = "test-operator-secret"
+"""An admin operator token the shared servers accept for V2 model control."""
+CONTROL_HEADERS = {"authorization": f"Bearer {CONTROL_TOKEN}"}
+CONTROL_SETTINGS: dict[str, Any] = {
+    "model_control.enabled": True,
+    "admin.tokens": [{"name": "tests", "role": "operator", "token": CONTROL_TOKEN}],
+}
+"""Settings that turn data-port model control on for ``CONTROL_HEADERS``."""
+
 
 class RunningGateway:
     """A gateway serving in a background thread with its own event loop."""
@@ -106,6 +115,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[RunningGateway]:
-    running = RunningGateway(gateway_settings(repository)).start()
+    running = RunningGateway(gateway_settings(repository, **CONTROL_SETTINGS)).start()
     yield running
     running.stop()

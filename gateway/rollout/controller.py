@@ -33,7 +33,12 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway.errors import ConflictError, GatewayError, InvalidInputError, ModelNotFoundError
+from gateway.errors import (
+    ConflictError,
+    GatewayError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 from gateway.rollout.decide import decide
 from gateway.rollout.loop import ActivityWatch, EvaluationLoop
 from gateway.rollout.policy import (

@@ -22,7 +22,12 @@ from typing import Final, ParamSpec, TypeAlias, TypeVar
 
 import msgspec
 
-from gateway.errors import FencedWriteError, GatewayError, VersionConflictError
+from gateway.errors import (
+    FencedWriteError,
+    GatewayError,
+    StoreUnavailableError,
+    VersionConflictError,
+)
 from gateway.rollout.policy import CONTROLLER_ACTOR, RolloutState
 from gateway.store import AuditEvent, Lease, ModelState, Store
 from gateway.types import Route
@@ -121,7 +126,9 @@ class SharedState:
             self._undo(model, route, old_route, state, old_state)
             if isinstance(exc, VersionConflictError):
                 self._refresh(model)
-            raise
+            if isinstance(exc, GatewayError):
+                raise
+            raise _unavailable(model, event.action, exc) from exc
         self.versions[model] = done.version
 
     def _undo(
@@ -183,3 +190,12 @@ class SharedState:
                     logger.warning("route of model %s not applied: %s", model, exc)
         self.versions[model] = state.version
         return True
+
+
+def _unavailable(model: str, action: str, exc: Exception) -> StoreUnavailableError:
+    """The 503 for a change the store could not record (a full disk, an unwritable file):
+    all-or-nothing, so it did not take effect either."""
+    return StoreUnavailableError(
+        f"{action} of model '{model}' was not applied: the control store could not record it "
+        f"({type(exc).__name__}: {str(exc)[:200]}); the live state is unchanged"
+    )

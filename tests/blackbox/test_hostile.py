@@ -24,6 +24,10 @@ from tests.gateway_process import GatewayProcess
 _MB = 1 << 20
 
 
+_TOKEN = "hostile-tests-operator-token"
+_AUTH = {"authorization": f"Bearer {_TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def gateway(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("hostile")
@@ -33,7 +37,13 @@ def gateway(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         (root / name).symlink_to(repository / name)
     # Feedback memory off: it keeps up to 32 MiB of answers by design, which would hide
     # what these tests measure.
-    process = GatewayProcess(root, tmp / "data", env={"GATEWAY_FEEDBACK__ENABLED": "false"})
+    # Model control on (with an operator token), so its routes' limits are what is tested.
+    env = {
+        "GATEWAY_FEEDBACK__ENABLED": "false",
+        "GATEWAY_MODEL_CONTROL__ENABLED": "true",
+        "GATEWAY_ADMIN__TOKENS": f'[{{name = "ops", role = "operator", token = "{_TOKEN}"}}]',
+    }
+    process = GatewayProcess(root, tmp / "data", env=env)
     yield process
     assert process.stop() == 0
 
@@ -138,6 +148,7 @@ def _declared_body(gateway: GatewayProcess, path: str, size: int) -> bytes:
     with socket.create_connection(("127.0.0.1", gateway.http_port)) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {_TOKEN}\r\n"
             f"Content-Length: {size}\r\n\r\n".encode()
             + b"[" * 1024
         )
@@ -173,7 +184,9 @@ def test_large_bodies_get_413_before_they_are_read(
             yield b" " * _MB
 
     try:
-        streamed = httpx.post(f"{gateway.http_url}{path}", content=chunks(), timeout=30)
+        streamed = httpx.post(
+            f"{gateway.http_url}{path}", content=chunks(), headers=_AUTH, timeout=30
+        )
         assert streamed.status_code == 413, streamed.text
         assert "exceeds the limit" in streamed.json()["error"]
     except httpx.HTTPError:
@@ -278,7 +291,9 @@ def test_nesting_10k_deep_is_400(gateway: GatewayProcess, stub: Any) -> None:
         '"datatype":"FP32","data":[' + ",".join(["1"] * 32) + "]}]}"
     )
     for path, text in bodies.items():
-        answer = httpx.post(f"{gateway.http_url}{path}", content=text.encode(), timeout=30)
+        answer = httpx.post(
+            f"{gateway.http_url}{path}", content=text.encode(), headers=_AUTH, timeout=30
+        )
         assert answer.status_code == 400, (path, answer.text)
         assert answer.json()["error"]
     _serves(gateway, stub)
@@ -287,11 +302,15 @@ def test_nesting_10k_deep_is_400(gateway: GatewayProcess, stub: Any) -> None:
 def test_model_names_over_255_bytes_are_400(gateway: GatewayProcess, stub: Any) -> None:
     name = "m" * 300
     for path in (f"/v2/repository/models/{name}/load", f"/v2/models/{name}/infer"):
-        answer = httpx.post(f"{gateway.http_url}{path}", content=b"{}", timeout=30)
+        answer = httpx.post(f"{gateway.http_url}{path}", content=b"{}", headers=_AUTH, timeout=30)
         assert answer.status_code == 400, (path, answer.text)
         assert "255" in answer.json()["error"]
     code, details = _grpc_code(
-        lambda: stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=30)
+        lambda: stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=name),
+            metadata=tuple(_AUTH.items()),
+            timeout=30,
+        )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "255" in details

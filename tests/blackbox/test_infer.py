@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.clients import PROTOCOLS, Array, client, infer
-from tests.conftest import RunningGateway
+from tests.conftest import CONTROL_HEADERS, RunningGateway
 
 BATCH_SIZES = (1, 2, 7, 32, 64)
 
@@ -212,7 +212,7 @@ def test_repository_index_reports_broken_model(server: RunningGateway) -> None:
     for protocol in PROTOCOLS:
         url = server.http_url if protocol == "http" else server.grpc_url
         conn = client(protocol, url)
-        index = conn.get_model_repository_index()
+        index = conn.get_model_repository_index(headers=CONTROL_HEADERS)
         if protocol == "grpc":
             entries = {(m.name, m.version): (m.state, m.reason) for m in index.models}
         else:

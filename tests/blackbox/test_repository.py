@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.clients import PROTOCOLS, client, infer
-from tests.conftest import RunningGateway, gateway_settings
+from tests.conftest import CONTROL_HEADERS, CONTROL_SETTINGS, RunningGateway, gateway_settings
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def own_server(
     root = tmp_path_factory.mktemp("repo")
     for name in ("mlp_small", "breast_cancer", "broken"):
         shutil.copytree(repository / name, root / name)
-    running = RunningGateway(gateway_settings(root)).start()
+    running = RunningGateway(gateway_settings(root, **CONTROL_SETTINGS)).start()
     yield running
     running.stop()
 
@@ -36,11 +36,11 @@ def test_unload_then_load(own_server: RunningGateway, protocol: str) -> None:
     url = own_server.http_url if protocol == "http" else own_server.grpc_url
     conn = client(protocol, url)
     x = np.ones((2, 32), np.float32)
-    conn.unload_model("mlp_small")
+    conn.unload_model("mlp_small", headers=CONTROL_HEADERS)
     assert not conn.is_model_ready("mlp_small")
     with pytest.raises(InferenceServerException, match="unknown model"):
         infer(protocol, url, "mlp_small", {"INPUT0": x}, connection=conn)
-    index = conn.get_model_repository_index()
+    index = conn.get_model_repository_index(headers=CONTROL_HEADERS)
     states = (
         {m["name"]: (m.get("state"), m.get("reason")) for m in index}
         if protocol == "http"
@@ -48,8 +48,8 @@ def test_unload_then_load(own_server: RunningGateway, protocol: str) -> None:
     )
     assert states["mlp_small"] == ("UNAVAILABLE", "unloaded")
     with pytest.raises(InferenceServerException, match="not loaded"):
-        conn.unload_model("mlp_small")
-    conn.load_model("mlp_small")
+        conn.unload_model("mlp_small", headers=CONTROL_HEADERS)
+    conn.load_model("mlp_small", headers=CONTROL_HEADERS)
     assert conn.is_model_ready("mlp_small")
     got, _ = infer(protocol, url, "mlp_small", {"INPUT0": x}, connection=conn)
     assert got["OUTPUT0"].shape == (2, 2)
@@ -61,20 +61,20 @@ def test_load_errors_are_clear(own_server: RunningGateway, protocol: str) -> Non
     url = own_server.http_url if protocol == "http" else own_server.grpc_url
     conn = client(protocol, url)
     with pytest.raises(InferenceServerException, match="not in the repository"):
-        conn.load_model("no_such_model")
+        conn.load_model("no_such_model", headers=CONTROL_HEADERS)
     with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
-        conn.load_model("broken")
+        conn.load_model("broken", headers=CONTROL_HEADERS)
     assert conn.is_model_ready("breast_cancer")
     conn.close()
 
 
 def test_load_with_config_override(own_server: RunningGateway) -> None:
     conn = httpclient.InferenceServerClient(own_server.http_url)
-    conn.load_model("mlp_small", config=json.dumps({"max_batch_size": 16}))
+    conn.load_model("mlp_small", config=json.dumps({"max_batch_size": 16}), headers=CONTROL_HEADERS)
     assert conn.get_model_config("mlp_small")["max_batch_size"] == 16
     with pytest.raises(InferenceServerException, match="max_batch_size 16"):
         infer("http", own_server.http_url, "mlp_small", {"INPUT0": np.ones((17, 32), np.float32)})
-    conn.load_model("mlp_small")
+    conn.load_model("mlp_small", headers=CONTROL_HEADERS)
     assert conn.get_model_config("mlp_small")["max_batch_size"] == 64
     conn.close()
 
@@ -103,7 +103,7 @@ def test_reload_under_traffic_fails_no_request(own_server: RunningGateway) -> No
         t.start()
     admin = grpcclient.InferenceServerClient(own_server.grpc_url)
     for _ in range(6):
-        admin.load_model("mlp_small")
+        admin.load_model("mlp_small", headers=CONTROL_HEADERS)
     stop.set()
     for t in threads:
         t.join(60)

@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.config import AdminSettings, GrpcSettings, HttpSettings
+from gateway.config import AdminSettings, GrpcSettings, HttpSettings, LimitsSettings
 from tests.deploy.envcheck import PENDING, load_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,13 +125,8 @@ def test_nginx_closes_idle_upstream_connections_before_the_gateway_does() -> Non
         name: re.findall(r"keepalive_timeout\s+(\d+)s;", body)
         for name, body in re.findall(r"upstream\s+(\w+)\s*\{([^}]*)\}", conf)
     }
-    # The listeners' idle timeout, wherever the gateway's code sets it for uvicorn.
-    sources = (ROOT / "gateway").rglob("*.py")
-    found = {
-        int(v) for p in sources for v in re.findall(r"timeout_keep_alive=(\d+)", p.read_text())
-    }
-    assert len(found) == 1, f"expected one uvicorn timeout_keep_alive in gateway/, found {found}"
-    gateway_idle_s = found.pop()
+    # The listeners' idle timeout: the default of ``limits.keep_alive_timeout``.
+    gateway_idle_s = LimitsSettings().seconds("keep_alive_timeout")
     for name, values in timeouts.items():
         assert len(values) == 1, f"upstream {name}: set keepalive_timeout"
         assert int(values[0]) < gateway_idle_s, name

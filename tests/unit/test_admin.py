@@ -28,6 +28,7 @@ from gateway import admin_client
 from gateway.admin import (
     OPENAPI_PATH,
     PREFIX,
+    LoadBody,
     ReasonBody,
     StartRolloutBody,
     Token,
@@ -69,6 +70,31 @@ class Clock:
         return self.now
 
 
+class _Models:
+    """The repository extension over the rig's index: load marks every version of a model
+    READY, unload UNAVAILABLE."""
+
+    def __init__(self, entries: list[ModelIndexEntry]) -> None:
+        self.entries = entries
+
+    def index(self) -> list[ModelIndexEntry]:
+        return list(self.entries)
+
+    async def load(self, name: str, parameters: dict[str, Any]) -> None:
+        self._set(name, "READY", "")
+
+    async def unload(self, name: str) -> None:
+        self._set(name, "UNAVAILABLE", "unloaded")
+
+    def _set(self, name: str, state: str, reason: str) -> None:
+        if not any(e.name == name for e in self.entries):
+            raise ModelNotFoundError(f"model '{name}' is not in the repository")
+        self.entries[:] = [
+            ModelIndexEntry(e.name, e.version, state, reason) if e.name == name else e
+            for e in self.entries
+        ]
+
+
 class Rig:
     def __init__(self, tmp_path: Path) -> None:
         self.clock = Clock()
@@ -90,6 +116,7 @@ class Rig:
             self.drift,
             extra_routes=extra,
             clock=self.clock,
+            control=_Models(self.index),
         )
 
     def apply(self, model: str, weights: dict[str, float]) -> None:
@@ -555,6 +582,8 @@ def _op(
         404: "Unknown model, version or rollout",
         409: "Not allowed in the rollout's current status",
         413: "Body larger than 64 KiB",
+        503: "The change could not be recorded (store unavailable, disk full or read-only); "
+        "nothing changed",
     }
     for status in errors:
         responses[str(status)] = {
@@ -577,7 +606,7 @@ def _op(
         op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = {
-            "required": body != "ReasonBody",
+            "required": body not in ("ReasonBody", "LoadBody"),
             "content": {"application/json": {"schema": _ref(body)}},
         }
     return op
@@ -591,6 +620,7 @@ def openapi_document() -> dict[str, Any]:
             StartRolloutBody,
             WeightsBody,
             ReasonBody,
+            LoadBody,
             Route,
             AuditEntry,
             AuditVerification,
@@ -644,7 +674,7 @@ def openapi_document() -> dict[str, Any]:
         }
     )
     m, v = ("model",), ("model", "version")
-    rollout_errors = (400, 404, 409, 413)
+    rollout_errors = (400, 404, 409, 413, 503)
     paths: dict[str, Any] = {
         f"{P}/openapi.json": {
             "get": {
@@ -655,6 +685,31 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{P}/models": {
             "get": _op("Models, versions, readiness and weights", _ref("ModelsResponse"))
+        },
+        f"{P}/models/index": {
+            "post": _op("The repository index (as GET models)", _ref("ModelsResponse"))
+        },
+        f"{P}/models/{{model}}/load": {
+            "post": _op(
+                "(Re)load every version of a model; config values are bounded by the "
+                "server's [model_control] settings (max_batch_size <= 4096, "
+                "max_queue_delay_us <= 100000, instances <= 8 by default). Audited first.",
+                _ref("ModelsResponse"),
+                body="LoadBody",
+                params=m,
+                errors=(400, 404, 413, 503),
+                operator=True,
+            )
+        },
+        f"{P}/models/{{model}}/unload": {
+            "post": _op(
+                "Unload every version of a model (requests in flight finish). Audited first.",
+                _ref("ModelsResponse"),
+                body="ReasonBody",
+                params=m,
+                errors=(400, 404, 413, 503),
+                operator=True,
+            )
         },
         f"{P}/routes": {
             "get": _op(

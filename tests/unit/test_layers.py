@@ -23,9 +23,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: values and pure functions; the package's own __init__ (the version string).
     ("__init__", "errors", "types", "distributions", "_proto.*"),
     # 1: settings, the error table and renderer, wire codecs, logs.
-    ("config", "status", "codecs.*", "logs"),
+    ("config", "status", "codecs.*", "logs", "files"),
     # 2: serving parts that know no routing.
-    ("repository", "batcher", "drift.*", "outcomes", "predlog", "store.*", "alerts"),
+    # Also the data listeners' access checks and TLS material.
+    ("repository", "batcher", "drift.*", "outcomes", "predlog", "store.*", "alerts", "auth", "tls"),
     # 3: routing and what hangs off it.
     ("router", "shadow", "traffic", "feedback"),
     # 4: the data plane and the control plane.
@@ -59,6 +60,8 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     ("telemetry", "metrics"),
     # The listeners take their connection limits from listener_limits.
     ("servers", "listener_limits"),
+    # An unwritable data folder is a settings error (one line, naming the path).
+    ("files", "config"),
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
