@@ -80,6 +80,9 @@ DriftReporter: TypeAlias = Callable[[str, "str | None"], Mapping[str, object]]
 ``ModelNotFoundError`` for an unknown model or version. May block briefly (runs in a thread)."""
 
 _encode = msgspec.json.Encoder().encode
+StoredTokens: TypeAlias = Callable[[], Sequence[tuple[bytes, "Token"]]]
+"""Tokens kept outside the settings (the token file): (SHA-256 of the secret, holder),
+asked on every authentication so revocations apply at once."""
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
 
 
@@ -134,13 +137,23 @@ def _digest(secret: bytes) -> bytes:
 class _Auth:
     """Resolves a request's bearer token; audits failures within a budget per window."""
 
-    def __init__(self, tokens: Mapping[str, Token], store: Store, clock: Callable[[], float]):
+    def __init__(
+        self,
+        tokens: Mapping[str, Token],
+        store: Store,
+        clock: Callable[[], float],
+        stored: StoredTokens | None = None,
+    ):
+        self._stored = stored
         for token in tokens.values():
             if token.role not in ("viewer", "operator"):
                 raise InvalidInputError(f"admin token {token.name!r} has unknown role")
         self._known = [(_digest(secret.encode()), token) for secret, token in tokens.items()]
-        if not self._known:
-            logger.warning("admin API has no tokens: every request will get 401")
+        if not self._known and not (stored and stored()):
+            logger.warning(
+                "admin API has no tokens: every request will get 401 "
+                "(create one with: gateway admin token create --name NAME --role operator)"
+            )
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
@@ -157,6 +170,9 @@ class _Auth:
         given = _digest(secret.encode("latin-1", errors="replace"))
         found = None
         for known, token in self._known:  # every token, no early exit
+            if hmac.compare_digest(given, known):
+                found = token
+        for known, token in self._stored() if self._stored else ():
             if hmac.compare_digest(given, known):
                 found = token
         return found
@@ -279,11 +295,12 @@ def build_admin_app(
     *,
     extra_routes: Sequence[BaseRoute] = (),
     clock: Callable[[], float] = time.time,
+    stored_tokens: StoredTokens | None = None,
 ) -> Starlette:
     """The admin app. ``tokens`` maps each secret to its ``Token``; ``extra_routes`` (e.g.
     ``/metrics``, a dashboard) are appended as given, outside the auth. ``clock`` times the
     auth-failure audit budget. Reads ``openapi_admin.json`` once, here."""
-    auth = _Auth(tokens, store, clock)
+    auth = _Auth(tokens, store, clock, stored_tokens)
     openapi = OPENAPI_PATH.read_bytes()
 
     def endpoint(role: Role, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:

@@ -26,6 +26,7 @@ from starlette.routing import Route as Route_
 
 from gateway import __version__
 from gateway.admin import Token, build_admin_app
+from gateway.admin_tokens import TOKEN_FILE, TokenFile
 from gateway.alerts import AlertSender
 from gateway.config import Settings
 from gateway.control import ModelLifecycle
@@ -228,6 +229,17 @@ class Gateway:
         self.controller.start()
         self.telemetry.controller = self.controller
         tokens = {t.token: Token(t.name, t.role) for t in settings.admin.tokens}
+        token_file = TokenFile(data_dir / TOKEN_FILE)
+
+        def stored_tokens() -> list[tuple[bytes, Token]]:
+            return [
+                (
+                    bytes.fromhex(t.sha256),
+                    Token(t.name, "operator" if t.role == "operator" else "viewer"),
+                )
+                for t in token_file.digests()
+            ]
+
         self.admin_app = build_admin_app(
             self.controller,
             self.store,
@@ -238,6 +250,7 @@ class Gateway:
                 Route_("/metrics", self.telemetry.endpoint, methods=["GET"]),
                 *_dashboard_routes(),
             ],
+            stored_tokens=stored_tokens,
         )
 
     async def stop(self) -> None:

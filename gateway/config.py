@@ -8,6 +8,8 @@ settings fail at start-up with msgspec's path to the bad field. Nobody else read
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -38,9 +40,18 @@ __all__ = [
     "load_model_policy",
     "EXAMPLE_REPOSITORY",
     "ENV_PREFIX",
+    "CLIENT_ENV",
+    "MIN_TOKEN_CHARS",
 ]
 
 ENV_PREFIX: Final = "GATEWAY_"
+CLIENT_ENV: Final = frozenset(
+    {"GATEWAY_ADMIN_URL", "GATEWAY_ADMIN_TOKEN", "GATEWAY_ADMIN_TOKEN_FILE"}
+)
+"""Variables of the admin client (``gateway admin``), never settings: a shell that exports
+them for the client can still start the server."""
+MIN_TOKEN_CHARS: Final = 20
+"""Shortest admin token secret accepted (``gateway admin token create`` makes 43)."""
 EXAMPLE_REPOSITORY: Final = Path(__file__).parent / "examples" / "models"
 MODEL_SETTINGS_FILE: Final = "config.toml"
 
@@ -336,11 +347,20 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
 
 
 def _parse_env_value(value: str) -> Any:
-    """Environment values are TOML scalars or arrays when they parse as such, else strings."""
+    """Environment values are TOML scalars or arrays when they parse as such, then JSON
+    arrays or objects, else strings."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        return value
+        pass
+    if value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ConfigError(
+                f"environment value {value[:40]!r} is neither a TOML nor a JSON array/table"
+            ) from None
+    return value
 
 
 def load_settings(
@@ -362,7 +382,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
     for key, value in (os.environ if env is None else env).items():
-        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX) and key not in CLIENT_ENV:
             parts = key[len(ENV_PREFIX) :].lower().split("__")
             _set_path(tree, parts, value)
     for dotted, value in (overrides or {}).items():
@@ -380,15 +400,87 @@ def load_settings(
     return settings
 
 
+# Keys whose value must be above the range's low end, not equal to it.
+_OPEN_LOW: Final = frozenset(
+    {"drift.sub_window_s", "drift.tick_s", "drift.alpha", "alerts.timeout_s"}
+)
+# (dotted key, lowest, highest): ranges checked after decoding, so ``check-config`` and
+# ``serve`` refuse the same values with one line naming the key, the value and the range.
+_RANGES: Final[tuple[tuple[str, float, float], ...]] = (
+    ("http.port", 0, 65535),
+    ("grpc.port", 0, 65535),
+    ("admin.port", 0, 65535),
+    ("http.max_request_bytes", 1, math.inf),
+    ("grpc.max_message_bytes", 1, math.inf),
+    ("runtime.inference_workers", 1, 1024),
+    ("runtime.intra_op_threads", 0, 1024),
+    ("runtime.inter_op_threads", 0, 1024),
+    ("grace_period_s", 0, math.inf),
+    ("shadow_max_in_flight", 0, math.inf),
+    ("access_log_sample_rate", 0, 1),
+    ("drift.bins", 2, 1000),
+    ("drift.sub_window_s", 0, math.inf),
+    ("drift.sub_windows", 1, 10_000),
+    ("drift.tick_s", 0, math.inf),
+    ("drift.alpha", 0, 0.5),
+    ("drift.min_samples", 1, math.inf),
+    ("drift.min_samples_per_arm", 1, math.inf),
+    ("drift.max_rows_per_request", 1, math.inf),
+    ("predictions.sample_rate", 0, 1),
+    ("feedback.ttl_s", 0, math.inf),
+    ("feedback.capacity", 1, math.inf),
+    ("feedback.max_bytes", 1, math.inf),
+    ("alerts.timeout_s", 0, math.inf),
+    ("alerts.retries", 0, 100),
+    ("alerts.backoff_s", 0, math.inf),
+)
+
+
+def _value(settings: Settings, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _check(settings: Settings) -> None:
-    if settings.runtime.inference_workers < 1:
-        raise ConfigError("runtime.inference_workers must be at least 1")
+    for dotted, low, high in _RANGES:
+        value = _value(settings, dotted)
+        open_low = dotted in _OPEN_LOW
+        if not (low < value if open_low else low <= value) or not value <= high:  # NaN too
+            upper = f"{high:g}]" if high < math.inf else "inf)"
+            shown = f"{'(' if open_low else '['}{low:g}, {upper}"
+            raise ConfigError(f"{dotted} = {value!r} is outside the allowed range {shown}")
+    for shadows in settings.routes.values():
+        for shadow in shadows.shadows:
+            if not 0 <= shadow.sample_rate <= 1:
+                raise ConfigError(
+                    f"routes shadow sample_rate = {shadow.sample_rate!r} is outside 0..1"
+                )
+    _check_tokens(settings.admin.tokens)
     for name, fields in settings.models.items():
         try:
             policy = msgspec.convert(fields, ModelPolicy, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"invalid settings for models.{name}: {exc}") from None
         check_policy(policy, f"models.{name}")
+
+
+def _check_tokens(tokens: list[AdminToken]) -> None:
+    """Long secrets, and one secret per holder: a shared secret cannot tell roles apart."""
+    seen: dict[str, str] = {}
+    for token in tokens:
+        if len(token.token) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"admin.tokens: token of {token.name!r} has {len(token.token)} characters, "
+                f"at least {MIN_TOKEN_CHARS} are required (gateway admin token create makes one)"
+            )
+        if token.token in seen:
+            raise ConfigError(
+                f"admin.tokens: {seen[token.token]!r} and {token.name!r} share one secret; "
+                "give each holder and role its own"
+            )
+        seen[token.token] = token.name
 
 
 def check_policy(policy: ModelPolicy, where: str) -> None:

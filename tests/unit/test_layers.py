@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: values and pure functions; the package's own __init__ (the version string).
     ("__init__", "errors", "types", "distributions", "_proto.*"),
     # 1: settings, the error table and renderer, wire codecs, logs.
-    ("config", "status", "codecs.*", "logs"),
+    ("config", "status", "codecs.*", "logs", "admin_tokens"),
     # 2: serving parts that know no routing.
     ("repository", "batcher", "drift.*", "outcomes", "predlog", "store.*", "alerts"),
     # 3: routing and what hangs off it.
