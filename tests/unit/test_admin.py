@@ -458,7 +458,7 @@ def test_command_line_client(rig: Rig, tmp_path: Path) -> None:
             "--approval",
         )
         assert (code, err) == (0, ""), err
-        assert json.loads(out)["status"] == "canary"
+        assert out == "m: canary, stable 1, candidate 2 at 10% (step 1/2)\n"
         assert rig.tables["m"] == {"1": 90.0, "2": 10.0}
 
         code, out, _ = _cli(port, "status")
@@ -473,14 +473,14 @@ def test_command_line_client(rig: Rig, tmp_path: Path) -> None:
         code, _, err = _cli(port, "status", token=WRONG_SECRET)
         assert (code, "HTTP 401" in err) == (1, True)
 
-        code, out, _ = _cli(port, "pause", "m")
+        code, out, _ = _cli(port, "pause", "m", "--json")
         assert (code, json.loads(out)["status"]) == (0, "paused")
         code, out, err = _cli(port, "weights", "m", "1=80", "2=20", "--reason", "manual")
         assert code == 0, err
         assert rig.tables["m"] == {"1": 80.0, "2": 20.0}
         code, out, _ = _cli(port, "resume", "m")
         assert code == 0
-        code, out, _ = _cli(port, "rollback", "m", "--reason", "done testing")
+        code, out, _ = _cli(port, "--json", "rollback", "m", "--reason", "done testing")
         assert (code, json.loads(out)["status"]) == (0, "rolled_back")
         code, _, err = _cli(port, "promote", "m", "--reason", "too late")
         assert code == 1

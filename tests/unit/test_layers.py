@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 4: the data plane and the control plane.
     ("dataplane", "rollout.*", "control", "telemetry", "metrics"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
-    ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client"),
+    ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client", "admin_apply"),
     # 6: composition root and entry points.
     ("app", "cli", "__main__"),
 )
@@ -52,6 +52,8 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
+    # The admin client runs spec files through its own client.
+    ("admin_client", "admin_apply"),
 )
 
 
