@@ -98,6 +98,11 @@ class AlertSender:
         self.failed = 0
         self.dropped = 0
 
+    def counts(self) -> dict[str, int]:
+        """Deliveries so far by result: sent, failed, dropped."""
+        with self._lock:
+            return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped}
+
     def start(self) -> None:
         with self._lock:
             if self._started or self._closed:

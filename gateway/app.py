@@ -220,6 +220,7 @@ class Gateway:
                 backoff_s=settings.alerts.backoff_s,
             )
             self.alerts.start()
+            self.telemetry.alert_counts = self.alerts.counts
         self.controller = RolloutController(
             self.store,
             apply_weights=self.control.apply_weights,

@@ -65,6 +65,7 @@ class Telemetry:
         """Infer responses by status, per protocol ("http", "grpc"): each front end's own
         counter, registered once it is built."""
         self.controller: RolloutStates | None = None
+        self.alert_counts: Callable[[], dict[str, int]] | None = None
 
     def metrics(self) -> bytes:
         """Prometheus exposition of the live counters (built at scrape time)."""
@@ -162,6 +163,15 @@ class Telemetry:
         rollouts: dict[str, str] = {}
         if controller is not None:
             rollouts = {state.model: str(state.status) for state in controller.rollouts()}
+        alerts = self.alert_counts() if self.alert_counts is not None else {}
         return Snapshot(
-            batchers, variants, drift, responses, rollouts, self.is_ready(), outcomes, feedback
+            batchers,
+            variants,
+            drift,
+            responses,
+            rollouts,
+            self.is_ready(),
+            outcomes,
+            feedback,
+            alerts,
         )
