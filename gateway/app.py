@@ -212,9 +212,14 @@ class Gateway:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(data_dir / "control.sqlite3")
-        if settings.alerts.webhooks:
+        hooks = settings.alerts
+        if hooks.webhooks or hooks.slack_webhooks or hooks.teams_webhooks:
             self.alerts = AlertSender(
-                settings.alerts.webhooks,
+                [*hooks.webhooks, *hooks.slack_webhooks, *hooks.teams_webhooks],
+                formats={
+                    **{url: "slack" for url in hooks.slack_webhooks},
+                    **{url: "teams" for url in hooks.teams_webhooks},
+                },
                 timeout_s=settings.alerts.timeout_s,
                 retries=settings.alerts.retries,
                 backoff_s=settings.alerts.backoff_s,

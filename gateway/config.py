@@ -285,7 +285,11 @@ class AlertSettings(_Base, frozen=True):
     """Webhooks told about automatic rollbacks (JSON POST, retried, never blocking)."""
 
     webhooks: list[str] = []
-    """URLs to POST to."""
+    """URLs to POST the generic JSON event to."""
+    slack_webhooks: list[str] = []
+    """Slack incoming-webhook URLs: the event as a message (``text`` and a section block)."""
+    teams_webhooks: list[str] = []
+    """Microsoft Teams workflow or incoming-webhook URLs: the event as an Adaptive Card."""
     timeout_s: float = 2.0
     """Per attempt."""
     retries: int = 3
