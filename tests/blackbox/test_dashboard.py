@@ -144,7 +144,12 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     board = json.loads(GRAFANA.read_text(encoding="utf-8"))
     exported = _exported_names()
     assert "gateway_variant_requests_total" in exported  # the parser found the families
-    assert [i["name"] for i in board["__inputs"]] == ["DS_PROMETHEUS"]
+    # Provisionable from a file: no import-time ${DS_...} inputs, a datasource variable.
+    assert "__inputs" not in board
+    assert "DS_PROMETHEUS" not in GRAFANA.read_text(encoding="utf-8")
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
     panels = board["panels"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -158,7 +163,7 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     for panel, target in targets:
         expr = target["expr"]
         assert expr.strip(), panel["title"]
-        assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert target["datasource"]["uid"] == "${datasource}", panel["title"]
         # Identifiers followed by "(" are PromQL functions; the rest must be our metrics.
         names = set(re.findall(r"\bgateway_[a-z0-9_]+\b", expr))
         unknown = names - exported
@@ -176,6 +181,9 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         "gateway_drift_max_psi",
         "gateway_drift_psi",
         "gateway_rollout_state",
+        "gateway_outcome_accuracy",
+        "gateway_feedback_items_total",
+        "gateway_alert_deliveries_total",
     ):
         assert name in used, name
 
