@@ -391,6 +391,18 @@ def test_openapi_is_served_without_auth_and_is_current(client: Client) -> None:
     )
 
 
+def test_openapi_operations_have_ids_and_tags() -> None:
+    document = openapi_document()
+    ids = []
+    for path, ops in document["paths"].items():
+        for method, op in ops.items():
+            assert op["operationId"], (method, path)
+            assert op["tags"], (method, path)
+            ids.append(op["operationId"])
+    assert len(ids) == len(set(ids))
+    assert set(OPERATION_IDS.values()) <= set(ids)
+
+
 def test_openapi_lists_exactly_the_apps_routes(rig: Rig) -> None:
     documented = {
         (method.upper(), path)
@@ -755,6 +767,7 @@ def openapi_document() -> dict[str, Any]:
                 operator=True,
             )
         }
+    _name_operations(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -782,6 +795,43 @@ def openapi_document() -> dict[str, Any]:
             "schemas": _clean_descriptions(dict(sorted(schemas.items()))),
         },
     }
+
+
+# operationId per (method, path under the prefix): the method names a generated client gets.
+OPERATION_IDS: dict[tuple[str, str], str] = {
+    ("get", "/openapi.json"): "getOpenApi",
+    ("get", "/models"): "listModels",
+    ("get", "/routes"): "listRoutes",
+    ("put", "/routes/{model}/weights"): "setRouteWeights",
+    ("get", "/rollouts"): "listRollouts",
+    ("post", "/rollouts"): "startRollout",
+    ("get", "/rollouts/{model}"): "getRollout",
+    ("get", "/rollouts/{model}/history"): "getRolloutHistory",
+    ("post", "/rollouts/{model}/pause"): "pauseRollout",
+    ("post", "/rollouts/{model}/resume"): "resumeRollout",
+    ("post", "/rollouts/{model}/promote"): "promoteRollout",
+    ("post", "/rollouts/{model}/approve"): "approveRollout",
+    ("post", "/rollouts/{model}/rollback"): "rollbackRollout",
+    ("get", "/drift/{model}"): "getDrift",
+    ("get", "/drift/{model}/{version}"): "getVersionDrift",
+    ("get", "/audit"): "listAudit",
+    ("get", "/audit/verify"): "verifyAudit",
+}
+
+
+def _name_operations(paths: dict[str, Any]) -> None:
+    """Give every operation an operationId and a tag (the path's first segment): generated
+    clients get stable method names grouped by resource. An operation missing from
+    ``OPERATION_IDS`` gets a name derived from its method and path."""
+    for path, ops in paths.items():
+        rest = path[len(P) :]
+        segment = rest.strip("/").split("/")[0]
+        tag = "meta" if segment == "openapi.json" else segment
+        for method, op in ops.items():
+            words = [w.strip("{}") for w in rest.strip("/").replace(".", "/").split("/")]
+            derived = method + "".join(w[:1].upper() + w[1:] for w in words)
+            op["operationId"] = OPERATION_IDS.get((method, rest), derived)
+            op["tags"] = [tag]
 
 
 def _clean_descriptions(node: Any) -> Any:
