@@ -20,10 +20,11 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -33,7 +34,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.admin_apply import SpecError, check_spec, outcome
 from gateway.errors import (
+    ConflictError,
     GatewayError,
     InternalError,
     InvalidInputError,
@@ -55,6 +58,7 @@ __all__ = [
     "ReasonBody",
     "WeightsBody",
     "StartRolloutBody",
+    "ApplyBody",
     "ModelLister",
     "DriftReporter",
     "build_admin_app",
@@ -116,6 +120,64 @@ class StartRolloutBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     candidate: str
     policy: RolloutPolicy = RolloutPolicy()
     reason: Reason = ""
+
+
+class ApplyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST apply``: a rollout/route spec (``gateway admin apply``'s file as
+    JSON); ``dry_run`` only reports the changes."""
+
+    spec: dict[str, Any]
+    dry_run: bool = False
+    reason: Reason = ""
+
+
+class _LocalCaller:
+    """The four admin calls a spec plan makes, answered by the controller in process."""
+
+    def __init__(self, controller: RolloutController, actor: str) -> None:
+        self._controller = controller
+        self._actor = actor
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        c = self._controller
+        if (method, path) == ("GET", "/rollouts"):
+            return msgspec.to_builtins({"rollouts": c.rollouts()})
+        if (method, path) == ("GET", "/routes"):
+            return msgspec.to_builtins({"routes": c.routes()})
+        if method == "PUT" and path.startswith("/routes/"):
+            model = urllib.parse.unquote(path.split("/")[2])
+            route = c.set_weights(model, body["weights"], self._actor, body["reason"])
+            return msgspec.to_builtins(route)
+        if (method, path) == ("POST", "/rollouts"):
+            try:
+                policy = msgspec.convert(body["policy"], RolloutPolicy)
+            except msgspec.ValidationError as exc:
+                raise InvalidInputError(f"rollouts.{body['model']}.policy: {exc}") from None
+            state = c.start_rollout(
+                body["model"],
+                body["stable"],
+                body["candidate"],
+                policy,
+                self._actor,
+                body["reason"],
+            )
+            return msgspec.to_builtins(state)
+        raise InternalError(f"spec plan made an unexpected call {method} {path}")
+
+
+def _apply_spec(controller: RolloutController, body: ApplyBody, actor: str) -> dict[str, Any]:
+    try:
+        check_spec(body.spec)
+    except SpecError as exc:
+        raise InvalidInputError(f"invalid spec: {exc}") from None
+    caller = _LocalCaller(controller, actor)
+    result = outcome(caller, body.spec, not body.dry_run, body.reason)
+    if not body.dry_run and not result["applied"]:
+        conflicts = [
+            f"{r['model']}: {r['detail']}" for r in result["changes"] if r["action"] == "conflict"
+        ]
+        raise ConflictError("spec conflicts with active rollouts: " + "; ".join(conflicts))
+    return result
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -359,6 +421,10 @@ def build_admin_app(
 
         return post_action
 
+    async def post_apply(request: Request, token: Token) -> Response:
+        body = await _read_body(request, ApplyBody)
+        return _json(await run_in_threadpool(_apply_spec, controller, body, token.name))
+
     async def get_history(request: Request, token: Token) -> Response:
         model = request.path_params["model"]
         return _json({"model": model, "history": controller.history(model)})
@@ -398,6 +464,7 @@ def build_admin_app(
         Route(f"{p}/routes/{{model}}/weights", endpoint("operator", put_weights), methods=["PUT"]),
         Route(f"{p}/rollouts", endpoint("viewer", get_rollouts), methods=["GET"]),
         Route(f"{p}/rollouts", endpoint("operator", post_rollout), methods=["POST"]),
+        Route(f"{p}/apply", endpoint("operator", post_apply), methods=["POST"]),
         Route(f"{p}/rollouts/{{model}}", endpoint("viewer", get_rollout), methods=["GET"]),
         Route(f"{p}/rollouts/{{model}}/history", endpoint("viewer", get_history), methods=["GET"]),
         Route(f"{p}/drift/{{model}}", endpoint("viewer", get_drift), methods=["GET"]),

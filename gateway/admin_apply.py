@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
-__all__ = ["SpecError", "Change", "plan", "run_spec", "load_spec"]
+__all__ = ["SpecError", "Change", "plan", "run_spec", "load_spec", "check_spec", "outcome"]
 
 ACTIVE: Final = frozenset({"canary", "paused", "awaiting_approval"})
 _ROLLOUT_KEYS: Final = frozenset({"stable", "candidate", "policy", "reason"})
@@ -59,10 +59,6 @@ class Change:
     detail: str
     request: tuple[str, str, object] | None = field(default=None, compare=False)
 
-    def line(self) -> str:
-        mark = {"unchanged": "=", "set": "~", "start": "+", "conflict": "!"}[self.action]
-        return f"{mark} {self.kind} {self.model}: {self.detail}"
-
 
 def load_spec(path: str | Path) -> dict[str, Any]:
     try:
@@ -71,30 +67,42 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path} is not valid TOML: {exc}") from None
+    check_spec(spec, f"{path}: ")
+    return spec
+
+
+def check_spec(spec: Any, where: str = "") -> None:
+    """Raise ``SpecError`` (prefixed with ``where``) unless ``spec`` is a valid spec."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"{where}a spec is a table with routes and rollouts")
     unknown = set(spec) - {"routes", "rollouts"}
     if unknown:
-        raise SpecError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+        raise SpecError(f"{where}unknown section(s) {', '.join(sorted(unknown))}")
+    for section in ("routes", "rollouts"):
+        if not isinstance(spec.get(section, {}), dict):
+            raise SpecError(f"{where}{section} must be a table keyed by model")
     for model, route in spec.get("routes", {}).items():
         weights = route.get("weights") if isinstance(route, dict) else None
         if not isinstance(weights, dict) or set(route) - {"weights", "reason"}:
-            raise SpecError(f"{path}: routes.{model} takes weights = {{version = weight}}")
+            raise SpecError(f"{where}routes.{model} takes weights = {{version = weight}}")
         for version, weight in weights.items():
             if not isinstance(weight, int | float) or weight < 0 or not math.isfinite(weight):
-                raise SpecError(f"{path}: routes.{model}.weights.{version} must be >= 0")
+                raise SpecError(f"{where}routes.{model}.weights.{version} must be >= 0")
         if not sum(weights.values()) > 0:
-            raise SpecError(f"{path}: routes.{model}.weights must not all be 0")
+            raise SpecError(f"{where}routes.{model}.weights must not all be 0")
     for model, rollout in spec.get("rollouts", {}).items():
         if not isinstance(rollout, dict):
-            raise SpecError(f"{path}: rollouts.{model} must be a table")
+            raise SpecError(f"{where}rollouts.{model} must be a table")
         if set(rollout) - _ROLLOUT_KEYS:
             extra = ", ".join(sorted(set(rollout) - _ROLLOUT_KEYS))
-            raise SpecError(f"{path}: rollouts.{model}: unknown key(s) {extra}")
+            raise SpecError(f"{where}rollouts.{model}: unknown key(s) {extra}")
         for key in ("stable", "candidate"):
             if not isinstance(rollout.get(key), str | int):
-                raise SpecError(f'{path}: rollouts.{model}.{key} must name a version ("1")')
+                raise SpecError(f'{where}rollouts.{model}.{key} must name a version ("1")')
+        if not isinstance(rollout.get("policy", {}), dict):
+            raise SpecError(f"{where}rollouts.{model}.policy must be a table")
         if model in spec.get("routes", {}):
-            raise SpecError(f"{path}: {model} is in routes and rollouts; the rollout sets weights")
-    return spec
+            raise SpecError(f"{where}{model} is in routes and rollouts; the rollout sets weights")
 
 
 def _shares(weights: dict[str, float]) -> dict[str, float]:
@@ -113,8 +121,10 @@ def _same_policy(wanted: dict[str, Any], current: dict[str, Any]) -> bool:
         if isinstance(value, dict):
             if not isinstance(have, dict) or not _same_policy(value, have):
                 return False
-        elif isinstance(value, list):
-            if not isinstance(have, list) or [float(x) for x in value] != [float(x) for x in have]:
+        elif isinstance(value, list | tuple):
+            if not isinstance(have, list | tuple) or [float(x) for x in value] != [
+                float(x) for x in have
+            ]:
                 return False
         elif isinstance(value, int | float) and not isinstance(value, bool):
             if not isinstance(have, int | float) or float(have) != float(value):
@@ -178,28 +188,37 @@ def plan(client: Caller, spec: dict[str, Any], reason: str = "") -> list[Change]
     return changes
 
 
+def outcome(client: Caller, spec: dict[str, Any], apply: bool, reason: str = "") -> dict[str, Any]:
+    """Plan ``spec`` and, with ``apply`` and no conflict, make the changes. Returns
+    ``{"changes": [{model, kind, action, detail}], "applied": bool}``."""
+    changes = plan(client, spec, reason)
+    conflicts = any(c.action == "conflict" for c in changes)
+    applied = bool(apply and not conflicts)
+    if applied:
+        for change in changes:
+            if change.request is not None:
+                client.call(*change.request)
+    rows = [
+        {"model": c.model, "kind": c.kind, "action": c.action, "detail": c.detail} for c in changes
+    ]
+    return {"changes": rows, "applied": applied}
+
+
 def run_spec(
     client: Caller, path: str, apply: bool, reason: str, as_json: bool, out: TextIO
 ) -> int:
     """``diff`` (apply=False) or ``apply`` of the spec at ``path``; the exit status."""
-    spec = load_spec(path)
-    changes = plan(client, spec, reason)
-    conflicts = [c for c in changes if c.action == "conflict"]
-    pending = [c for c in changes if c.request is not None]
-    applied = bool(apply and not conflicts)
-    if applied:
-        for change in pending:
-            assert change.request is not None
-            client.call(*change.request)
+    result = outcome(client, load_spec(path), apply, reason)
+    rows = result["changes"]
+    applied = result["applied"]
+    conflicts = [r for r in rows if r["action"] == "conflict"]
+    pending = [r for r in rows if r["action"] in ("set", "start")]
     if as_json:
-        rows = [
-            {"model": c.model, "kind": c.kind, "action": c.action, "detail": c.detail}
-            for c in changes
-        ]
-        out.write(json.dumps({"changes": rows, "applied": applied}, sort_keys=True) + "\n")
+        out.write(json.dumps(result, sort_keys=True) + "\n")
     else:
-        for change in changes:
-            out.write(change.line() + "\n")
+        marks = {"unchanged": "=", "set": "~", "start": "+", "conflict": "!"}
+        for r in rows:
+            out.write(f"{marks[r['action']]} {r['kind']} {r['model']}: {r['detail']}\n")
         if apply:
             verdict = "applied" if applied else "nothing applied (conflicts)"
             out.write(f"{verdict}: {len(pending) if applied else 0} change(s)\n")

@@ -28,6 +28,7 @@ from gateway import admin_client
 from gateway.admin import (
     OPENAPI_PATH,
     PREFIX,
+    ApplyBody,
     ReasonBody,
     StartRolloutBody,
     Token,
@@ -606,6 +607,7 @@ def openapi_document() -> dict[str, Any]:
             Route,
             AuditEntry,
             AuditVerification,
+            ApplyBody,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -706,6 +708,31 @@ def openapi_document() -> dict[str, Any]:
                 operator=True,
             ),
         },
+        f"{P}/apply": {
+            "post": _op(
+                "Make routes and rollouts match a spec (gateway admin apply's file as JSON); "
+                "idempotent, dry_run only reports",
+                {
+                    "type": "object",
+                    "properties": {
+                        "applied": {"type": "boolean"},
+                        "changes": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    k: {"type": "string"}
+                                    for k in ("model", "kind", "action", "detail")
+                                },
+                            },
+                        },
+                    },
+                },
+                body="ApplyBody",
+                errors=rollout_errors,
+                operator=True,
+            )
+        },
         f"{P}/rollouts/{{model}}": {
             "get": _op("One model's rollout", _ref("RolloutState"), params=m, errors=(404,))
         },
@@ -805,6 +832,7 @@ OPERATION_IDS: dict[tuple[str, str], str] = {
     ("put", "/routes/{model}/weights"): "setRouteWeights",
     ("get", "/rollouts"): "listRollouts",
     ("post", "/rollouts"): "startRollout",
+    ("post", "/apply"): "applySpec",
     ("get", "/rollouts/{model}"): "getRollout",
     ("get", "/rollouts/{model}/history"): "getRolloutHistory",
     ("post", "/rollouts/{model}/pause"): "pauseRollout",

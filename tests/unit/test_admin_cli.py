@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway import admin_client
@@ -159,3 +161,29 @@ def test_json_before_or_after_the_command(rig: Rig, argv: list[str]) -> None:
         code, out, _ = _cli(served.port, *argv)
         assert code == 0
         assert "models" in json.loads(out)
+
+
+def test_the_admin_api_takes_the_same_spec(rig: Rig) -> None:
+    spec = tomllib.loads(SPEC)
+    with Served(rig.app) as served:
+        url = f"http://127.0.0.1:{served.port}/admin/v1/apply"
+        auth = {"Authorization": f"Bearer {OPERATOR_SECRET}"}
+        dry = httpx.post(url, json={"spec": spec, "dry_run": True}, headers=auth)
+        assert dry.status_code == 200, dry.text
+        assert {c["action"] for c in dry.json()["changes"]} == {"start", "set"}
+        assert dry.json()["applied"] is False
+        assert "m" not in rig.tables
+        done = httpx.post(url, json={"spec": spec, "reason": "ci"}, headers=auth)
+        assert done.status_code == 200, done.text
+        assert done.json()["applied"] is True
+        assert rig.tables["m"] == {"1": 95.0, "2": 5.0}
+        again = httpx.post(url, json={"spec": spec}, headers=auth)
+        assert again.status_code == 200, again.text
+        assert {c["action"] for c in again.json()["changes"]} == {"unchanged"}
+        conflict = dict(spec, rollouts={"m": dict(spec["rollouts"]["m"], candidate="3")})
+        refused = httpx.post(url, json={"spec": conflict}, headers=auth)
+        assert refused.status_code == 409
+        assert "m: rollout 1 -> 2 is canary" in refused.json()["error"]
+        bad = httpx.post(url, json={"spec": {"rollout": {}}}, headers=auth)
+        assert bad.status_code == 400
+        assert "unknown section" in bad.json()["error"]

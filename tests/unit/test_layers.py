@@ -52,8 +52,9 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
-    # The admin client runs spec files through its own client.
+    # The admin client and the admin API plan spec files with the same code.
     ("admin_client", "admin_apply"),
+    ("admin", "admin_apply"),
 )
 
 
