@@ -1,5 +1,7 @@
 """admin.py: the admin API (JSON under ``/admin/v1/``) on its own listener: models, routes,
-rollouts and their manual actions, drift reports, and the audit trail.
+rollouts and their manual actions, drift reports, the audit trail, and ``apply`` (a declarative
+rollout/route spec, planned by ``admin_apply`` and carried out through the same controller
+methods).
 
 In: a ``RolloutController``, the ``Store``, bearer tokens (viewer or operator) and two
 callables for models and drift reports. Out: a Starlette app. Every mutation goes through the
@@ -7,7 +9,8 @@ controller's methods, the same path automatic decisions take, in a worker thread
 fsynced write). Paths, auth and status codes live here; rollout logic does not.
 
 Auth: ``Authorization: Bearer <token>``. Tokens are compared in constant time against every
-known token, never logged, never stored; failed attempts are logged and audited (rate-limited,
+known token (and, through ``stored_tokens``, the SHA-256 digests of the token file), never
+logged, never stored; failed attempts are logged and audited (rate-limited,
 so a flood of bad requests cannot turn into a flood of fsyncs). ``GET openapi.json`` needs no
 token. Extra routes (``/metrics``, a dashboard) are mounted as given, without auth.
 """
