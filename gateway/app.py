@@ -36,6 +36,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.drift.report import DriftReport
 from gateway.feedback import PredictionMemory
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
+from gateway.history import MetricsHistory
 from gateway.http_api import HttpFrontEnd
 from gateway.logs import AccessLog
 from gateway.predlog import PredictionLogger
@@ -102,6 +103,12 @@ class Gateway:
             predictions=self.predictions,
         )
         self.telemetry = Telemetry(self.router, self.monitor, self.memory, self.is_ready)
+        self.history = MetricsHistory(
+            self.telemetry.snapshot,
+            settings.admin.history_interval_s,
+            settings.admin.history_span_s,
+        )
+        self._history_task: asyncio.Task[None] | None = None
         self.http = HttpFrontEnd(
             self.plane,
             self.control,
@@ -168,6 +175,7 @@ class Gateway:
             )
         self.monitor.start()
         self._observer_flush = asyncio.create_task(self._flush_observations())
+        self._history_task = asyncio.create_task(self.history.run())
         if self.predictions is not None:
             self.predictions.start()
         self.outcomes.start(asyncio.get_running_loop())
@@ -254,7 +262,7 @@ class Gateway:
             self.control.drift_json,
             extra_routes=[
                 Route_("/metrics", self.telemetry.endpoint, methods=["GET"]),
-                *_dashboard_routes(),
+                *_dashboard_routes(self.history.json),
             ],
             stored_tokens=stored_tokens,
         )
@@ -273,6 +281,8 @@ class Gateway:
         await self.control.retire_all()
         if self._observer_flush is not None:
             self._observer_flush.cancel()
+        if self._history_task is not None:
+            self._history_task.cancel()
         self.observer.flush_all()
         self.monitor.stop()
         self._shadow_pool.shutdown(wait=True, cancel_futures=True)
@@ -323,13 +333,13 @@ def run(settings: Settings) -> None:
         runner.run(_main(settings))
 
 
-def _dashboard_routes() -> list[Any]:
+def _dashboard_routes(history: Any) -> list[Any]:
     try:
         module = importlib.import_module("gateway.dashboard")
     except ImportError:  # pragma: no cover - the dashboard ships with the package
         return []
     build = getattr(module, "dashboard_routes", None)
-    routes: list[Any] = build() if build is not None else []
+    routes: list[Any] = build(history=history) if build is not None else []
     return routes
 
 

@@ -279,6 +279,10 @@ class AdminSettings(_Base, frozen=True):
     tokens: list[AdminToken] = []
     """Who may call it. No tokens: every API call is refused (401); metrics and the
     dashboard page stay readable."""
+    history_interval_s: float = 10.0
+    """How often the dashboard's server-side history samples the metrics."""
+    history_span_s: float = 3600.0
+    """How far back that history reaches (the dashboard draws it on load)."""
 
 
 class AlertSettings(_Base, frozen=True):
@@ -435,6 +439,8 @@ _RANGES: Final[tuple[tuple[str, float, float], ...]] = (
     ("feedback.capacity", 1, math.inf),
     ("feedback.max_bytes", 1, math.inf),
     ("alerts.timeout_s", 0, math.inf),
+    ("admin.history_interval_s", 0.01, 3600),
+    ("admin.history_span_s", 0.01, 86400),
     ("alerts.retries", 0, 100),
     ("alerts.backoff_s", 0, math.inf),
 )

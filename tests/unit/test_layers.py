@@ -31,7 +31,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 4: the data plane and the control plane.
     ("dataplane", "rollout.*", "control", "telemetry", "metrics"),
     # 5: protocol adapters and listeners; the admin page and the admin API's client.
-    ("http_api", "grpc_api", "admin", "servers", "dashboard.*", "admin_client", "admin_apply"),
+    (
+        "http_api",
+        "grpc_api",
+        "admin",
+        "servers",
+        "dashboard.*",
+        "admin_client",
+        "admin_apply",
+        "history",
+    ),
     # 6: composition root and entry points.
     ("app", "cli", "__main__"),
 )
