@@ -250,7 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation-interval", type=float, help="seconds between evaluations")
     for flag, field, help_text in THRESHOLD_FLAGS:
         p.add_argument(
-            flag, dest=f"t_{field}", type=_threshold_value, help=f"{help_text}; none=off"
+            flag,
+            dest=f"t_{field}",
+            type=_threshold_value,
+            default=_UNSET,
+            metavar="VALUE",
+            help=f"{help_text}; none turns the check off",
         )
     p.add_argument(
         "--promote-requires-not-worse",

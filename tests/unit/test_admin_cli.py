@@ -84,6 +84,14 @@ def test_options_anywhere_thresholds_watch_and_audit_since(rig: Rig) -> None:
             "promote_requires_not_worse": True,
             "max_shadow_disagreement": 0.1,
         }
+        code, out, _ = _cli(port, "rollback", "m", "--reason", "again", "--json")
+        assert code == 0
+        # Thresholds not named keep the server's defaults.
+        code, out, _ = _cli(port, "start", "m", "--stable=1", "--candidate=2", "--json")
+        assert code == 0, out
+        defaults = json.loads(out)["policy"]["thresholds"]
+        assert defaults["max_p99_latency_ratio"] == 2.0
+        assert defaults["max_error_rate_delta"] == 0.02
         code, out, _ = _cli(port, "status", "m", "--watch", "0.1", "--count", "2")
         assert code == 0
         assert out.count("-- ") == 2
