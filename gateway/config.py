@@ -468,6 +468,17 @@ def _check(settings: Settings) -> None:
                     f"routes shadow sample_rate = {shadow.sample_rate!r} is outside 0..1"
                 )
     _check_tokens(settings.admin.tokens)
+    alerts = settings.alerts
+    for key, urls in (
+        ("webhooks", alerts.webhooks),
+        ("slack_webhooks", alerts.slack_webhooks),
+        ("teams_webhooks", alerts.teams_webhooks),
+    ):
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                # Only the scheme is shown: webhook URLs carry secrets.
+                shown = url.split("://", 1)[0] if "://" in url else "no scheme"
+                raise ConfigError(f"alerts.{key}: a URL must be http:// or https://, not {shown}")
     for name, fields in settings.models.items():
         try:
             policy = msgspec.convert(fields, ModelPolicy, strict=False)

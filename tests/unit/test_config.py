@@ -116,6 +116,7 @@ def test_weak_or_shared_tokens_are_refused(tokens: str, words: str) -> None:
         ("[http]\nport = 70000\n", "http.port = 70000 is outside the allowed range [0, 65535]"),
         ("[admin]\nport = -1\n", "admin.port = -1 is outside the allowed range [0, 65535]"),
         ("access_log_sample_rate = 2\n", "access_log_sample_rate = 2.0 is outside"),
+        ("[alerts]\nslack_webhooks = ['ftp://x/secret']\n", "alerts.slack_webhooks: a URL"),
     ],
 )
 def test_check_config_and_serve_refuse_ranges_in_one_line(
