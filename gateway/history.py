@@ -2,7 +2,7 @@
 
 In: a ``metrics.Snapshot`` source (the telemetry), sampled every ``interval_s`` by ``run()``
 on the event loop. Out: ``json()``, the samples oldest first, each ``{"t", "variants":
-[{model, version, requests, errors, weight, buckets: [[le_s, cumulative]], accuracy, mae,
+[{model, version, requests, errors, weight, buckets: [["le", cumulative]], accuracy, mae,
 outcome_samples}], "drift": [{model, version, top: [[feature, psi]]}]}``, so a dashboard
 that reloads (or opens later) draws the last hour at once instead of starting empty. The
 ring holds ``span_s / interval_s`` samples (360 by default: some 100 KiB per model version).
