@@ -62,8 +62,7 @@ class MetricsHistory:
                     "errors": v.errors,
                     "weight": v.weight,
                     "buckets": [
-                        [float(le), n]
-                        for le, n in export_buckets(v.latency_bucket_ms, v.latency_counts)
+                        [le, n] for le, n in export_buckets(v.latency_bucket_ms, v.latency_counts)
                     ],
                     "accuracy": o.accuracy if o else None,
                     "mae": o.mae if o else None,
