@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Serve ONNX models over KServe V2 HTTP and gRPC.",
         epilog="Every setting can also come from the environment: GATEWAY_<FIELD>, nested "
-        "fields joined by a double underscore (GATEWAY_HTTP__PORT=9000).",
+        "fields joined by a double underscore (GATEWAY_HTTP__PORT=9000); arrays and tables "
+        "as TOML or JSON. GATEWAY_ADMIN_TOKEN and GATEWAY_ADMIN_URL belong to `gateway "
+        "admin` and are never settings.",
     )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
