@@ -4,10 +4,10 @@ In: argv, the environment (``GATEWAY_ADMIN_URL``, ``GATEWAY_ADMIN_TOKEN``; never
 server settings) and an optional ``--token-file``. Common options go before or after the
 command. Out: the server's JSON (``--json``), a short table, or one line per write command
 on stdout (``status --watch`` repeats the table; ``diff``/``apply`` print one line per
-change, see ``admin_apply``), the server's
-error message on stderr, and an exit status: 0 on success, 1 on an HTTP or connection error
-(or a failed audit verification), 2 on bad usage. The token is never a flag, so it stays out of
-shell history and process listings. Standard library only; imports nothing from the server.
+change, see ``admin_apply``), the server's error message on stderr, and an exit status: 0
+on success, 1 on an HTTP or connection error (or a failed audit verification, or changes
+pending for ``diff``), 2 on bad usage. The token is never a flag, so it stays out of shell
+history and process listings. Standard library only; imports nothing from the server.
 """
 
 from __future__ import annotations
