@@ -507,13 +507,16 @@ def _check_tokens(tokens: list[AdminToken]) -> None:
 def check_policy(policy: ModelPolicy, where: str) -> None:
     """Reject values that cannot work, naming the field."""
     if policy.max_batch_size < 0:
-        raise ConfigError(f"{where}.max_batch_size must be >= 0")
+        raise ConfigError(f"{where}.max_batch_size = {policy.max_batch_size} must be >= 0")
     if policy.instances < 1:
-        raise ConfigError(f"{where}.instances must be >= 1")
+        raise ConfigError(f"{where}.instances = {policy.instances} must be >= 1")
     if policy.max_queue_size < 1:
-        raise ConfigError(f"{where}.max_queue_size must be >= 1")
+        raise ConfigError(f"{where}.max_queue_size = {policy.max_queue_size} must be >= 1")
     if policy.max_queue_delay_us < 0 or policy.default_timeout_ms < 0:
-        raise ConfigError(f"{where}: delays and timeouts must be >= 0")
+        raise ConfigError(
+            f"{where}: max_queue_delay_us = {policy.max_queue_delay_us} and "
+            f"default_timeout_ms = {policy.default_timeout_ms} must be >= 0"
+        )
     for size in policy.preferred_batch_sizes:
         if not 1 <= size <= max(policy.max_batch_size, 1):
             raise ConfigError(f"{where}.preferred_batch_sizes: {size} is outside 1..max_batch_size")
