@@ -1,5 +1,7 @@
 """admin.py: the admin API (JSON under ``/admin/v1/``) on its own listener: models, routes,
-rollouts and their manual actions, drift reports, and the audit trail.
+rollouts and their manual actions, drift reports, the audit trail, and ``apply`` (a declarative
+rollout/route spec, planned by ``admin_apply`` and carried out through the same controller
+methods).
 
 In: a ``RolloutController``, the ``Store``, bearer tokens (viewer or operator) and two
 callables for models and drift reports. Out: a Starlette app. Every mutation goes through the
@@ -7,7 +9,8 @@ controller's methods, the same path automatic decisions take, in a worker thread
 fsynced write). Paths, auth and status codes live here; rollout logic does not.
 
 Auth: ``Authorization: Bearer <token>``. Tokens are compared in constant time against every
-known token, never logged, never stored; failed attempts are logged and audited (rate-limited,
+known token (and, through ``stored_tokens``, the SHA-256 digests of the token file), never
+logged, never stored; failed attempts are logged and audited (rate-limited,
 so a flood of bad requests cannot turn into a flood of fsyncs). ``GET openapi.json`` needs no
 token. Extra routes (``/metrics``, a dashboard) are mounted as given, without auth.
 """
@@ -20,10 +23,11 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -33,7 +37,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.admin_apply import SpecError, check_spec, outcome
 from gateway.errors import (
+    ConflictError,
     GatewayError,
     InternalError,
     InvalidInputError,
@@ -57,6 +63,7 @@ __all__ = [
     "WeightsBody",
     "StartRolloutBody",
     "LoadBody",
+    "ApplyBody",
     "ModelLister",
     "DriftReporter",
     "build_admin_app",
@@ -82,6 +89,9 @@ DriftReporter: TypeAlias = Callable[[str, "str | None"], Mapping[str, object]]
 ``ModelNotFoundError`` for an unknown model or version. May block briefly (runs in a thread)."""
 
 _encode = msgspec.json.Encoder().encode
+StoredTokens: TypeAlias = Callable[[], Sequence[tuple[bytes, "Token"]]]
+"""Tokens kept outside the settings (the token file): (SHA-256 of the secret, holder),
+asked on every authentication so revocations apply at once."""
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
 
 
@@ -125,6 +135,64 @@ class StartRolloutBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: Reason = ""
 
 
+class ApplyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST apply``: a rollout/route spec (``gateway admin apply``'s file as
+    JSON); ``dry_run`` only reports the changes."""
+
+    spec: dict[str, Any]
+    dry_run: bool = False
+    reason: Reason = ""
+
+
+class _LocalCaller:
+    """The four admin calls a spec plan makes, answered by the controller in process."""
+
+    def __init__(self, controller: RolloutController, actor: str) -> None:
+        self._controller = controller
+        self._actor = actor
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        c = self._controller
+        if (method, path) == ("GET", "/rollouts"):
+            return msgspec.to_builtins({"rollouts": c.rollouts()})
+        if (method, path) == ("GET", "/routes"):
+            return msgspec.to_builtins({"routes": c.routes()})
+        if method == "PUT" and path.startswith("/routes/"):
+            model = urllib.parse.unquote(path.split("/")[2])
+            route = c.set_weights(model, body["weights"], self._actor, body["reason"])
+            return msgspec.to_builtins(route)
+        if (method, path) == ("POST", "/rollouts"):
+            try:
+                policy = msgspec.convert(body["policy"], RolloutPolicy)
+            except msgspec.ValidationError as exc:
+                raise InvalidInputError(f"rollouts.{body['model']}.policy: {exc}") from None
+            state = c.start_rollout(
+                body["model"],
+                body["stable"],
+                body["candidate"],
+                policy,
+                self._actor,
+                body["reason"],
+            )
+            return msgspec.to_builtins(state)
+        raise InternalError(f"spec plan made an unexpected call {method} {path}")
+
+
+def _apply_spec(controller: RolloutController, body: ApplyBody, actor: str) -> dict[str, Any]:
+    try:
+        check_spec(body.spec)
+    except SpecError as exc:
+        raise InvalidInputError(f"invalid spec: {exc}") from None
+    caller = _LocalCaller(controller, actor)
+    result = outcome(caller, body.spec, not body.dry_run, body.reason)
+    if not body.dry_run and not result["applied"]:
+        conflicts = [
+            f"{r['model']}: {r['detail']}" for r in result["changes"] if r["action"] == "conflict"
+        ]
+        raise ConflictError("spec conflicts with active rollouts: " + "; ".join(conflicts))
+    return result
+
+
 def _json(payload: object, status: int = 200) -> Response:
     return Response(_encode(payload), status_code=status, media_type=_JSON)
 
@@ -144,13 +212,23 @@ def _digest(secret: bytes) -> bytes:
 class _Auth:
     """Resolves a request's bearer token; audits failures within a budget per window."""
 
-    def __init__(self, tokens: Mapping[str, Token], store: Store, clock: Callable[[], float]):
+    def __init__(
+        self,
+        tokens: Mapping[str, Token],
+        store: Store,
+        clock: Callable[[], float],
+        stored: StoredTokens | None = None,
+    ):
+        self._stored = stored
         for token in tokens.values():
             if token.role not in ("viewer", "operator"):
                 raise InvalidInputError(f"admin token {token.name!r} has unknown role")
         self._known = [(_digest(secret.encode()), token) for secret, token in tokens.items()]
-        if not self._known:
-            logger.warning("admin API has no tokens: every request will get 401")
+        if not self._known and not (stored and stored()):
+            logger.warning(
+                "admin API has no tokens: every request will get 401 "
+                "(create one with: gateway admin token create --name NAME --role operator)"
+            )
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
@@ -167,6 +245,9 @@ class _Auth:
         given = _digest(secret.encode("latin-1", errors="replace"))
         found = None
         for known, token in self._known:  # every token, no early exit
+            if hmac.compare_digest(given, known):
+                found = token
+        for known, token in self._stored() if self._stored else ():
             if hmac.compare_digest(given, known):
                 found = token
         return found
@@ -290,13 +371,14 @@ def build_admin_app(
     extra_routes: Sequence[BaseRoute] = (),
     clock: Callable[[], float] = time.time,
     control: ModelControl | None = None,
+    stored_tokens: StoredTokens | None = None,
 ) -> Starlette:
     """The admin app. ``tokens`` maps each secret to its ``Token``; ``extra_routes`` (e.g.
     ``/metrics``, a dashboard) are appended as given, outside the auth. ``clock`` times the
     auth-failure audit budget. ``control`` adds model load, unload and index (operator;
-    audited before the change runs, so no change goes unrecorded). Reads
-    ``openapi_admin.json`` once, here."""
-    auth = _Auth(tokens, store, clock)
+    audited before the change runs, so no change goes unrecorded); ``stored_tokens`` are
+    the hashed tokens of ``gateway admin token``. Reads ``openapi_admin.json`` once, here."""
+    auth = _Auth(tokens, store, clock, stored_tokens)
     openapi = OPENAPI_PATH.read_bytes()
 
     def endpoint(role: Role, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -354,6 +436,10 @@ def build_admin_app(
             return _json(state)
 
         return post_action
+
+    async def post_apply(request: Request, token: Token) -> Response:
+        body = await _read_body(request, ApplyBody)
+        return _json(await run_in_threadpool(_apply_spec, controller, body, token.name))
 
     async def get_history(request: Request, token: Token) -> Response:
         model = request.path_params["model"]
@@ -440,6 +526,7 @@ def build_admin_app(
         Route(f"{p}/routes/{{model}}/weights", endpoint("operator", put_weights), methods=["PUT"]),
         Route(f"{p}/rollouts", endpoint("viewer", get_rollouts), methods=["GET"]),
         Route(f"{p}/rollouts", endpoint("operator", post_rollout), methods=["POST"]),
+        Route(f"{p}/apply", endpoint("operator", post_apply), methods=["POST"]),
         Route(f"{p}/rollouts/{{model}}", endpoint("viewer", get_rollout), methods=["GET"]),
         Route(f"{p}/rollouts/{{model}}/history", endpoint("viewer", get_history), methods=["GET"]),
         Route(f"{p}/drift/{{model}}", endpoint("viewer", get_drift), methods=["GET"]),

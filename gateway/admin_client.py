@@ -1,15 +1,19 @@
 """admin_client.py: the ``gateway admin ...`` command line, a thin client of the admin API.
 
-In: argv, the environment (``GATEWAY_ADMIN_URL``, ``GATEWAY_ADMIN_TOKEN``) and an optional
-``--token-file``. Out: the server's JSON (``--json``) or a short table on stdout, the server's
-error message on stderr, and an exit status: 0 on success, 1 on an HTTP or connection error
-(or a failed audit verification), 2 on bad usage. The token is never a flag, so it stays out of
-shell history and process listings. Standard library only; imports nothing from the server.
+In: argv, the environment (``GATEWAY_ADMIN_URL``, ``GATEWAY_ADMIN_TOKEN``; never read as
+server settings) and an optional ``--token-file``. Common options go before or after the
+command. Out: the server's JSON (``--json``), a short table, or one line per write command
+on stdout (``status --watch`` repeats the table; ``diff``/``apply`` print one line per
+change, see ``admin_apply``), the server's error message on stderr, and an exit status: 0
+on success, 1 on an HTTP or connection error (or a failed audit verification, or changes
+pending for ``diff``), 2 on bad usage. The token is never a flag, so it stays out of shell
+history and process listings. Standard library only; imports nothing from the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import ipaddress
 import json
 import os
@@ -136,25 +140,117 @@ def _steps(text: str) -> list[float]:
         ) from None
 
 
+def since(text: str, now: float | None = None) -> float:
+    """Unix seconds from a human ``--since``: an age (``90s``, ``10m``, ``2h``, ``7d``), an
+    ISO 8601 time (``2026-12-03T04:00:00Z``; no zone means UTC) or unix seconds."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    if text[-1:].lower() in units:
+        try:
+            return now - float(text[:-1]) * units[text[-1].lower()]
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since takes an age (10m, 2h, 1d), an ISO time or unix seconds, not {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+# Policy thresholds settable from ``start`` (flag -> field of policy.thresholds). Any other
+# field goes through --threshold NAME=VALUE, so new thresholds need no new flag.
+THRESHOLD_FLAGS: Final = (
+    ("--max-error-rate", "max_error_rate", "candidate error rate (0..1)"),
+    ("--max-error-rate-delta", "max_error_rate_delta", "candidate minus stable error rate"),
+    ("--max-p99-ratio", "max_p99_latency_ratio", "candidate p99 / stable p99"),
+    ("--max-input-drift-psi", "max_input_drift_psi", "worst input PSI vs the reference"),
+    ("--max-input-drift-ks", "max_input_drift_ks", "worst input KS vs the reference"),
+    ("--max-prediction-drift-psi", "max_prediction_drift_psi", "output PSI vs stable"),
+    ("--max-shadow-disagreement", "max_shadow_disagreement", "shadow disagreement (0..1)"),
+    ("--worse-pvalue", "candidate_worse_pvalue", "roll back when outcomes are worse at p <="),
+)
+
+
+_UNSET: Final = object()
+
+
+def _threshold_value(text: str) -> float | bool | None:
+    low = text.strip().lower()
+    if low in ("none", "off", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"threshold values are numbers, true, false or none, not {text!r}"
+        ) from None
+
+
+def _threshold_pair(text: str) -> tuple[str, float | bool | None]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), _threshold_value(value)
+
+
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The options every command takes, before or after the command name."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--url", default=default, help=f"admin API base URL (${URL_ENV}, default {DEFAULT_URL})"
+    )
+    parser.add_argument("--token-file", default=default, help="read the bearer token from a file")
+    parser.add_argument(
+        "--cacert", default=default, help="PEM CA bundle to verify an https admin URL"
+    )
+    parser.add_argument(
+        "--cert", default=default, help="PEM client certificate (admin listener with mTLS)"
+    )
+    parser.add_argument("--key", default=default, help="PEM key of --cert (if not inside it)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print the server's JSON (write commands print one summary line without it)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway admin",
         description=f"Rollout control through the admin API. The token comes from ${TOKEN_ENV} "
-        "or --token-file.",
+        "or --token-file. `gateway admin token --help`: tokens on the server's machine.",
     )
-    parser.add_argument("--url", help=f"admin API base URL (${URL_ENV}, default {DEFAULT_URL})")
-    parser.add_argument("--token-file", help="read the bearer token from this file")
-    parser.add_argument("--cacert", help="PEM CA bundle to verify an https admin URL")
-    parser.add_argument("--cert", help="PEM client certificate (admin listener with mTLS)")
-    parser.add_argument("--key", help="PEM key of --cert (if not inside it)")
-    parser.add_argument("--json", action="store_true", help="print the server's JSON as is")
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p, top=False)
+        return p
 
     p = command("status", "show all rollouts, or one model's rollout")
     p.add_argument("model", nargs="?")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until interrupted",
+    )
+    p.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
     command("models", "list models, versions, readiness and weights")
     command("routes", "show the route weights set through the control plane")
     for name, help_text, needs_reason in (
@@ -179,12 +275,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step-seconds", type=float, help="minimum seconds per step")
     p.add_argument("--step-requests", type=int, help="or this many candidate requests")
     p.add_argument("--approval", action="store_true", help="wait for approval before 100%%")
+    p.add_argument("--min-samples", type=int, help="candidate samples before any verdict")
+    p.add_argument(
+        "--consecutive-failures", type=int, help="failing evaluations in a row before rollback"
+    )
+    p.add_argument("--evaluation-interval", type=float, help="seconds between evaluations")
+    for flag, field, help_text in THRESHOLD_FLAGS:
+        p.add_argument(
+            flag,
+            dest=f"t_{field}",
+            type=_threshold_value,
+            default=_UNSET,
+            metavar="VALUE",
+            help=f"{help_text}; none turns the check off",
+        )
+    p.add_argument(
+        "--promote-requires-not-worse",
+        action="store_true",
+        help="promote only once an outcome comparison exists and is not worse",
+    )
+    p.add_argument(
+        "--threshold",
+        action="append",
+        type=_threshold_pair,
+        default=[],
+        metavar="NAME=VALUE",
+        help="any policy threshold by its field name (repeatable)",
+    )
     p.add_argument("--reason", default="")
     p = command("audit", "show the audit trail, newest first")
     p.add_argument("--model")
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--since", type=float, help="unix seconds")
+    p.add_argument("--since", type=since, help="10m, 2h, 1d, an ISO time or unix seconds")
     command("verify-audit", "check the audit trail's hash chain")
+    for name, help_text in (
+        ("diff", "show what applying a rollout/route spec file would change"),
+        ("apply", "make routes and rollouts match a spec file (idempotent)"),
+    ):
+        p = command(name, help_text)
+        p.add_argument("-f", "--file", required=True, metavar="FILE", help="TOML spec file")
+        p.add_argument("--reason", default="", help="recorded in the audit trail")
     return parser
 
 
@@ -223,8 +353,30 @@ def _rollout_rows(states: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+WRITE_COMMANDS: Final = frozenset(
+    {"start", "rollback", "promote", "approve", "pause", "resume", "weights"}
+)
+
+
+def _summary(command: str, result: Any) -> str:
+    """One line saying what a write command left behind."""
+    if command == "weights":
+        variants = result.get("variants", []) if isinstance(result, dict) else []
+        split = " ".join(f"{v['version']}={v['weight']:g}" for v in variants)
+        return f"{result.get('model', '?')}: weights {split or '-'}"
+    s = result
+    steps = s.get("policy", {}).get("steps", [])
+    step = f"step {min(s['step_index'] + 1, len(steps))}/{len(steps)}"
+    return (
+        f"{s['model']}: {s['status']}, stable {s['stable_version']}, candidate "
+        f"{s['candidate_version']} at {s['candidate_weight']:g}% ({step})"
+    )
+
+
 def _show(command: str, result: Any, out: TextIO) -> None:
-    if command == "status":
+    if command in WRITE_COMMANDS:
+        out.write(_summary(command, result) + "\n")
+    elif command == "status":
         states = result["rollouts"] if isinstance(result, dict) and "rollouts" in result else None
         _table(_rollout_rows(states if states is not None else [result]), out)
     elif command == "audit":
@@ -260,6 +412,27 @@ def _show(command: str, result: Any, out: TextIO) -> None:
         out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
+def _watch(client: AdminClient, args: argparse.Namespace, path: str, out: TextIO) -> int:
+    """``status --watch``: the table again every ``args.watch`` seconds (JSON lines with
+    --json), until interrupted or ``--count`` refreshes."""
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            if shown:
+                time.sleep(max(args.watch, 0.1))
+            result = client.call("GET", path)
+            if args.json:
+                out.write(json.dumps(result, sort_keys=True) + "\n")
+            else:
+                out.write(f"-- {_when(time.time())}\n")
+                _show("status", result, out)
+            out.flush()
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _request(args: argparse.Namespace) -> tuple[str, str, object | None]:
     """(method, path under /admin/v1, body) for the parsed command."""
     quote = urllib.parse.quote
@@ -281,6 +454,22 @@ def _request(args: argparse.Namespace) -> tuple[str, str, object | None]:
             policy["step_duration_s"] = args.step_seconds
         if args.step_requests is not None:
             policy["step_requests"] = args.step_requests
+        for option, field in (
+            ("min_samples", "min_samples"),
+            ("consecutive_failures", "consecutive_failures"),
+            ("evaluation_interval", "evaluation_interval_s"),
+        ):
+            if getattr(args, option) is not None:
+                policy[field] = getattr(args, option)
+        thresholds: dict[str, object] = {}
+        for _, field, _ in THRESHOLD_FLAGS:
+            if getattr(args, f"t_{field}") is not _UNSET:
+                thresholds[field] = getattr(args, f"t_{field}")
+        if args.promote_requires_not_worse:
+            thresholds["promote_requires_not_worse"] = True
+        thresholds.update(dict(args.threshold))
+        if thresholds:
+            policy["thresholds"] = thresholds
         body = {
             "model": args.model,
             "stable": args.stable,
@@ -296,6 +485,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, object | None]:
         if args.since is not None:
             query["since"] = str(args.since)
         return "GET", "/audit?" + urllib.parse.urlencode(query), None
+    if c in ("apply", "diff"):
+        return "GET", "/rollouts", None  # run_spec makes its own calls
     return "GET", "/audit/verify", None  # verify-audit
 
 
@@ -334,6 +525,18 @@ def main(
         client = AdminClient(url, token, cacert=args.cacert, cert=args.cert, key=args.key)
         if client.is_plaintext_remote:
             err.write(f"gateway admin: warning: sending the token in clear text to {url}\n")
+        if args.command in ("apply", "diff"):
+            from gateway.admin_apply import SpecError, run_spec
+
+            try:
+                return run_spec(
+                    client, args.file, args.command == "apply", args.reason, args.json, out
+                )
+            except SpecError as exc:
+                err.write(f"gateway admin: {exc}\n")
+                return 2
+        if args.command == "status" and args.watch is not None:
+            return _watch(client, args, path, out)
         result = client.call(method, path, body)
     except AdminClientError as exc:
         status = f"HTTP {exc.status}: " if exc.status else ""

@@ -1,11 +1,14 @@
 """alerts.py: delivers rollout events to webhooks, off every caller's path.
 
 In: events (``send(event, model, reason, values, extra)``) from the rollout controller. Out:
-one JSON POST per event to each configured URL, ``{"event", "model", "reason", "values",
-"time", ...extra}``. Each URL has its own bounded queue and worker thread, so a dead webhook
-delays only itself; a failed or non-2xx delivery is retried with exponential backoff. ``send``
-never blocks and never raises: a full queue drops the event and counts it. Uses only the
-standard library (``urllib.request``). Knows nothing of rollouts beyond the event's fields.
+one JSON POST per event to each configured URL, in that URL's format: ``generic``
+(``{"event", "model", "reason", "values", "time", ...extra}``), ``slack`` (an incoming
+webhook's ``text`` plus a section block) or ``teams`` (a message with an Adaptive Card, which
+Teams workflows and incoming webhooks accept). Each URL has its own bounded queue and
+worker thread, so a dead webhook delays only itself; a failed or non-2xx delivery is retried
+with exponential backoff. ``send`` never blocks and never raises: a full queue drops the
+event and counts it. Uses only the standard library (``urllib.request``). Knows nothing of
+rollouts beyond the event's fields.
 
 URLs of chat webhooks carry secrets in their path, so logs name only the scheme and host.
 """
@@ -27,7 +30,7 @@ import msgspec
 
 from gateway.errors import InvalidInputError
 
-__all__ = ["AlertSender"]
+__all__ = ["AlertSender", "FORMATS", "render_body"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,54 @@ CLOSE_TIMEOUT_S: Final = 5.0  # enough for one in-flight POST at the default 2 s
 
 _encode = msgspec.json.Encoder().encode
 _STOP: Final = object()
+FORMATS: Final = ("generic", "slack", "teams")
+_MAX_FACTS: Final = 12  # chat cards show the first values; the generic body has them all
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_body(fmt: str, body: Mapping[str, object]) -> dict[str, object]:
+    """The JSON object posted for ``body`` (the generic event) in format ``fmt``."""
+    if fmt == "generic":
+        return dict(body)
+    values = body.get("values")
+    facts = list(values.items())[:_MAX_FACTS] if isinstance(values, Mapping) else []
+    title = f"gateway: {body.get('event')} of {body.get('model')}"
+    reason = str(body.get("reason") or "")
+    if fmt == "slack":
+        lines = [f"*{title}*", reason] + [f"• {k}: `{_fmt(v)}`" for k, v in facts]
+        text = "\n".join(line for line in lines if line)
+        return {
+            "text": f"{title}: {reason}" if reason else title,
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
+        }
+    card_body: list[dict[str, object]] = [
+        {"type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": True}
+    ]
+    if reason:
+        card_body.append({"type": "TextBlock", "text": reason, "wrap": True})
+    if facts:
+        card_body.append(
+            {"type": "FactSet", "facts": [{"title": str(k), "value": _fmt(v)} for k, v in facts]}
+        )
+    return {
+        "type": "message",
+        "attachments": [
+            {
+                "contentType": "application/vnd.microsoft.card.adaptive",
+                "content": {
+                    "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                    "type": "AdaptiveCard",
+                    "version": "1.4",
+                    "body": card_body,
+                },
+            }
+        ],
+    }
 
 
 def _where(url: str) -> str:
@@ -47,8 +98,9 @@ def _where(url: str) -> str:
 class _Worker:
     """One URL: a bounded queue of encoded bodies and the thread that posts them."""
 
-    def __init__(self, sender: AlertSender, url: str, queue_size: int) -> None:
+    def __init__(self, sender: AlertSender, url: str, queue_size: int, fmt: str) -> None:
         self.url = url
+        self.format = fmt
         self.where = _where(url)
         self.queue: queue.Queue[object] = queue.Queue(queue_size)
         self.thread = threading.Thread(
@@ -75,7 +127,13 @@ class AlertSender:
         queue_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        formats: Mapping[str, str] | None = None,
     ) -> None:
+        """``formats`` maps a URL to "slack" or "teams"; the others get "generic"."""
+        formats = formats or {}
+        for fmt in formats.values():
+            if fmt not in FORMATS:
+                raise InvalidInputError(f"alert format must be one of {', '.join(FORMATS)}")
         for url in urls:
             if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
                 raise InvalidInputError(f"alert URL {_where(url)!r} must be http or https")
@@ -89,7 +147,9 @@ class AlertSender:
         self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         self._headers.update(headers or {})
         self._clock = clock
-        self._workers = [_Worker(self, url, queue_size) for url in urls]
+        self._workers = [
+            _Worker(self, url, queue_size, formats.get(url, "generic")) for url in urls
+        ]
         self._lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -97,6 +157,11 @@ class AlertSender:
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+
+    def counts(self) -> dict[str, int]:
+        """Deliveries so far by result: sent, failed, dropped."""
+        with self._lock:
+            return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped}
 
     def start(self) -> None:
         with self._lock:
@@ -126,7 +191,9 @@ class AlertSender:
         body.update(event=event, model=model, reason=reason, values=dict(values))
         body["time"] = self._clock()
         try:
-            data = _encode(body)
+            encoded = {
+                fmt: _encode(render_body(fmt, body)) for fmt in {w.format for w in self._workers}
+            }
         except (TypeError, msgspec.EncodeError) as exc:
             logger.error("alert %s for model %s is not JSON-encodable: %s", event, model, exc)
             with self._lock:
@@ -135,7 +202,7 @@ class AlertSender:
         queued = True
         for worker in self._workers:
             try:
-                worker.queue.put_nowait(data)
+                worker.queue.put_nowait(encoded[worker.format])
             except queue.Full:
                 queued = False
                 with self._lock:

@@ -27,6 +27,7 @@ from starlette.routing import Route as Route_
 
 from gateway import __version__
 from gateway.admin import Token, build_admin_app
+from gateway.admin_tokens import TOKEN_FILE, TokenFile
 from gateway.alerts import AlertSender
 from gateway.auth import DataPlaneGuard
 from gateway.config import Settings
@@ -39,6 +40,7 @@ from gateway.feedback import PredictionMemory
 from gateway.files import private_dir, private_file
 from gateway.fleet import Fleet
 from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
+from gateway.history import MetricsHistory
 from gateway.http_api import HttpFrontEnd, limit_body
 from gateway.logs import AccessLog
 from gateway.predlog import PredictionLogger
@@ -109,6 +111,12 @@ class Gateway:
             predictions=self.predictions,
         )
         self.telemetry = Telemetry(self.router, self.monitor, self.memory, self.is_ready)
+        self.history = MetricsHistory(
+            self.telemetry.snapshot,
+            settings.admin.history_interval_s,
+            settings.admin.history_span_s,
+        )
+        self._history_task: asyncio.Task[None] | None = None
         self.http = HttpFrontEnd(
             self.plane,
             self.control,
@@ -209,6 +217,7 @@ class Gateway:
             )
         self.monitor.start()
         self._observer_flush = asyncio.create_task(self._flush_observations())
+        self._history_task = asyncio.create_task(self.history.run())
         if self.predictions is not None:
             self.predictions.start()
         self.outcomes.start(asyncio.get_running_loop())
@@ -281,14 +290,20 @@ class Gateway:
             )
         else:
             self.store = SqliteStore(private_file(data_dir / "control.sqlite3"))
-        if settings.alerts.webhooks:
+        hooks = settings.alerts
+        if hooks.webhooks or hooks.slack_webhooks or hooks.teams_webhooks:
             self.alerts = AlertSender(
-                settings.alerts.webhooks,
+                [*hooks.webhooks, *hooks.slack_webhooks, *hooks.teams_webhooks],
+                formats={
+                    **{url: "slack" for url in hooks.slack_webhooks},
+                    **{url: "teams" for url in hooks.teams_webhooks},
+                },
                 timeout_s=settings.alerts.timeout_s,
                 retries=settings.alerts.retries,
                 backoff_s=settings.alerts.backoff_s,
             )
             self.alerts.start()
+            self.telemetry.alert_counts = self.alerts.counts
         self.controller = RolloutController(
             self.store,
             apply_weights=self.control.apply_weights,
@@ -303,6 +318,17 @@ class Gateway:
         self.controller.start()
         self.telemetry.controller = self.controller
         tokens = {t.token: Token(t.name, t.role) for t in settings.admin.tokens}
+        token_file = TokenFile(data_dir / TOKEN_FILE)
+
+        def stored_tokens() -> list[tuple[bytes, Token]]:
+            return [
+                (
+                    bytes.fromhex(t.sha256),
+                    Token(t.name, "operator" if t.role == "operator" else "viewer"),
+                )
+                for t in token_file.digests()
+            ]
+
         self.admin_app = build_admin_app(
             self.controller,
             self.store,
@@ -312,9 +338,10 @@ class Gateway:
             extra_routes=[
                 Route_("/metrics", self.telemetry.endpoint, methods=["GET"]),
                 *self.http.internal_routes(),
-                *_dashboard_routes(),
+                *_dashboard_routes(self.history.json),
             ],
             control=self.control,
+            stored_tokens=stored_tokens,
         )
 
     async def stop(self) -> None:
@@ -335,6 +362,8 @@ class Gateway:
         await self.control.retire_all()
         if self._observer_flush is not None:
             self._observer_flush.cancel()
+        if self._history_task is not None:
+            self._history_task.cancel()
         self.observer.flush_all()
         self.monitor.stop()
         self._shadow_pool.shutdown(wait=True, cancel_futures=True)
@@ -386,13 +415,13 @@ def run(settings: Settings, *, reuse_port: bool = False) -> None:
         runner.run(_main(settings, reuse_port))
 
 
-def _dashboard_routes() -> list[Any]:
+def _dashboard_routes(history: Any) -> list[Any]:
     try:
         module = importlib.import_module("gateway.dashboard")
     except ImportError:  # pragma: no cover - the dashboard ships with the package
         return []
     build = getattr(module, "dashboard_routes", None)
-    routes: list[Any] = build() if build is not None else []
+    routes: list[Any] = build(history=history) if build is not None else []
     return routes
 
 

@@ -1,18 +1,37 @@
 """cli.py: command line -> Settings -> app.run(). Nothing else.
 
-``gateway serve`` serves a model repository (the bundled examples by default).
+``gateway serve`` serves a model repository (the bundled examples by default); ``gateway
+admin token ...`` keeps the admin tokens of the data dir; other ``gateway admin`` commands go
+to the admin API's client. Numba's compiled-kernel cache goes to a user cache folder
+(``$NUMBA_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnx-v2-gateway/numba``), set before anything
+imports numba, so no cache file is ever written inside the installed package.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__
 from gateway.config import ConfigError, load_settings
 
-__all__ = ["main"]
+__all__ = ["main", "numba_cache_dir"]
+
+CACHE_NAME = "onnx-v2-gateway"
+
+
+def numba_cache_dir(env: dict[str, str] | os._Environ[str] | None = None) -> Path:
+    """Where numba keeps compiled kernels: ``$NUMBA_CACHE_DIR``, else the XDG user cache."""
+    env = os.environ if env is None else env
+    if env.get("NUMBA_CACHE_DIR"):
+        return Path(env["NUMBA_CACHE_DIR"])
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / CACHE_NAME / "numba"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Serve ONNX models over KServe V2 HTTP and gRPC.",
         epilog="Every setting can also come from the environment: GATEWAY_<FIELD>, nested "
-        "fields joined by a double underscore (GATEWAY_HTTP__PORT=9000).",
+        "fields joined by a double underscore (GATEWAY_HTTP__PORT=9000); arrays and tables "
+        "as TOML or JSON. GATEWAY_ADMIN_TOKEN and GATEWAY_ADMIN_URL belong to `gateway "
+        "admin` and are never settings.",
     )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -75,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="repository folder (default: the bundled examples)",
     )
-    build.add_argument("--output", metavar="FILE", help="where to save (default: beside the model)")
+    build.add_argument(
+        "--output",
+        metavar="FILE",
+        help="where to save (default: <repo>/<model>/profile.npz when --model-repository is "
+        "given, else ./<model>.profile.npz, never inside the installed package)",
+    )
     build.add_argument("--bins", type=int, default=20, help="bins per numeric feature")
     sub.add_parser(
         "admin",
@@ -94,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "numba" not in sys.modules:
+        os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+    if argv[:2] == ["admin", "token"]:
+        return _token_main(argv[2:])
     if argv[:1] == ["admin"]:
         from gateway.admin_client import main as admin_main
 
@@ -152,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gateway.config import EXAMPLE_REPOSITORY
     from gateway.drift.build import PROFILE_FILE, profile_for_model
 
@@ -166,7 +194,12 @@ def _profile_build(args: argparse.Namespace) -> int:
         print(f"gateway: no versions of model '{args.model}' under {root}", file=sys.stderr)
         return 2
     version = args.version or versions[0]
-    output = Path(args.output) if args.output else model_dir / PROFILE_FILE
+    if args.output:
+        output = Path(args.output)
+    elif args.model_repository:
+        output = model_dir / PROFILE_FILE
+    else:  # the bundled examples live in the installed package: never write there
+        output = Path(f"{args.model}.profile.npz")
     try:
         profile = profile_for_model(
             model_dir / version / "model.onnx", Path(args.data), output, bins=args.bins
@@ -179,4 +212,67 @@ def _profile_build(args: argparse.Namespace) -> int:
         f"{len(profile.inputs.names)} input features, outputs "
         f"{', '.join(profile.outputs) or 'none'} (of version {version})"
     )
+    return 0
+
+
+def _token_main(argv: list[str]) -> int:
+    """``gateway admin token create|list|revoke``: the token file of the data dir."""
+    parser = argparse.ArgumentParser(
+        prog="gateway admin token",
+        description="Admin tokens kept hashed in <data_dir>/admin_tokens.json (mode 0600) on "
+        "the server's machine; the server picks up changes without a restart.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="settings file naming data_dir")
+    common.add_argument("--data-dir", metavar="DIR", help="data dir (default: from settings)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = sub.add_parser("create", parents=[common], help="create a token; prints it once")
+    create.add_argument("--name", required=True, help="who holds it (shown in the audit)")
+    create.add_argument("--role", choices=("viewer", "operator"), default="operator")
+    sub.add_parser("list", parents=[common], help="list tokens (names and roles, no secrets)")
+    revoke = sub.add_parser("revoke", parents=[common], help="revoke a token by name")
+    revoke.add_argument("name")
+    args = parser.parse_args(argv)
+    from gateway.admin_tokens import TOKEN_FILE, TokenFile, TokenFileError
+
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        try:
+            data_dir = Path(load_settings(args.config).data_dir)
+        except ConfigError as exc:
+            print(f"gateway: {exc.message}", file=sys.stderr)
+            return 2
+    tokens = TokenFile(data_dir / TOKEN_FILE)
+    try:
+        if args.action == "create":
+            secret = tokens.create(args.name, args.role)
+            if args.json:
+                print(json.dumps({"name": args.name, "role": args.role, "token": secret}))
+            else:
+                print(secret)
+                print(
+                    f"{args.role} token {args.name!r} stored hashed in {tokens.path}; it is "
+                    "shown only now (export GATEWAY_ADMIN_TOKEN=<it> for gateway admin)",
+                    file=sys.stderr,
+                )
+        elif args.action == "list":
+            stored = tokens.load()
+            if args.json:
+                print(
+                    json.dumps(
+                        [{"name": t.name, "role": t.role, "created": t.created} for t in stored]
+                    )
+                )
+            else:
+                for t in stored:
+                    created = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t.created))
+                    print(f"{t.name}\t{t.role}\t{created}")
+        else:
+            tokens.revoke(args.name)
+            print(json.dumps({"revoked": args.name}) if args.json else f"revoked {args.name}")
+    except TokenFileError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -8,6 +8,8 @@ settings fail at start-up with msgspec's path to the bad field. Nobody else read
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +19,17 @@ from typing import Any, Final, Literal
 import msgspec
 
 from gateway.errors import InvalidInputError
+from gateway.listener_settings import (
+    MIN_TOKEN_CHARS,
+    AdminToken,
+    ClientToken,
+    DataAuthSettings,
+    LimitsSettings,
+    ModelControlSettings,
+    TlsSettings,
+    check_tokens,
+    parse_duration,
+)
 
 __all__ = [
     "ModelPolicy",
@@ -45,9 +58,16 @@ __all__ = [
     "load_model_policy",
     "EXAMPLE_REPOSITORY",
     "ENV_PREFIX",
+    "CLIENT_ENV",
+    "MIN_TOKEN_CHARS",
 ]
 
 ENV_PREFIX: Final = "GATEWAY_"
+CLIENT_ENV: Final = frozenset(
+    {"GATEWAY_ADMIN_URL", "GATEWAY_ADMIN_TOKEN", "GATEWAY_ADMIN_TOKEN_FILE"}
+)
+"""Variables of the admin client (``gateway admin``), never settings: a shell that exports
+them for the client can still start the server."""
 EXAMPLE_REPOSITORY: Final = Path(__file__).parent / "examples" / "models"
 MODEL_SETTINGS_FILE: Final = "config.toml"
 
@@ -57,7 +77,7 @@ class ConfigError(InvalidInputError):
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
+    """As ``listener_settings.SettingsBase`` (spelled out so linters see a msgspec Struct)."""
 
 
 class FeatureRule(_Base, frozen=True):
@@ -125,33 +145,6 @@ class RuntimeSettings(_Base, frozen=True):
     """Run each model once at load so the first request does not pay the initialisation."""
 
 
-class TlsSettings(_Base, frozen=True):
-    """TLS for one listener: off unless ``cert`` and ``key`` are set; mTLS with ``client_ca``.
-    The files are re-read when they change on disk or on SIGHUP (no restart, no dropped
-    connections: only new handshakes use the new certificate)."""
-
-    cert: str = ""
-    """PEM certificate chain the listener presents; "" serves plain TCP."""
-    key: str = ""
-    """PEM private key of ``cert``."""
-    client_ca: str = ""
-    """PEM bundle of CAs whose client certificates are required (mTLS); "" asks for none."""
-    reload_interval_s: float = 5.0
-    """How often (s) the files' modification times are checked; 0 reloads on SIGHUP only."""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cert)
-
-    def __post_init__(self) -> None:
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("cert and key must be set together")
-        if self.client_ca and not self.cert:
-            raise ValueError("client_ca (mTLS) needs cert and key")
-        if self.reload_interval_s < 0:
-            raise ValueError("reload_interval_s must be >= 0")
-
-
 class HttpSettings(_Base, frozen=True):
     """The REST listener (KServe V2 over HTTP/1.1)."""
 
@@ -185,125 +178,6 @@ class GrpcSettings(_Base, frozen=True):
     """Largest message received or sent; larger requests get RESOURCE_EXHAUSTED."""
     tls: TlsSettings = TlsSettings()
     """TLS (and mTLS) on this listener."""
-
-
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: float | str) -> float:
-    """Seconds from a duration setting: a number of seconds (``10``, ``0.5``) or a string
-    with a unit (``"10s"``, ``"250ms"``, ``"5m"``, ``"1h"``). ``ValueError`` for anything
-    else, a negative value, NaN or infinity."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip().lower()
-        for unit in ("ms", "s", "m", "h"):
-            if text.endswith(unit):
-                number = text[: -len(unit)].strip()
-                break
-        else:
-            unit, number = "s", text
-        try:
-            seconds = float(number) * _DURATION_UNITS[unit]
-        except ValueError:
-            raise ValueError(
-                f"not a duration: {value!r} (use seconds, or a number with ms, s, m or h)"
-            ) from None
-    if not 0.0 <= seconds < float("inf"):
-        raise ValueError(f"a duration must be finite and >= 0, got {value!r}")
-    return seconds
-
-
-class LimitsSettings(_Base, frozen=True):
-    """Bounds on every listener and route, so no client can take more than its share.
-
-    Durations are seconds or strings with a unit ("10s", "250ms", "5m"); 0 turns a
-    timeout or a count limit off. Defaults follow nginx and Envoy where they have one.
-    """
-
-    max_header_bytes: int = 64 * 1024
-    """Request line plus headers of one HTTP request at most; more gets 431 and the
-    connection closed (Envoy's default is 60 KiB, nginx's 4 x 8 KiB)."""
-    max_headers: int = 100
-    """Header fields of one HTTP request at most; more gets 431 (Envoy's default)."""
-    header_timeout: float | str = "10s"
-    """Time from a connection's (or a request's) first byte to the end of its headers; a
-    connection that sends nothing, or trickles its headers (slowloris), is closed then."""
-    keep_alive_timeout: float | str = "30s"
-    """Idle time between requests on a kept-alive HTTP connection before it is closed."""
-    max_connections: int = -1
-    """Open HTTP connections per listener at most; one more is answered 503 and closed at
-    once, so idle sockets cannot use up the process's file descriptors. -1: three
-    quarters of the soft RLIMIT_NOFILE shared by the three listeners (a quarter each);
-    0: no limit."""
-    max_concurrency: int = 0
-    """HTTP requests being served at once per listener before new ones get 503 (uvicorn's
-    limit_concurrency); 0: no limit (the per-model queues bound the work)."""
-    body_timeout: float | str = "30s"
-    """A client that stops sending mid-body gets 400 after this long."""
-    feedback_body_bytes: int = 8 * 1024 * 1024
-    """Largest feedback body (REST); larger ones get 413 before they are read whole.
-    ``feedback.max_batch`` items of a few hundred bytes each fit."""
-    control_body_bytes: int = 1024 * 1024
-    """Largest body of every other POST (repository index, load, unload; the admin API)."""
-    offload_decode_bytes: int = 1024 * 1024
-    """JSON inference bodies at least this large are decoded on a worker thread, so a
-    large body does not hold the event loop (and every other client) while it decodes."""
-    grpc_max_concurrent_streams: int = 1024
-    """Calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
-    grpc_keepalive_time: float | str = "2h"
-    """Interval of the server's keep-alive pings on an idle gRPC connection (gRPC's
-    default); a peer that does not answer within grpc_keepalive_timeout is dropped."""
-    grpc_keepalive_timeout: float | str = "20s"
-    """How long a keep-alive ping may go unanswered."""
-    grpc_min_ping_interval: float | str = "10s"
-    """Clients pinging more often than this without data get GOAWAY (ping flood)."""
-    grpc_max_connection_idle: float | str = "5m"
-    """A gRPC connection with no call for this long gets GOAWAY and is closed; 0: never."""
-    grpc_max_connection_age: float | str = 0
-    """A gRPC connection is closed after this long, calls in flight allowed
-    grpc_max_connection_age_grace to finish (spreads load behind an L4 balancer); 0: never."""
-    grpc_max_connection_age_grace: float | str = "30s"
-    """Time calls in flight get when a connection reaches grpc_max_connection_age."""
-    stream_max_unanswered: int = 256
-    """ModelStreamInfer requests of one stream admitted but not yet written to the client;
-    at the limit the stream stops reading, so a client that never reads holds at most this
-    many answers."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "header_timeout",
-            "keep_alive_timeout",
-            "body_timeout",
-            "grpc_keepalive_time",
-            "grpc_keepalive_timeout",
-            "grpc_min_ping_interval",
-            "grpc_max_connection_idle",
-            "grpc_max_connection_age",
-            "grpc_max_connection_age_grace",
-        ):
-            parse_duration(getattr(self, name))
-        if self.max_connections < -1:
-            raise ValueError("max_connections must be -1 (automatic), 0 (off) or > 0")
-        for name in (
-            "max_header_bytes",
-            "max_headers",
-            "feedback_body_bytes",
-            "control_body_bytes",
-            "offload_decode_bytes",
-            "stream_max_unanswered",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_concurrency < 0 or self.grpc_max_concurrent_streams < 0:
-            raise ValueError("max_concurrency and grpc_max_concurrent_streams must be >= 0")
-
-    def seconds(self, name: str) -> float:
-        """A duration field in seconds (validated when the settings were built)."""
-        return parse_duration(getattr(self, name))
 
 
 class DriftSettings(_Base, frozen=True):
@@ -416,17 +290,6 @@ class RouteSettings(_Base, frozen=True):
     """Versions that get a sampled copy of the traffic."""
 
 
-class AdminToken(_Base, frozen=True):
-    """A bearer token for the admin API."""
-
-    name: str
-    """Who holds it: recorded in the audit trail (the secret never is)."""
-    role: Literal["viewer", "operator"]
-    """viewer reads; operator also changes routes and rollouts."""
-    token: str
-    """The secret. Prefer GATEWAY_ADMIN__TOKENS in the environment to a file."""
-
-
 class AdminSettings(_Base, frozen=True):
     """The admin listener: rollouts, routes, audit trail, drift, metrics, dashboard."""
 
@@ -437,78 +300,24 @@ class AdminSettings(_Base, frozen=True):
     tokens: list[AdminToken] = []
     """Who may call it. No tokens: every API call is refused (401); metrics and the
     dashboard page stay readable."""
+    history_interval_s: float = 10.0
+    """How often the dashboard's server-side history samples the metrics."""
+    history_span_s: float = 3600.0
+    """How far back that history reaches (the dashboard draws it on load)."""
     tls: TlsSettings = TlsSettings()
     """HTTPS (and mTLS) on the admin listener; without it a non-loopback ``host`` logs a
     warning at start (tokens would cross the network in clear text)."""
-
-
-class ModelControlSettings(_Base, frozen=True):
-    """The V2 repository extension (load, unload, index) on the data listeners."""
-
-    enabled: bool = False
-    """Off (as Triton's ``--model-control-mode=none``): the data port answers 403 /
-    PERMISSION_DENIED; the admin API's model routes still work. On: each call needs an
-    admin token with the operator role (``Authorization: Bearer``, gRPC metadata too)."""
-    max_batch_size: int = 4096
-    """Largest ``max_batch_size`` a load request's config may set (warm-up allocates it)."""
-    max_queue_delay_us: int = 100_000
-    """Largest ``max_queue_delay_microseconds`` a load request may set (100 ms)."""
-    max_instances: int = 8
-    """Largest ``instance_group[0].count`` a load request may set."""
-    max_queue_size: int = 65_536
-    """Largest queue size a load request may set."""
-
-    def check_load(self, fields: Mapping[str, Any]) -> None:
-        """Refuse load-time policy values beyond the bounds, naming the field."""
-        bounds = {
-            "max_batch_size": self.max_batch_size,
-            "max_queue_delay_us": self.max_queue_delay_us,
-            "instances": self.max_instances,
-            "max_queue_size": self.max_queue_size,
-        }
-        for name, bound in bounds.items():
-            if name not in fields:
-                continue
-            value = fields[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidInputError(f"load config field '{name}' must be a number")
-            if not 0 <= value <= bound:
-                raise InvalidInputError(
-                    f"load config field '{name}' = {value} is outside 0..{bound} "
-                    f"(model_control.{'max_instances' if name == 'instances' else name})"
-                )
-
-
-class ClientToken(_Base, frozen=True):
-    """A data-plane bearer token: who holds it and what it may do."""
-
-    name: str
-    """The client's name (logs, feedback rate limit); the secret is never logged."""
-    token: str
-    """The secret (prefer GATEWAY_AUTH__CLIENTS in the environment)."""
-    scope: Literal["infer", "feedback"]
-    """infer: inference and metadata; feedback: ground truth only. A token holds one scope,
-    so a caller that can infer cannot also grade (give a client two tokens for both)."""
-
-
-class DataAuthSettings(_Base, frozen=True):
-    """Optional bearer tokens on the data listeners, checked before the body is decoded."""
-
-    clients: list[ClientToken] = []
-    """Known tokens. Inference needs an infer token once any infer token exists; feedback
-    needs a feedback token once any feedback token exists (each scope is on by itself)."""
-    feedback_rate: float = 50.0
-    """Feedback calls per second per client (token, else peer address); beyond the burst
-    calls get 429 / RESOURCE_EXHAUSTED. 0 turns the limit off."""
-    feedback_burst: int = 100
-    """Feedback calls a client may make at once before the rate applies."""
 
 
 class AlertSettings(_Base, frozen=True):
     """Webhooks told about automatic rollbacks (JSON POST, retried, never blocking)."""
 
     webhooks: list[str] = []
-    """URLs to POST to."""
+    """URLs to POST the generic JSON event to."""
+    slack_webhooks: list[str] = []
+    """Slack incoming-webhook URLs: the event as a message (``text`` and a section block)."""
+    teams_webhooks: list[str] = []
+    """Microsoft Teams workflow or incoming-webhook URLs: the event as an Adaptive Card."""
     timeout_s: float = 2.0
     """Per attempt."""
     retries: int = 3
@@ -591,11 +400,20 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
 
 
 def _parse_env_value(value: str) -> Any:
-    """Environment values are TOML scalars or arrays when they parse as such, else strings."""
+    """Environment values are TOML scalars or arrays when they parse as such, then JSON
+    arrays or objects, else strings."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        return value
+        pass
+    if value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ConfigError(
+                f"environment value {value[:40]!r} is neither a TOML nor a JSON array/table"
+            ) from None
+    return value
 
 
 def load_settings(
@@ -617,7 +435,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
     for key, value in (os.environ if env is None else env).items():
-        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX) and key not in CLIENT_ENV:
             parts = key[len(ENV_PREFIX) :].lower().split("__")
             _set_path(tree, parts, value)
     for dotted, value in (overrides or {}).items():
@@ -635,20 +453,93 @@ def load_settings(
     return settings
 
 
+# Keys whose value must be above the range's low end, not equal to it.
+_OPEN_LOW: Final = frozenset(
+    {"drift.sub_window_s", "drift.tick_s", "drift.alpha", "alerts.timeout_s"}
+)
+# (dotted key, lowest, highest): ranges checked after decoding, so ``check-config`` and
+# ``serve`` refuse the same values with one line naming the key, the value and the range.
+_RANGES: Final[tuple[tuple[str, float, float], ...]] = (
+    ("http.port", 0, 65535),
+    ("grpc.port", 0, 65535),
+    ("admin.port", 0, 65535),
+    ("http.max_request_bytes", 1, math.inf),
+    ("grpc.max_message_bytes", 1, math.inf),
+    ("runtime.inference_workers", 1, 1024),
+    ("runtime.intra_op_threads", 0, 1024),
+    ("runtime.inter_op_threads", 0, 1024),
+    ("grace_period_s", 0, math.inf),
+    ("shadow_max_in_flight", 0, math.inf),
+    ("access_log_sample_rate", 0, 1),
+    ("drift.bins", 2, 1000),
+    ("drift.sub_window_s", 0, math.inf),
+    ("drift.sub_windows", 1, 10_000),
+    ("drift.tick_s", 0, math.inf),
+    ("drift.alpha", 0, 0.5),
+    ("drift.min_samples", 1, math.inf),
+    ("drift.min_samples_per_arm", 1, math.inf),
+    ("drift.max_rows_per_request", 1, math.inf),
+    ("predictions.sample_rate", 0, 1),
+    ("feedback.ttl_s", 0, math.inf),
+    ("feedback.capacity", 1, math.inf),
+    ("feedback.max_bytes", 1, math.inf),
+    ("alerts.timeout_s", 0, math.inf),
+    ("admin.history_interval_s", 0.01, 3600),
+    ("admin.history_span_s", 0.01, 86400),
+    ("alerts.retries", 0, 100),
+    ("alerts.backoff_s", 0, math.inf),
+)
+
+
+def _value(settings: Settings, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _check(settings: Settings) -> None:
     store = settings.store
     if store.url and not store.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("store.url must be a redis://, rediss:// or unix:// URL (or empty)")
     if store.lease_ttl_s <= 0 or store.resync_interval_s <= 0 or store.heartbeat_ttl_s <= 0:
         raise ConfigError("store: lease_ttl_s, resync_interval_s and heartbeat_ttl_s must be > 0")
-    if settings.runtime.inference_workers < 1:
-        raise ConfigError("runtime.inference_workers must be at least 1")
     secrets = [c.token for c in settings.auth.clients] + [t.token for t in settings.admin.tokens]
     if any(not secret for secret in secrets):
         raise ConfigError("auth.clients and admin.tokens: a token must not be empty")
     if len(set(secrets)) != len(secrets):
         # One secret per scope: an inference token must never also grade or operate.
-        raise ConfigError("auth.clients and admin.tokens: each token must be distinct")
+        raise ConfigError(
+            "auth.clients and admin.tokens: two holders share one secret; each must be distinct"
+        )
+    for dotted, low, high in _RANGES:
+        value = _value(settings, dotted)
+        open_low = dotted in _OPEN_LOW
+        if not (low < value if open_low else low <= value) or not value <= high:  # NaN too
+            upper = f"{high:g}]" if high < math.inf else "inf)"
+            shown = f"{'(' if open_low else '['}{low:g}, {upper}"
+            raise ConfigError(f"{dotted} = {value!r} is outside the allowed range {shown}")
+    for shadows in settings.routes.values():
+        for shadow in shadows.shadows:
+            if not 0 <= shadow.sample_rate <= 1:
+                raise ConfigError(
+                    f"routes shadow sample_rate = {shadow.sample_rate!r} is outside 0..1"
+                )
+    try:
+        check_tokens(settings.admin.tokens)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    alerts = settings.alerts
+    for key, urls in (
+        ("webhooks", alerts.webhooks),
+        ("slack_webhooks", alerts.slack_webhooks),
+        ("teams_webhooks", alerts.teams_webhooks),
+    ):
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                # Only the scheme is shown: webhook URLs carry secrets.
+                shown = url.split("://", 1)[0] if "://" in url else "no scheme"
+                raise ConfigError(f"alerts.{key}: a URL must be http:// or https://, not {shown}")
     for name, fields in settings.models.items():
         try:
             policy = msgspec.convert(fields, ModelPolicy, strict=False)
@@ -660,13 +551,16 @@ def _check(settings: Settings) -> None:
 def check_policy(policy: ModelPolicy, where: str) -> None:
     """Reject values that cannot work, naming the field."""
     if policy.max_batch_size < 0:
-        raise ConfigError(f"{where}.max_batch_size must be >= 0")
+        raise ConfigError(f"{where}.max_batch_size = {policy.max_batch_size} must be >= 0")
     if policy.instances < 1:
-        raise ConfigError(f"{where}.instances must be >= 1")
+        raise ConfigError(f"{where}.instances = {policy.instances} must be >= 1")
     if policy.max_queue_size < 1:
-        raise ConfigError(f"{where}.max_queue_size must be >= 1")
+        raise ConfigError(f"{where}.max_queue_size = {policy.max_queue_size} must be >= 1")
     if policy.max_queue_delay_us < 0 or policy.default_timeout_ms < 0:
-        raise ConfigError(f"{where}: delays and timeouts must be >= 0")
+        raise ConfigError(
+            f"{where}: max_queue_delay_us = {policy.max_queue_delay_us} and "
+            f"default_timeout_ms = {policy.default_timeout_ms} must be >= 0"
+        )
     for size in policy.preferred_batch_sizes:
         if not 1 <= size <= max(policy.max_batch_size, 1):
             raise ConfigError(f"{where}.preferred_batch_sizes: {size} is outside 1..max_batch_size")

@@ -35,10 +35,38 @@ __all__ = [
     "GatewayCollector",
     "render",
     "DRIFT_TOP_K",
+    "LATENCY_BUCKETS_S",
+    "export_buckets",
 ]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 DRIFT_TOP_K: Final = 10  # features per model version exported with their own label
+LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+"""Exported latency bounds: 16 round numbers (0.5 ms to 60 s), so dashboards and alert
+rules can name a bound (le="0.1") and series stay few. The request path keeps finer
+buckets (26% apart) for the rollout's p99; they are merged into these at scrape time."""
+
+
+def export_buckets(
+    upper_ms: Sequence[float], counts: Sequence[int], bounds_s: Sequence[float] = LATENCY_BUCKETS_S
+) -> list[tuple[str, int]]:
+    """Cumulative (le label, count) pairs at ``bounds_s`` from fine buckets (``counts`` has
+    one overflow bucket last). A fine bucket counts under the first export bound at or
+    above its upper edge, so a bound never undercounts what lies below it by more than one
+    fine bucket's width (26%), and never counts what lies above it."""
+    pairs: list[tuple[str, int]] = []
+    i = acc = 0
+    for bound in bounds_s:
+        limit_ms = bound * 1000.0 * (1 + 1e-9)
+        while i < len(upper_ms) and i < len(counts) and upper_ms[i] <= limit_ms:
+            acc += counts[i]
+            i += 1
+        pairs.append((f"{bound:g}", acc))
+    pairs.append(("+Inf", sum(counts)))
+    return pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +139,8 @@ class Snapshot:
     route_missing_versions: dict[str, list[str]] = field(default_factory=dict)
     """model -> versions its route names that were not loaded and ready at start."""
     """Feedback items by result (matched, unknown, expired, duplicate, invalid)."""
+    alerts: dict[str, int] = field(default_factory=dict)
+    """Alert webhook deliveries by result (sent, failed, dropped)."""
 
 
 _ROLLOUT_STATES: Final = ("canary", "paused", "awaiting_approval", "promoted", "rolled_back")
@@ -208,12 +238,7 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         key = [v.model, v.version]
         requests.add_metric(key, v.requests)
         errors.add_metric(key, v.errors)
-        acc = 0
-        buckets = []
-        for upper_ms, count in zip(v.latency_bucket_ms, v.latency_counts, strict=False):
-            acc += count
-            buckets.append((repr(upper_ms / 1000), acc))
-        buckets.append(("+Inf", sum(v.latency_counts)))
+        buckets = export_buckets(v.latency_bucket_ms, v.latency_counts)
         latency.add_metric(key, buckets, v.latency_sum_ms / 1000)
         if v.weight is not None:
             weight.add_metric(key, v.weight)
@@ -261,6 +286,42 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         for name in _ROLLOUT_STATES:
             rollout.add_metric([model, name], 1.0 if state == name else 0.0)
     yield rollout
+    yield from _outcome_families(s)
+
+
+def _outcome_families(s: Snapshot) -> Iterator[Metric]:
+    mv = ["model", "version"]
+    samples = CounterMetricFamily(
+        "gateway_outcome_samples",
+        "Served predictions joined with their ground truth (rows, or values for regressors)",
+        labels=mv,
+    )
+    accuracy = GaugeMetricFamily(
+        "gateway_outcome_accuracy", "Share of joined rows predicted right", labels=mv
+    )
+    mae = GaugeMetricFamily(
+        "gateway_outcome_mae", "Mean absolute error of joined regression outputs", labels=mv
+    )
+    for o in s.outcomes:
+        key = [o.model, o.version]
+        samples.add_metric(key, o.samples)
+        if o.accuracy is not None:
+            accuracy.add_metric(key, o.accuracy)
+        if o.mae is not None:
+            mae.add_metric(key, o.mae)
+    feedback = CounterMetricFamily(
+        "gateway_feedback_items", "Ground-truth feedback items by result", labels=["result"]
+    )
+    for result, n in sorted(s.feedback.items()):
+        feedback.add_metric([result], n)
+    alerts = CounterMetricFamily(
+        "gateway_alert_deliveries",
+        "Alert webhook deliveries by result (failed: every retry failed)",
+        labels=["result"],
+    )
+    for result in ("sent", "failed", "dropped"):
+        alerts.add_metric([result], s.alerts.get(result, 0))
+    yield from (samples, accuracy, mae, feedback, alerts)
 
     missing = GaugeMetricFamily(
         "gateway_route_missing_version",

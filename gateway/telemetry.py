@@ -69,6 +69,7 @@ class Telemetry:
         """Infer responses by status, per protocol ("http", "grpc"): each front end's own
         counter, registered once it is built."""
         self.controller: RolloutStates | None = None
+        self.alert_counts: Callable[[], dict[str, int]] | None = None
 
     def metrics(self) -> bytes:
         """Prometheus exposition of the live counters (built at scrape time)."""
@@ -168,6 +169,7 @@ class Telemetry:
         if controller is not None:
             rollouts = {state.model: str(state.status) for state in controller.rollouts()}
         missing = controller.missing_versions() if controller is not None else {}
+        alerts = self.alert_counts() if self.alert_counts is not None else {}
         return Snapshot(
             batchers,
             variants,
@@ -177,5 +179,6 @@ class Telemetry:
             self.is_ready(),
             outcomes,
             feedback,
+            alerts=alerts,
             route_missing_versions=missing,
         )

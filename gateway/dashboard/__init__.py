@@ -1,8 +1,9 @@
 """dashboard: the operator dashboard, static files served by the admin listener.
 
 In: a URL prefix (and where the admin API and the Prometheus text live on the same origin).
-Out: Starlette routes for ``<prefix>`` (the page) and ``<prefix>/static/<asset>`` (its script
-and style sheet). The page itself asks for a bearer token, keeps it in the tab's
+Out: Starlette routes for ``<prefix>`` (the page), ``<prefix>/static/<asset>`` (its script
+and style sheet) and ``<prefix>/history`` (the server's last hour of figures, so a reload
+keeps the charts). The page itself asks for a bearer token, keeps it in the tab's
 sessionStorage, and calls the admin API with it; loading the static files needs no token, so
 these routes go in ``build_admin_app(extra_routes=...)``, outside the auth. Everything ships
 in this package: no build step, no CDN, and a Content-Security-Policy that forbids any other
@@ -11,7 +12,7 @@ origin. It imports nothing from the gateway.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -50,11 +51,13 @@ def dashboard_routes(
     *,
     api_prefix: str = "/admin/v1",
     metrics_path: str = "/metrics",
+    history: Callable[[], bytes] | None = None,
 ) -> list[BaseRoute]:
     """Routes serving the dashboard page at ``prefix`` (and ``prefix/``) and its assets at
     ``prefix/static/{name}``. ``api_prefix`` and ``metrics_path`` tell the page where the
-    admin API and the Prometheus text are on the same origin. Reads the files once, here;
-    raises ``ValueError`` for a prefix that is not ``/`` followed by a path."""
+    admin API and the Prometheus text are on the same origin; ``history`` (the server's
+    last hour of figures, JSON) is served at ``prefix/history`` when given. Reads the files
+    once, here; raises ``ValueError`` for a prefix that is not ``/`` followed by a path."""
     if not prefix.startswith("/") or prefix.endswith("/") or '"' in prefix:
         raise ValueError(f"dashboard prefix must look like /dashboard, not {prefix!r}")
     page = (
@@ -77,9 +80,14 @@ def dashboard_routes(
         content, media_type = found
         return Response(content, media_type=media_type, headers=_HEADERS)
 
+    async def get_history(request: Request) -> Response:
+        body = history() if history is not None else b'{"interval_s": 0, "samples": []}'
+        return Response(body, media_type="application/json", headers=_HEADERS)
+
     methods = ["GET", "HEAD"]
     return [
         Route(prefix, index, methods=methods),
         Route(prefix + "/", index, methods=methods),
         Route(prefix + "/static/{name}", static, methods=methods),
+        Route(prefix + "/history", get_history, methods=methods),
     ]

@@ -8,10 +8,12 @@
   const body = document.body;
   const API = body.dataset.api || "/admin/v1";
   const METRICS = body.dataset.metrics || "/metrics";
+  const HISTORY = body.dataset.history || "";
   const params = new URLSearchParams(window.location.search);
   const INTERVAL_MS = clamp(Number(params.get("interval")) || 5000, 200, 600000);
   const TOKEN_KEY = "gateway.admin.token";
-  const MAX_POINTS = 120; // drift samples kept per feature: 10 minutes at the default 5 s
+  const MAX_POINTS = 800; // drift samples kept per feature (the server's hour, then live)
+  const MAX_AGE_MS = 3600 * 1000; // charts show the last hour
   const TOP_FEATURES = 5; // line plots per model version
   const MAX_BARS = 30; // PSI bars per model version (breast_cancer has 30 inputs)
   const RATE_WINDOW_MS = 30000; // rates and p99 over the last 30 s of scrapes
@@ -218,6 +220,9 @@
           weight: null,
           agreement: null,
           shadow: {},
+          accuracy: null,
+          mae: null,
+          outcomeSamples: null,
         });
       }
       return variants.get(key);
@@ -242,6 +247,15 @@
           break;
         case "gateway_shadow_requests_total":
           get(s.labels).shadow[s.labels.outcome] = s.value;
+          break;
+        case "gateway_outcome_accuracy":
+          get(s.labels).accuracy = s.value;
+          break;
+        case "gateway_outcome_mae":
+          get(s.labels).mae = s.value;
+          break;
+        case "gateway_outcome_samples_total":
+          get(s.labels).outcomeSamples = s.value;
           break;
         default:
           break;
@@ -333,6 +347,7 @@
       weights: el("form", { class: "weights", testid: id("weights-form") }),
       drift: el("div", { testid: id("drift") }),
       driftViews: new Map(),
+      outcomes: el("tbody"),
     };
     const actions = el("div", { class: "actions", testid: id("actions") }, view.reason);
     for (const [verb, label, , cls] of ACTIONS) {
@@ -383,6 +398,20 @@
       ),
       view.history,
     );
+    const outcomeTable = el(
+      "table",
+      { testid: id("outcomes") },
+      el(
+        "thead",
+        null,
+        el(
+          "tr",
+          null,
+          ...["version", "joined", "accuracy", "MAE"].map((h) => el("th", { text: h })),
+        ),
+      ),
+      view.outcomes,
+    );
     view.root = el(
       "section",
       { class: "model", id: id("model"), testid: id("model"), "data-model": name },
@@ -398,6 +427,8 @@
           view.shadows,
           el("h3", { text: "Set weights" }),
           view.weights,
+          el("h3", { text: "Outcomes (ground truth joined by feedback)" }),
+          outcomeTable,
         ),
         el(
           "div",
@@ -495,6 +526,7 @@
         ),
       );
     }
+    renderOutcomes(view, model);
     renderShadows(view, model);
     renderWeightsForm(view, versions, weightOf);
     renderRollout(view, rollout);
@@ -509,6 +541,33 @@
       }
     }
     for (const version of ready) view.drift.append(driftView(view, version).root);
+  }
+
+  function renderOutcomes(view, model) {
+    view.outcomes.replaceChildren();
+    for (const v of model.versions || []) {
+      const stats = variantStats(model.name, v.version);
+      const key = `${model.name}-${v.version}`;
+      const joined = stats && isNum(stats.outcomeSamples) ? stats.outcomeSamples : 0;
+      view.outcomes.append(
+        el(
+          "tr",
+          {
+            testid: `outcome-row-${key}`,
+            "data-joined": String(joined),
+            "data-accuracy": stats && isNum(stats.accuracy) ? stats.accuracy.toFixed(4) : "",
+          },
+          el("td", { text: v.version }),
+          el("td", { class: "num", text: String(joined) }),
+          el("td", {
+            class: "num",
+            testid: `accuracy-${key}`,
+            text: stats && isNum(stats.accuracy) ? `${fmt(stats.accuracy * 100, 1)}%` : "—",
+          }),
+          el("td", { class: "num", text: stats && isNum(stats.mae) ? fmt(stats.mae, 4) : "—" }),
+        ),
+      );
+    }
   }
 
   function renderShadows(view, model) {
@@ -660,7 +719,7 @@
       if (!series.has(f.name)) series.set(f.name, []);
       const points = series.get(f.name);
       points.push({ t: now, psi: isNum(f.psi) ? f.psi : null });
-      if (points.length > MAX_POINTS) points.splice(0, points.length - MAX_POINTS);
+      prune(points, now);
     }
     const sorted = inputs
       .filter((f) => isNum(f.psi))
@@ -675,8 +734,57 @@
     for (const f of plotted.slice(0, TOP_FEATURES)) {
       d.sparks.append(sparkline(`${view.name}-${version}`, f, series.get(f.name) || []));
     }
+    // Output drift: the model's answers against the reference, one plot per output.
+    for (const f of (report.outputs || []).filter((o) => isNum(o.psi))) {
+      d.sparks.append(
+        sparkline(`${view.name}-${version}-output`, f, series.get(f.name) || [], `output ${f.name}`),
+      );
+    }
     if (!plotted.length) d.sparks.append(el("p", { class: "drift-note", text: "No PSI yet." }));
     else if (!sorted.length) d.sparks.append(el("p", { class: "drift-note", text: "No rows in the current window: no PSI." }));
+  }
+
+  function prune(points, now) {
+    while (points.length && now - points[0].t > MAX_AGE_MS) points.shift();
+    if (points.length > MAX_POINTS) points.splice(0, points.length - MAX_POINTS);
+  }
+
+  function clock(t) {
+    const d = new Date(t);
+    return [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+  }
+
+  // The server keeps the last hour of figures: seed the drift series with it, so a reload
+  // (or a page opened late) draws the hour at once. Failing that, the page starts empty.
+  async function loadHistory() {
+    if (!HISTORY) return;
+    let history;
+    try {
+      history = await request("GET", HISTORY);
+    } catch (err) {
+      noteError("history", err);
+      return;
+    }
+    noteError("history", null);
+    const now = Date.now();
+    let samples = 0;
+    for (const sample of history.samples || []) {
+      const t = sample.t * 1000;
+      if (now - t > MAX_AGE_MS) continue;
+      samples += 1;
+      for (const d of sample.drift || []) {
+        const seriesKey = `${d.model}/${d.version}`;
+        if (!state.drift.has(seriesKey)) state.drift.set(seriesKey, new Map());
+        const series = state.drift.get(seriesKey);
+        for (const [feature, psi] of d.top || []) {
+          if (!series.has(feature)) series.set(feature, []);
+          const points = series.get(feature);
+          if (points.length && points[points.length - 1].t >= t) continue;
+          points.push({ t, psi: isNum(psi) ? psi : null });
+        }
+      }
+    }
+    body.dataset.historySamples = String(samples);
   }
 
   function barChart(key, features, total) {
@@ -728,29 +836,46 @@
     return chart;
   }
 
-  function sparkline(key, feature, points) {
-    const width = 260;
-    const height = 56;
-    const pad = 4;
+  function sparkline(key, feature, points, title) {
+    const width = 300;
+    const height = 84;
+    const left = 36; // y-axis labels
+    const right = 6;
+    const top0 = 14; // title line
+    const bottom = 14; // time labels
     const threshold = isNum(feature.psi_threshold) ? feature.psi_threshold : null;
     const values = points.map((p) => p.psi).filter(isNum);
     const top = Math.max(0.05, ...values, threshold || 0) * 1.1;
     const t0 = points.length ? points[0].t : 0;
-    const span = Math.max(1, points.length ? points[points.length - 1].t - t0 : 1);
-    const x = (t) => pad + ((t - t0) / span) * (width - 2 * pad);
-    const y = (v) => height - pad - (v / top) * (height - 2 * pad - 10);
+    const t1 = points.length ? points[points.length - 1].t : 0;
+    const span = Math.max(1, t1 - t0);
+    const x = (t) => left + ((t - t0) / span) * (width - left - right);
+    const y = (v) => height - bottom - (v / top) * (height - bottom - top0);
     const chart = svg("svg", {
       width,
       height,
       viewBox: `0 0 ${width} ${height}`,
       role: "img",
-      "aria-label": `PSI over time of ${feature.name}`,
+      "aria-label": `PSI over time of ${title || feature.name}`,
       "data-testid": `drift-series-${key}-${feature.name}`,
       "data-points": points.length,
     });
     chart.append(svg("rect", { class: "frame", x: 0.5, y: 0.5, width: width - 1, height: height - 1 }));
+    // Axes: PSI on the left (0 and the top of the scale), local time below (first, last).
+    const yAxis = svg("g", { class: "axis", "data-testid": `axis-y-${key}-${feature.name}` });
+    yAxis.append(svg("line", { x1: left, x2: left, y1: top0, y2: height - bottom }));
+    for (const v of [0, top / 2, top]) {
+      yAxis.append(svg("text", { x: left - 3, y: y(v) + 3, "text-anchor": "end" }, fmt(v, 2)));
+    }
+    const xAxis = svg("g", { class: "axis", "data-testid": `axis-x-${key}-${feature.name}` });
+    xAxis.append(svg("line", { x1: left, x2: width - right, y1: height - bottom, y2: height - bottom }));
+    if (points.length) {
+      xAxis.append(svg("text", { x: left, y: height - 3, "text-anchor": "start" }, clock(t0)));
+      xAxis.append(svg("text", { x: width - right, y: height - 3, "text-anchor": "end" }, clock(t1)));
+    }
+    chart.append(yAxis, xAxis);
     if (threshold !== null) {
-      chart.append(svg("line", { class: "threshold", x1: pad, x2: width - pad, y1: y(threshold), y2: y(threshold) }));
+      chart.append(svg("line", { class: "threshold", x1: left, x2: width - right, y1: y(threshold), y2: y(threshold) }));
     }
     // An empty window has no PSI (null): the line breaks there, one segment per run of values.
     const segments = [[]];
@@ -760,7 +885,7 @@
     }
     const runs = segments.filter((c) => c.length);
     if (runs.length === 1 && runs[0].length === 1 && points.length === 1) {
-      runs[0].push(`${(width - pad).toFixed(1)},${runs[0][0].split(",")[1]}`);
+      runs[0].push(`${(width - right).toFixed(1)},${runs[0][0].split(",")[1]}`);
     }
     for (const coords of runs) {
       if (coords.length === 1) coords.push(coords[0]);
@@ -768,7 +893,7 @@
     }
     chart.setAttribute("data-gaps", String(Math.max(0, runs.length - 1)));
     chart.append(
-      svg("text", { x: pad + 2, y: 11 }, `${feature.name}  PSI ${fmt(feature.psi, 4)}`),
+      svg("text", { x: left + 2, y: 11 }, `${title || feature.name}  PSI ${fmt(feature.psi, 4)}`),
     );
     return chart;
   }
@@ -937,7 +1062,10 @@
     if (token) {
       sessionStorage.setItem(TOKEN_KEY, token);
       setStatus("connecting…", "");
-      pollSoon();
+      const generation = state.generation;
+      loadHistory().finally(() => {
+        if (generation === state.generation) pollSoon();
+      });
     } else {
       sessionStorage.removeItem(TOKEN_KEY);
       state.generation += 1;

@@ -73,23 +73,49 @@ def _run(
 def profile_for_model(model_path: Path, data_path: Path, output: Path, bins: int = 20) -> Profile:
     """Profile ``model_path``'s monitored input from the sample at ``data_path`` (.npy,
     .npz or .csv) and its outputs on that sample; save to ``output``. Feature names come
-    from the CSV header or a ``feature_names.json`` beside the model folder."""
+    from a ``feature_names.json`` beside the model folder; a CSV's columns are matched to
+    them by header (any order; missing or unknown columns are an error)."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     name, features, dtype = monitored_input(session)
     sample, names = load_sample(data_path)
+    names_file = model_path.parent.parent / FEATURE_NAMES_FILE
+    expected = list(json.loads(names_file.read_text())) if names_file.is_file() else None
+    if names is not None and expected is not None:
+        sample = _by_header(sample, names, expected, data_path)
+        names = expected
+    elif names is None:
+        names = expected
     if sample.ndim != 2 or sample.shape[1] != features:
         raise ValueError(
             f"the sample has shape {list(sample.shape)}; model input '{name}' needs "
             f"[rows, {features}]"
         )
-    if names is None:
-        names_file = model_path.parent.parent / FEATURE_NAMES_FILE
-        if names_file.is_file():
-            names = list(json.loads(names_file.read_text()))
     outputs = _run(session, name, sample.astype(dtype))
     profile = build_profile(sample, names, bins=bins, outputs=outputs)
     save_profile(profile, output)
     return profile
+
+
+def _by_header(
+    sample: npt.NDArray[Any], header: list[str], expected: list[str], data_path: Path
+) -> npt.NDArray[Any]:
+    """The sample's columns reordered to the model's feature order, matched by header
+    name; a missing, unknown or repeated column is an error naming it."""
+    if len(set(header)) != len(header):
+        twice = sorted({h for h in header if header.count(h) > 1})
+        raise ValueError(f"{data_path}: column(s) {', '.join(twice)} appear more than once")
+    missing = [n for n in expected if n not in header]
+    extra = [h for h in header if h not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unknown {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        raise ValueError(
+            f"{data_path}: the CSV header does not match the model's features ({'; '.join(parts)})"
+        )
+    return np.ascontiguousarray(sample[:, [header.index(n) for n in expected]])
 
 
 def find_profile(model_dir: Path, version: str) -> Path | None:

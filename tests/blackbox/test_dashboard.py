@@ -58,6 +58,7 @@ ADMIN: Final[Mapping[str, Any]] = {  # gateway_settings already binds it to a fr
         {"name": "ops", "role": "operator", "token": OPERATOR_SECRET},
         {"name": "viewer", "role": "viewer", "token": VIEWER_SECRET},
     ],
+    "admin.history_interval_s": 0.25,  # the server-side history fills within the test
 }
 FAST_DRIFT: Final[Mapping[str, Any]] = {
     "drift.sub_window_s": 0.2,
@@ -144,7 +145,12 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     board = json.loads(GRAFANA.read_text(encoding="utf-8"))
     exported = _exported_names()
     assert "gateway_variant_requests_total" in exported  # the parser found the families
-    assert [i["name"] for i in board["__inputs"]] == ["DS_PROMETHEUS"]
+    # Provisionable from a file: no import-time ${DS_...} inputs, a datasource variable.
+    assert "__inputs" not in board
+    assert "DS_PROMETHEUS" not in GRAFANA.read_text(encoding="utf-8")
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
     panels = board["panels"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -158,7 +164,7 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     for panel, target in targets:
         expr = target["expr"]
         assert expr.strip(), panel["title"]
-        assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert target["datasource"]["uid"] == "${datasource}", panel["title"]
         # Identifiers followed by "(" are PromQL functions; the rest must be our metrics.
         names = set(re.findall(r"\bgateway_[a-z0-9_]+\b", expr))
         unknown = names - exported
@@ -176,6 +182,9 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         "gateway_drift_max_psi",
         "gateway_drift_psi",
         "gateway_rollout_state",
+        "gateway_outcome_accuracy",
+        "gateway_feedback_items_total",
+        "gateway_alert_deliveries_total",
     ):
         assert name in used, name
 
@@ -241,6 +250,30 @@ def _send_traffic(
         }
         response = http.post(data_url + path, json=body)
         assert response.status_code == 200, response.text
+
+
+def _send_feedback(http: httpx.Client, data_url: str) -> None:
+    """Four answered requests to version 1 with known ids, then their ground truth."""
+    reference = np.load(EXAMPLE_REPOSITORY / MODEL / "reference.npy").astype(np.float32)
+    ids = [f"dash-feedback-{i}" for i in range(4)]
+    for i, rid in enumerate(ids):
+        body = {
+            "id": rid,
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [1, 30],
+                    "datatype": "FP32",
+                    "data": reference[i].tolist(),
+                }
+            ],
+        }
+        answer = http.post(f"{data_url}/v2/models/{MODEL}/versions/1/infer", json=body)
+        assert answer.status_code == 200, answer.text
+    items = [{"id": rid, "truth": 1} for rid in ids]
+    sent = http.post(f"{data_url}/v2/models/{MODEL}/feedback", json={"items": items})
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["matched"] == 4, sent.text
 
 
 def _route_weights(http: httpx.Client, admin_url: str) -> dict[str, float]:
@@ -309,13 +342,38 @@ def test_dashboard_in_chromium(rig: _Rig) -> None:
             # Drift: a line plot per top feature, a bar chart of PSI per feature.
             plot = by(f"drift-plot-{MODEL}-1")
             expect(plot.locator("svg").first).to_be_visible()
-            expect(plot.locator("svg")).to_have_count(5)
+            expect(plot.locator('svg:not([data-testid*="-output-"])')).to_have_count(5)
             expect(by(f"drift-series-{MODEL}-1-mean radius")).to_have_attribute(
                 "data-points", re.compile(r"^([2-9]|\d\d+)$")
             )
             expect(by(f"drift-barchart-{MODEL}-1").locator("rect.bar")).to_have_count(30)
             worst = by(f"drift-barchart-{MODEL}-1").locator("rect.bar").first
             expect(worst).to_have_attribute("data-feature", "mean radius")
+
+            # Axes: PSI values on the left, local times (hh:mm:ss) below.
+            x_axis = by(f"axis-x-{MODEL}-1-mean radius").locator("text")
+            expect(x_axis).to_have_count(2)
+            expect(x_axis.first).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
+            expect(by(f"axis-y-{MODEL}-1-mean radius").locator("text")).to_have_count(3)
+            # Output drift has its own plots.
+            outputs = plot.locator('svg[data-testid*="-output-"]')
+            expect(outputs.first).to_be_visible()
+            expect(outputs.first).to_have_attribute("aria-label", re.compile("output"))
+
+            # Outcomes per variant, from ground truth sent as feedback.
+            _send_feedback(http, rig.data_url)
+            expect(by(f"outcome-row-{MODEL}-1")).to_have_attribute("data-joined", "4")
+            expect(by(f"accuracy-{MODEL}-1")).to_have_text(re.compile(r"^\d+(\.\d)?%$"))
+
+            # A reload keeps the last hour: the server's history seeds the charts at once.
+            page.reload()
+            expect(by("connection-status")).to_have_text("connected")
+            samples = int(page.get_attribute("body", "data-history-samples") or "0")
+            assert samples >= 4, samples
+            series = by(f"drift-series-{MODEL}-1-mean radius")
+            points = int(series.get_attribute("data-points") or "0")
+            assert points >= min(samples, 4), (points, samples)
+            expect(by(f"outcome-row-{MODEL}-1")).to_have_attribute("data-joined", "4")
 
             # Set weights through the page: the route changes through the API.
             by(f"weights-input-{MODEL}-1").fill("100")

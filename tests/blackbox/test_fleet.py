@@ -29,7 +29,7 @@ import pytest
 from gateway.store import RedisStore
 from tests.redis_server import RedisServer
 
-OPERATOR = "fleet-op-secret"
+OPERATOR = "fleet-operator-secret-01"
 CLUSTER = "fleet"
 LEASE_TTL_S = 1.0
 START_TIMEOUT_S = 120.0

@@ -26,8 +26,8 @@ import pytest
 from tests.clients import client, infer
 from tests.conftest import RunningGateway, gateway_settings
 
-OPERATOR = "op-secret-1234"
-VIEWER = "view-secret-5678"
+OPERATOR = "op-secret-1234-abcdefgh"
+VIEWER = "view-secret-5678-abcdefgh"
 X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
 FAST_POLICY = {
     "steps": [50, 100],

@@ -22,7 +22,7 @@ import pytest
 from tests.clients import infer
 from tests.conftest import RunningGateway, gateway_settings
 
-OPERATOR = "op-secret-checks"
+OPERATOR = "op-secret-rollout-checks"
 X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
 POLICY = {"steps": [50, 100], "step_duration_s": 600, "evaluation_interval_s": 0.1}
 

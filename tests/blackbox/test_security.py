@@ -27,7 +27,7 @@ from gateway.files import DataDirError
 from tests.clients import infer
 from tests.conftest import CONTROL_HEADERS, RunningGateway, gateway_settings
 
-OPERATOR, VIEWER = "op-secret", "viewer-secret"
+OPERATOR, VIEWER = "op-secret-security-tests", "viewer-secret-security-tests"
 INFER, FEEDBACK = "infer-secret", "feedback-secret"
 X = np.ones((1, 32), np.float32)
 

@@ -28,7 +28,7 @@ from tests.certs import Authority, Pair
 from tests.conftest import RunningGateway, gateway_settings
 
 X = np.ones((2, 32), np.float32)
-OPERATOR = "tls-operator"
+OPERATOR = "tls-operator-secret-0001"
 
 
 class Material:

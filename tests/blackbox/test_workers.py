@@ -19,7 +19,7 @@ import pytest
 from gateway.store import RedisStore
 from tests.clients import infer
 
-OPERATOR = "workers-op-secret"
+OPERATOR = "workers-operator-secret-01"
 X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
 BODY = {
     "inputs": [{"name": "INPUT0", "shape": [1, 32], "datatype": "FP32", "data": X.ravel().tolist()}]

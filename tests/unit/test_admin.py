@@ -28,6 +28,7 @@ from gateway import admin_client
 from gateway.admin import (
     OPENAPI_PATH,
     PREFIX,
+    ApplyBody,
     LoadBody,
     ReasonBody,
     StartRolloutBody,
@@ -418,6 +419,18 @@ def test_openapi_is_served_without_auth_and_is_current(client: Client) -> None:
     )
 
 
+def test_openapi_operations_have_ids_and_tags() -> None:
+    document = openapi_document()
+    ids = []
+    for path, ops in document["paths"].items():
+        for method, op in ops.items():
+            assert op["operationId"], (method, path)
+            assert op["tags"], (method, path)
+            ids.append(op["operationId"])
+    assert len(ids) == len(set(ids))
+    assert set(OPERATION_IDS.values()) <= set(ids)
+
+
 def test_openapi_lists_exactly_the_apps_routes(rig: Rig) -> None:
     documented = {
         (method.upper(), path)
@@ -485,7 +498,7 @@ def test_command_line_client(rig: Rig, tmp_path: Path) -> None:
             "--approval",
         )
         assert (code, err) == (0, ""), err
-        assert json.loads(out)["status"] == "canary"
+        assert out == "m: canary, stable 1, candidate 2 at 10% (step 1/2)\n"
         assert rig.tables["m"] == {"1": 90.0, "2": 10.0}
 
         code, out, _ = _cli(port, "status")
@@ -500,14 +513,14 @@ def test_command_line_client(rig: Rig, tmp_path: Path) -> None:
         code, _, err = _cli(port, "status", token=WRONG_SECRET)
         assert (code, "HTTP 401" in err) == (1, True)
 
-        code, out, _ = _cli(port, "pause", "m")
+        code, out, _ = _cli(port, "pause", "m", "--json")
         assert (code, json.loads(out)["status"]) == (0, "paused")
         code, out, err = _cli(port, "weights", "m", "1=80", "2=20", "--reason", "manual")
         assert code == 0, err
         assert rig.tables["m"] == {"1": 80.0, "2": 20.0}
         code, out, _ = _cli(port, "resume", "m")
         assert code == 0
-        code, out, _ = _cli(port, "rollback", "m", "--reason", "done testing")
+        code, out, _ = _cli(port, "--json", "rollback", "m", "--reason", "done testing")
         assert (code, json.loads(out)["status"]) == (0, "rolled_back")
         code, _, err = _cli(port, "promote", "m", "--reason", "too late")
         assert code == 1
@@ -624,6 +637,7 @@ def openapi_document() -> dict[str, Any]:
             Route,
             AuditEntry,
             AuditVerification,
+            ApplyBody,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -774,6 +788,31 @@ def openapi_document() -> dict[str, Any]:
                 operator=True,
             ),
         },
+        f"{P}/apply": {
+            "post": _op(
+                "Make routes and rollouts match a spec (gateway admin apply's file as JSON); "
+                "idempotent, dry_run only reports",
+                {
+                    "type": "object",
+                    "properties": {
+                        "applied": {"type": "boolean"},
+                        "changes": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    k: {"type": "string"}
+                                    for k in ("model", "kind", "action", "detail")
+                                },
+                            },
+                        },
+                    },
+                },
+                body="ApplyBody",
+                errors=rollout_errors,
+                operator=True,
+            )
+        },
         f"{P}/rollouts/{{model}}": {
             "get": _op("One model's rollout", _ref("RolloutState"), params=m, errors=(404,))
         },
@@ -835,6 +874,7 @@ def openapi_document() -> dict[str, Any]:
                 operator=True,
             )
         }
+    _name_operations(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -862,6 +902,44 @@ def openapi_document() -> dict[str, Any]:
             "schemas": _clean_descriptions(dict(sorted(schemas.items()))),
         },
     }
+
+
+# operationId per (method, path under the prefix): the method names a generated client gets.
+OPERATION_IDS: dict[tuple[str, str], str] = {
+    ("get", "/openapi.json"): "getOpenApi",
+    ("get", "/models"): "listModels",
+    ("get", "/routes"): "listRoutes",
+    ("put", "/routes/{model}/weights"): "setRouteWeights",
+    ("get", "/rollouts"): "listRollouts",
+    ("post", "/rollouts"): "startRollout",
+    ("post", "/apply"): "applySpec",
+    ("get", "/rollouts/{model}"): "getRollout",
+    ("get", "/rollouts/{model}/history"): "getRolloutHistory",
+    ("post", "/rollouts/{model}/pause"): "pauseRollout",
+    ("post", "/rollouts/{model}/resume"): "resumeRollout",
+    ("post", "/rollouts/{model}/promote"): "promoteRollout",
+    ("post", "/rollouts/{model}/approve"): "approveRollout",
+    ("post", "/rollouts/{model}/rollback"): "rollbackRollout",
+    ("get", "/drift/{model}"): "getDrift",
+    ("get", "/drift/{model}/{version}"): "getVersionDrift",
+    ("get", "/audit"): "listAudit",
+    ("get", "/audit/verify"): "verifyAudit",
+}
+
+
+def _name_operations(paths: dict[str, Any]) -> None:
+    """Give every operation an operationId and a tag (the path's first segment): generated
+    clients get stable method names grouped by resource. An operation missing from
+    ``OPERATION_IDS`` gets a name derived from its method and path."""
+    for path, ops in paths.items():
+        rest = path[len(P) :]
+        segment = rest.strip("/").split("/")[0]
+        tag = "meta" if segment == "openapi.json" else segment
+        for method, op in ops.items():
+            words = [w.strip("{}") for w in rest.strip("/").replace(".", "/").split("/")]
+            derived = method + "".join(w[:1].upper() + w[1:] for w in words)
+            op["operationId"] = OPERATION_IDS.get((method, rest), derived)
+            op["tags"] = [tag]
 
 
 def _clean_descriptions(node: Any) -> Any:

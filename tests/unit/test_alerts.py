@@ -153,3 +153,32 @@ def test_no_urls_is_a_no_op() -> None:
 def test_only_http_urls(url: str) -> None:
     with pytest.raises(InvalidInputError):
         AlertSender([url])
+
+
+def test_slack_and_teams_formats_beside_the_generic_body() -> None:
+    with Hook() as generic, Hook() as slack, Hook() as teams:
+        sender = AlertSender(
+            [generic.url, slack.url + "/s", teams.url + "/t"],
+            formats={slack.url + "/s": "slack", teams.url + "/t": "teams"},
+            clock=lambda: 5.0,
+        )
+        sender.send("rollout.rolled_back", "m", "p99 ratio 3.1 > 2", {"p99_ratio": 3.14159})
+        sender.close()
+        assert sender.counts() == {"sent": 3, "failed": 0, "dropped": 0}
+    assert generic.bodies[0]["event"] == "rollout.rolled_back"
+    message = slack.bodies[0]
+    assert message["text"] == "gateway: rollout.rolled_back of m: p99 ratio 3.1 > 2"
+    block = message["blocks"][0]
+    assert block["type"] == "section"
+    assert "p99_ratio: `3.142`" in block["text"]["text"]
+    card = teams.bodies[0]["attachments"][0]
+    assert card["contentType"] == "application/vnd.microsoft.card.adaptive"
+    content = card["content"]
+    assert (content["type"], content["version"]) == ("AdaptiveCard", "1.4")
+    assert content["body"][0]["text"] == "gateway: rollout.rolled_back of m"
+    assert content["body"][2]["facts"] == [{"title": "p99_ratio", "value": "3.142"}]
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="slack"):
+        AlertSender(["http://127.0.0.1:9/x"], formats={"http://127.0.0.1:9/x": "email"})

@@ -95,3 +95,76 @@ def test_limits_section_with_durations(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match="limits"):
             load_settings(None, env=env)
+
+
+LONG_OP = "operator-secret-0123456789"
+LONG_VIEW = "viewer-secret-0123456789"
+
+
+def test_admin_client_variables_are_not_settings() -> None:
+    env = {
+        "GATEWAY_ADMIN_TOKEN": "anything",
+        "GATEWAY_ADMIN_URL": "http://127.0.0.1:8002",
+        "GATEWAY_ADMIN_TOKEN_FILE": "/tmp/t",
+        "GATEWAY_HTTP__PORT": "9005",
+    }
+    assert load_settings(None, env=env).http.port == 9005
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f'[{{name = "ops", role = "operator", token = "{LONG_OP}"}},'
+        f' {{name = "mon", role = "viewer", token = "{LONG_VIEW}"}}]',
+        f'[{{"name": "ops", "role": "operator", "token": "{LONG_OP}"}},'
+        f' {{"name": "mon", "role": "viewer", "token": "{LONG_VIEW}"}}]',
+    ],
+    ids=["toml", "json"],
+)
+def test_tokens_from_the_environment_as_toml_or_json(value: str) -> None:
+    settings = load_settings(None, env={"GATEWAY_ADMIN__TOKENS": value})
+    assert [(t.name, t.role, t.token) for t in settings.admin.tokens] == [
+        ("ops", "operator", LONG_OP),
+        ("mon", "viewer", LONG_VIEW),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "words"),
+    [
+        ('[{name = "a", role = "operator", token = "short"}]', "at least 20"),
+        (
+            f'[{{name = "a", role = "operator", token = "{LONG_OP}"}},'
+            f' {{name = "b", role = "viewer", token = "{LONG_OP}"}}]',
+            "share one secret",
+        ),
+        ('[{"name": "a", "role": ', "neither a TOML nor a JSON"),
+    ],
+)
+def test_weak_or_shared_tokens_are_refused(tokens: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_settings(None, env={"GATEWAY_ADMIN__TOKENS": tokens})
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("[drift]\nalpha = 5\n", "drift.alpha = 5.0 is outside the allowed range (0, 0.5]"),
+        ("[predictions]\nsample_rate = 1.5\n", "sample_rate must be within 0..1"),
+        ("[http]\nport = 70000\n", "http.port = 70000 is outside the allowed range [0, 65535]"),
+        ("[admin]\nport = -1\n", "admin.port = -1 is outside the allowed range [0, 65535]"),
+        ("access_log_sample_rate = 2\n", "access_log_sample_rate = 2.0 is outside"),
+        ("[alerts]\nslack_webhooks = ['ftp://x/secret']\n", "alerts.slack_webhooks: a URL"),
+    ],
+)
+def test_check_config_and_serve_refuse_ranges_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    for argv in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert line in err
+        assert err.count("\n") == 1
+        assert "Traceback" not in err

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: values and pure functions; the package's own __init__ (the version string).
     ("__init__", "errors", "types", "distributions", "_proto.*"),
     # 1: settings, the error table and renderer, wire codecs, logs.
-    ("config", "status", "codecs.*", "logs", "files"),
+    ("config", "listener_settings", "status", "codecs.*", "logs", "files", "admin_tokens"),
     # 2: serving parts that know no routing.
     # Also the data listeners' access checks and TLS material.
     ("repository", "batcher", "drift.*", "outcomes", "predlog", "store.*", "alerts", "auth", "tls"),
@@ -40,6 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "listener_limits",
         "dashboard.*",
         "admin_client",
+        "admin_apply",
+        "history",
     ),
     # 6: composition root and entry points.
     ("app", "cli", "__main__", "workers"),
@@ -62,12 +64,17 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     ("servers", "listener_limits"),
     # An unwritable data folder is a settings error (one line, naming the path).
     ("files", "config"),
+    # Settings are built from their parts; the listeners' parts live beside them.
+    ("config", "listener_settings"),
     # The entry points: ``python -m gateway`` runs the CLI, which runs the app.
     ("__main__", "cli"),
     ("cli", "app"),
     # ``serve --workers N``: the CLI starts the supervisor, each worker runs the app.
     ("cli", "workers"),
     ("workers", "app"),
+    # The admin client and the admin API plan spec files with the same code.
+    ("admin_client", "admin_apply"),
+    ("admin", "admin_apply"),
 )
 
 
