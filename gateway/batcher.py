@@ -191,6 +191,16 @@ class Batcher:
         future: asyncio.Future[list[Array]] = loop.create_future()
         key = tuple(f.shape[1:] for f in feeds) if self._batching else None
         item = _Item(feeds, rows, key, future, deadline, time.perf_counter_ns())
+        if self._runs_now():
+            # An inline model with nothing queued or running: run it here, in this call.
+            # No company could join before the next loop iteration that a queued request
+            # would wait for; the call_soon, the wake-up and the suspension are saved.
+            if deadline is not None and deadline <= self._clock():
+                self.stats.expired += 1
+                raise self._deadline_error()
+            self._running += 1
+            self._finish([item], self._execute([item]))
+            return future.result()
         self._queue.append(item)
         self._queued_rows += rows
         self._idle.clear()
@@ -270,6 +280,14 @@ class Batcher:
                 fut = self._loop.run_in_executor(self._executor, self._execute, batch)
                 fut.add_done_callback(functools.partial(self._finish_future, batch))
         self._check_idle()
+
+    def _runs_now(self) -> bool:
+        """Whether a request may run in its caller's call: an inline model, an empty queue,
+        nothing running, and no queue delay configured (which asks requests to wait for
+        company)."""
+        return (
+            self.model.is_inline and not self._queue and self._running == 0 and not self._delay_ns
+        )
 
     def _should_wait(self) -> bool:
         """With a queue delay: wait while the batch is short of its target and young."""

@@ -63,7 +63,10 @@ def test_concurrent_requests_are_batched_and_split_exactly(inline: bool) -> None
 
     async def main() -> list[list[Array]]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(model, max_queue_size=100, executor=pool)
+            # An inline model on an idle batcher runs each request in its own call unless
+            # a queue delay asks it to wait for company.
+            delay = 50_000 if inline else 0
+            batcher = Batcher(model, max_queue_size=100, executor=pool, max_queue_delay_us=delay)
             batcher.start()
             return await _submit_many(batcher, sizes)
 
@@ -74,6 +77,25 @@ def test_concurrent_requests_are_batched_and_split_exactly(inline: bool) -> None
     assert sum(model.calls) == sum(sizes)
     assert max(model.calls) <= 8
     assert len(model.calls) < len(sizes)  # some requests shared a call
+
+
+def test_inline_model_on_an_idle_batcher_runs_in_the_callers_call() -> None:
+    model = FakeModel(max_batch_size=8, inline=True)
+    sizes = [1, 3, 2]
+
+    async def main() -> tuple[list[list[Array]], Batcher]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(model, max_queue_size=100, executor=pool)
+            batcher.start()
+            return await _submit_many(batcher, sizes), batcher
+
+    results, batcher = asyncio.run(main())
+    assert model.calls == sizes
+    for i, (n, out) in enumerate(zip(sizes, results, strict=True)):
+        assert np.array_equal(out[0], np.full((n, 2), 2 * i, np.float32))
+    assert batcher.stats.execution_count == 3
+    assert batcher.stats.inference_count == sum(sizes)
+    assert batcher.queue_depth == 0
 
 
 def test_lone_request_is_not_held_back() -> None:
@@ -150,7 +172,7 @@ def test_one_failing_request_does_not_fail_its_batch() -> None:
     model = FakeModel(max_batch_size=8, inline=True)
 
     async def main() -> list[Any]:
-        batcher = Batcher(model, max_queue_size=10)
+        batcher = Batcher(model, max_queue_size=10, max_queue_delay_us=50_000)
         batcher.start()
         calls = [batcher.submit([np.full((1, 2), v, np.float32)], 1, None) for v in (1, -1, 2)]
         return await asyncio.gather(*calls, return_exceptions=True)
