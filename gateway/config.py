@@ -303,6 +303,11 @@ class Settings(_Base, frozen=True):
     shadow_max_in_flight: int = 32
     """Mirror calls running at once across all shadows; beyond it copies are dropped and
     counted, so a slow shadow can never queue work without bound."""
+    shadow_cpu_share: float = 0.02
+    """Share of one core's time that mirror calls may use on average (a token bucket of CPU
+    seconds, all shadows together; 0 turns the budget off). Copies beyond it are dropped and
+    counted (``over_budget``), so a slow shadow at 100% sampling leaves the primary's
+    latency alone."""
     drift: DriftSettings = DriftSettings()
     data_dir: str = "gateway-data"
     """Folder for durable control-plane state (routes, rollouts, the audit trail) and
