@@ -143,6 +143,8 @@ class Batcher:
         self._instances = instances
         self._delay_ns = max_queue_delay_us * 1000
         self._target_rows = max(preferred_batch_sizes, default=self._max_rows)
+        self.fill_rows = min(int(getattr(model, "fill_batch_size", 0) or 0), self._max_rows)
+        """Under load, a batch waits for this many rows (0: off); see ``_should_fill``."""
         self._executor = executor
         self._observer = observer
         self._clock = clock
@@ -268,6 +270,8 @@ class Batcher:
         while self._queue and self._running < self._instances:
             if self._delay_ns and self._should_wait():
                 break
+            if self._running and self.fill_rows and self._should_fill():
+                break
             batch = self._take()
             if not batch:
                 continue
@@ -288,6 +292,12 @@ class Batcher:
         return (
             self.model.is_inline and not self._queue and self._running == 0 and not self._delay_ns
         )
+
+    def _should_fill(self) -> bool:
+        """With a batch running: wait (for it to finish, or for more rows) while the queue
+        is short of the fill size. The finishing batch dispatches again, so nothing waits
+        longer than one model call, and a lone request on an idle model runs at once."""
+        return self._queued_rows < self.fill_rows and self._batching and not self._closing
 
     def _should_wait(self) -> bool:
         """With a queue delay: wait while the batch is short of its target and young."""

@@ -216,3 +216,37 @@ def test_queue_delay_waits_for_company() -> None:
 
     asyncio.run(main())
     assert model.calls == [4]
+
+
+def test_under_load_a_batch_waits_for_the_fill_size_but_a_lone_request_does_not() -> None:
+    model = FakeModel(max_batch_size=8)
+    model.fill_batch_size = 4  # type: ignore[attr-defined]  # what warm-up measures
+    model.gate = threading.Event()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            batcher = Batcher(model, max_queue_size=100, executor=pool, instances=2)
+            batcher.start()
+            assert batcher.fill_rows == 4
+            loop = asyncio.get_running_loop()
+
+            def one() -> asyncio.Task[list[Array]]:
+                return asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+
+            lone = one()  # an idle model: runs at once, alone
+            await loop.run_in_executor(None, model.started.wait, 5)
+            waiting = [one() for _ in range(3)]
+            await asyncio.sleep(0.01)
+            # A second instance is free, but three rows are short of the fill size.
+            assert batcher.queue_depth == 3
+            waiting.append(one())
+            await asyncio.sleep(0.01)
+            assert batcher.queue_depth == 0  # four rows: the second instance took them
+            assert model.gate is not None
+            model.gate.set()
+            await asyncio.gather(lone, *waiting)
+            # The running batch finished with nothing queued: the next lone one runs alone.
+            await one()
+
+    asyncio.run(main())
+    assert model.calls == [1, 4, 1]
