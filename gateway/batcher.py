@@ -2,8 +2,10 @@
 
 Requests whose non-batch dimensions match are concatenated along axis 0, run as one model
 call, and the outputs are split back to each caller. Scheduling is work-conserving by
-default: a request on an idle model runs on the next loop iteration, and while a call is
-running new requests queue up and leave together as the next batch. Optionally
+default: a request on an idle model runs on the next loop iteration (an inline model's in
+the caller's own call), and while a call is running new requests queue up and leave
+together as the next batch, which under load waits until it holds the model's fill size
+(``fill_batch_size``, measured at warm-up) or nothing is running. Optionally
 (``max_queue_delay_us``) a batch may wait for company, Triton style.
 
 Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
