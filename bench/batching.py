@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"cpu {m['cpu_ms_per_request']:.3f} ms/req",
                             flush=True,
                         )
+    # The reference again after the gateway cells: on a shared machine one reading can
+    # land in a busy moment, so the target is held against the better of the two.
+    for model in models:
+        path = root / model / "1" / "model.onnx"
+        again = ort_ceiling(path, MODELS[model][0], 64, threads=2)
+        print(f"{model}: batch 64 on 2 threads again {again:.0f} rows/s", flush=True)
+        ceiling_2threads[model] = max(ceiling_2threads[model], again)
     payload = {
         "meta": meta,
         "ort_ceiling_rows_per_s": ceiling,
