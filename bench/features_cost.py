@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment()
     meta["command"] = "python -m bench.features_cost " + " ".join(argv or sys.argv[1:])
     cells: list[dict[str, Any]] = []
+    names = list(CONFIGS)
     for rnd in range(args.rounds):
-        for name, (settings, scrape) in CONFIGS.items():
+        # Alternating rounds: the order rotates, so no configuration always runs first.
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            settings, scrape = CONFIGS[name]
             with GatewayProcess(root, settings, name=name) as server:
                 stop = threading.Event()
                 scraper = threading.Thread(target=_scraper, args=(server.http_port, stop))
@@ -99,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     for protocol in ("grpc", "http"):
 
         def mean(config: str, key: str, proto: str = protocol) -> float:
+            """The median over rounds (the name is kept from when it was a mean)."""
             vals = [
                 float(c[key]) for c in cells if c["config"] == config and c["protocol"] == proto
             ]
-            return sum(vals) / len(vals)
+            return statistics.median(vals)
 
         base_tp, base_cpu = mean("all_off", "throughput"), mean("all_off", "cpu_ms_per_request")
         summary[protocol] = {
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             "# Cost of drift, feedback, logging and metrics on served throughput\n",
             f"`{meta['command'].strip()}` at {meta['git_sha']}, {meta['date']}, {meta['cpu']}; "
             f"breast_cancer v1, perf_analyzer concurrency 8, {args.rounds} alternating rounds "
-            "(means). Ratios to the all-off configuration in the same run.\n",
+            "(the order rotates each round; medians). Ratios to the all-off configuration in "
+            "the same run.\n",
             table(
                 ["protocol", "config", "throughput / all-off", "CPU per request / all-off"], rows
             ),

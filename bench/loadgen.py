@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mlp_small")
     parser.add_argument("--width", type=int, default=32, help="input features per row")
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--input-name", default="INPUT0", help="the model's input tensor")
+    parser.add_argument("--output-name", default="OUTPUT0", help="the output requested")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--measure-s", type=float, default=10.0)
@@ -502,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         rows=args.rows,
         path=args.path,
         json_key=args.json_key,
+        input_name=args.input_name,
+        output_name=args.output_name,
     )
     coro = run(
         target,

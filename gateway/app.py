@@ -76,6 +76,7 @@ class Gateway:
         )
         self.router = Router(
             shadow_max_in_flight=settings.shadow_max_in_flight,
+            shadow_cpu_share=settings.shadow_cpu_share,
             shadow_executor=self._shadow_pool,
         )
         self.monitor = DriftMonitor(settings.drift)

@@ -2,8 +2,10 @@
 
 Requests whose non-batch dimensions match are concatenated along axis 0, run as one model
 call, and the outputs are split back to each caller. Scheduling is work-conserving by
-default: a request on an idle model runs on the next loop iteration, and while a call is
-running new requests queue up and leave together as the next batch. Optionally
+default: a request on an idle model runs on the next loop iteration (an inline model's in
+the caller's own call), and while a call is running new requests queue up and leave
+together as the next batch, which under load waits until it holds the model's fill size
+(``fill_batch_size``, measured at warm-up) or nothing is running. Optionally
 (``max_queue_delay_us``) a batch may wait for company, Triton style.
 
 Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
@@ -143,6 +145,8 @@ class Batcher:
         self._instances = instances
         self._delay_ns = max_queue_delay_us * 1000
         self._target_rows = max(preferred_batch_sizes, default=self._max_rows)
+        self.fill_rows = min(int(getattr(model, "fill_batch_size", 0) or 0), self._max_rows)
+        """Under load, a batch waits for this many rows (0: off); see ``_should_fill``."""
         self._executor = executor
         self._observer = observer
         self._clock = clock
@@ -191,6 +195,16 @@ class Batcher:
         future: asyncio.Future[list[Array]] = loop.create_future()
         key = tuple(f.shape[1:] for f in feeds) if self._batching else None
         item = _Item(feeds, rows, key, future, deadline, time.perf_counter_ns())
+        if self._runs_now():
+            # An inline model with nothing queued or running: run it here, in this call.
+            # No company could join before the next loop iteration that a queued request
+            # would wait for; the call_soon, the wake-up and the suspension are saved.
+            if deadline is not None and deadline <= self._clock():
+                self.stats.expired += 1
+                raise self._deadline_error()
+            self._running += 1
+            self._finish([item], self._execute([item]))
+            return future.result()
         self._queue.append(item)
         self._queued_rows += rows
         self._idle.clear()
@@ -258,6 +272,8 @@ class Batcher:
         while self._queue and self._running < self._instances:
             if self._delay_ns and self._should_wait():
                 break
+            if self._running and self.fill_rows and self._should_fill():
+                break
             batch = self._take()
             if not batch:
                 continue
@@ -270,6 +286,20 @@ class Batcher:
                 fut = self._loop.run_in_executor(self._executor, self._execute, batch)
                 fut.add_done_callback(functools.partial(self._finish_future, batch))
         self._check_idle()
+
+    def _runs_now(self) -> bool:
+        """Whether a request may run in its caller's call: an inline model, an empty queue,
+        nothing running, and no queue delay configured (which asks requests to wait for
+        company)."""
+        return (
+            self.model.is_inline and not self._queue and self._running == 0 and not self._delay_ns
+        )
+
+    def _should_fill(self) -> bool:
+        """With a batch running: wait (for it to finish, or for more rows) while the queue
+        is short of the fill size. The finishing batch dispatches again, so nothing waits
+        longer than one model call, and a lone request on an idle model runs at once."""
+        return self._queued_rows < self.fill_rows and self._batching and not self._closing
 
     def _should_wait(self) -> bool:
         """With a queue delay: wait while the batch is short of its target and young."""

@@ -3,8 +3,9 @@
 ``LimitsSettings`` (header, body, connection and gRPC limits; durations parsed by
 ``parse_duration``), ``TlsSettings`` (TLS and mTLS per listener), ``DataAuthSettings`` and
 ``ClientToken`` (data-plane bearer tokens), ``AdminToken`` and ``check_tokens`` (the admin
-listener's) and ``ModelControlSettings`` (the V2 repository extension on the data port). Frozen msgspec Structs that ``config.Settings`` is built from;
-they validate their own values and know nothing of the file or the environment.
+listener's) and ``ModelControlSettings`` (the V2 repository extension on the data port).
+Frozen msgspec Structs that ``config.Settings`` is built from; they validate their own
+values and know nothing of the file or the environment.
 """
 
 from __future__ import annotations
@@ -257,8 +258,16 @@ class AdminToken(SettingsBase, frozen=True):
     """The secret. Prefer GATEWAY_ADMIN__TOKENS in the environment to a file."""
 
 
-def check_tokens(tokens: list[AdminToken]) -> None:
-    """Long secrets, and one secret per holder: a shared secret cannot tell roles apart."""
+def check_tokens(tokens: list[AdminToken], clients: list[ClientToken]) -> None:
+    """Long admin secrets, and one secret per holder and scope: a shared secret cannot tell
+    roles apart, and an inference token must never also grade or operate."""
+    secrets = [c.token for c in clients] + [t.token for t in tokens]
+    if any(not secret for secret in secrets):
+        raise ValueError("auth.clients and admin.tokens: a token must not be empty")
+    if len(set(secrets)) != len(secrets):
+        raise ValueError(
+            "auth.clients and admin.tokens: two holders share one secret; each must be distinct"
+        )
     seen: dict[str, str] = {}
     for token in tokens:
         if len(token.token) < MIN_TOKEN_CHARS:

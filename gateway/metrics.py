@@ -102,6 +102,7 @@ class VariantSample:
     shadow_dropped: int = 0
     shadow_errors: int = 0
     shadow_agreement: float | None = None
+    shadow_over_budget: int = 0  # of the dropped: the shadows' CPU budget was spent
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +247,7 @@ def _families(s: Snapshot) -> Iterator[Metric]:
             shadow.add_metric([*key, "sent"], v.shadow_sent)
             shadow.add_metric([*key, "dropped"], v.shadow_dropped)
             shadow.add_metric([*key, "error"], v.shadow_errors)
+            shadow.add_metric([*key, "over_budget"], v.shadow_over_budget)
         if v.shadow_agreement is not None:
             agreement.add_metric(key, v.shadow_agreement)
     yield from (requests, errors, latency, weight, shadow, agreement)

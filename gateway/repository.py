@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE: Final = "model.onnx"
 PLATFORM: Final = "onnxruntime_onnx"
 _WARMUP_REPEATS: Final = 3
+_FILL_SHARE: Final = 0.9  # the fill size: the smallest batch this close to the best rows/s
 
 Array = npt.NDArray[Any]
 
@@ -154,6 +155,10 @@ class ModelVersion:
         self._outputs = {s.name: (i, s) for i, s in enumerate(outputs)}
         self.is_inline = policy.execution == "inline"
         self.warmup_us: float | None = None
+        self.fill_batch_size = max(policy.fill_batch_size, 0)
+        """Rows a batch waits for under load (the batcher reads it); see ModelPolicy."""
+        self.rows_per_s: dict[int, float] = {}
+        """Warm-up throughput by batch size, when the fill size was measured."""
         self.schema_violations: dict[str, int] = {}
         """Requests that broke each declared feature rule (mutated on the loop thread)."""
         self._schema = self._compile_schema(path.parent.parent) if policy.schema else None
@@ -338,6 +343,26 @@ class ModelVersion:
         self.warmup_us = best
         if self.policy.execution == "auto":
             self.is_inline = best <= self.policy.inline_max_us
+        if self.policy.fill_batch_size == -1 and not self.is_inline and self.max_batch_size > 1:
+            self.fill_batch_size = self._measure_fill()
+
+    def _measure_fill(self) -> int:
+        """The smallest batch (a power of two, or the maximum) whose rows/s at warm-up is
+        within ``_FILL_SHARE`` of the best size's."""
+        sizes = [
+            1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i < self.max_batch_size
+        ]
+        sizes.append(self.max_batch_size)
+        for rows in sizes:
+            feeds = [self._synthetic(spec, rows) for spec in self.signature.inputs]
+            best_ns = math.inf
+            for _ in range(_WARMUP_REPEATS):
+                start = time.perf_counter_ns()
+                self.run(feeds)
+                best_ns = min(best_ns, time.perf_counter_ns() - start)
+            self.rows_per_s[rows] = rows * 1e9 / max(best_ns, 1)
+        top = max(self.rows_per_s.values())
+        return next(rows for rows in sizes if self.rows_per_s[rows] >= _FILL_SHARE * top)
 
     def _synthetic(self, spec: TensorSpec, rows: int) -> Array:
         shape = [
@@ -478,11 +503,12 @@ class ModelRepository:
                 )
                 model.is_inline = policy.execution == "inline"
         logger.info(
-            "loaded model %s version %s (%s, batch %s, warm-up %.0f us, %s)",
+            "loaded model %s version %s (%s, batch %s, fill %s, warm-up %.0f us, %s)",
             name,
             version,
             model.device,
             model.max_batch_size or "off",
+            model.fill_batch_size or "off",
             model.warmup_us or 0.0,
             "inline" if model.is_inline else "pool",
         )

@@ -119,6 +119,7 @@ class Router:
         seed: int | None = None,
         shadow_max_in_flight: int = 32,
         shadow_executor: Executor | None = None,
+        shadow_cpu_share: float = 0.0,
     ) -> None:
         self._models: dict[str, dict[str, Endpoint]] = {}
         self._defaults: dict[str, str] = {}
@@ -126,7 +127,7 @@ class Router:
         self._routes: dict[str, _CompiledRoute] = {}
         self._stats: dict[tuple[str, str], VariantStats] = {}
         self._random = random.Random(seed)
-        self.shadows = ShadowRunner(shadow_max_in_flight)
+        self.shadows = ShadowRunner(shadow_max_in_flight, shadow_cpu_share)
         self._shadow_executor = shadow_executor
         self.on_response: Callable[[InferRequest, InferResponse], None] | None = None
         """Called with every successful primary request and its response, on the loop
@@ -380,8 +381,23 @@ class Router:
         its callers need (its copies queue, then drop, behind ``shadow_max_in_flight``)."""
         model = endpoint.model
         if self._shadow_executor is None or model.is_inline:
-            return await self._run(endpoint, request)
+            # Charged at wall time: an inline model runs on the loop, mostly at once.
+            start = time.perf_counter()
+            try:
+                return await self._run(endpoint, request)
+            finally:
+                self.shadows.charge(time.perf_counter() - start)
         feeds, _rows = model.prepare(request)
         loop = asyncio.get_running_loop()
-        arrays = await loop.run_in_executor(self._shadow_executor, model.run, feeds)
+        arrays, cpu_s = await loop.run_in_executor(
+            self._shadow_executor, _timed_run, model.run, feeds
+        )
+        self.shadows.charge(cpu_s)
         return model.respond(request, arrays)
+
+
+def _timed_run(run: Callable[[list[Any]], list[Any]], feeds: list[Any]) -> tuple[list[Any], float]:
+    """A model call on a worker thread and its thread CPU time (seconds)."""
+    start = time.thread_time()
+    arrays = run(feeds)
+    return arrays, time.thread_time() - start

@@ -1,17 +1,20 @@
 """shadow.py: mirrors sampled requests to shadow versions and compares their answers.
 
 A mirror call is fire-and-forget: it starts after the primary answer is ready, never
-delays or fails the primary, and is bounded (at most ``max_in_flight`` mirror calls at
-once; beyond that, and when the shadow's own queue is full, the copy is dropped and
-counted). Errors are counted, never surfaced. Comparison per row: for a classifier output
-(integer labels, or a 2-D score matrix) the share of rows that agree (argmax), for a
-regressor the mean absolute and relative difference.
+delays or fails the primary, and is bounded twice: at most ``max_in_flight`` mirror calls
+at once, and a CPU budget (a token bucket of CPU seconds refilled at ``cpu_share`` of wall
+time, shared by every shadow; the caller reports each call's CPU cost). Beyond either, and
+when the shadow's own queue is full, the copy is dropped and counted (``over_budget``
+counts the budget's share of the drops). Errors are counted, never surfaced. Comparison
+per row: for a classifier output (integer labels, or a 2-D score matrix) the share of rows
+that agree (argmax), for a regressor the mean absolute and relative difference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
 _REL_EPS: Final = 1e-12
+_BURST_S: Final = 1.0  # the bucket holds at most this many wall seconds' worth of budget
 
 
 def compare_outputs(primary: Array, shadow: Array, stats: ShadowStats) -> None:
@@ -52,11 +56,43 @@ def compare_outputs(primary: Array, shadow: Array, stats: ShadowStats) -> None:
 
 
 class ShadowRunner:
-    """Owns the in-flight mirror tasks; ``stop()`` cancels the ones still running."""
+    """Owns the in-flight mirror tasks; ``stop()`` cancels the ones still running.
 
-    def __init__(self, max_in_flight: int = 32) -> None:
+    ``cpu_share`` (0..1; 0 or less: no CPU budget) is the share of one core's time that
+    mirror calls may use on average; a call is admitted while the bucket is not empty and
+    its measured cost (``charge``) is taken out afterwards, so one expensive call may
+    overdraw the bucket and the copies after it wait until the refill has paid it back.
+    """
+
+    def __init__(
+        self,
+        max_in_flight: int = 32,
+        cpu_share: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._share = cpu_share
+        self._clock = clock
+        self._capacity = max(cpu_share, 0.0) * _BURST_S
+        self._tokens = self._capacity
+        self._refilled = clock()
+        self.spent_s = 0.0
+        """CPU seconds charged to mirror calls so far."""
+
+    def _admit(self) -> bool:
+        if self._share <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * self._share)
+        self._refilled = now
+        return self._tokens > 0
+
+    def charge(self, cpu_s: float) -> None:
+        """Take one mirror call's CPU cost (seconds) out of the budget."""
+        self.spent_s += cpu_s
+        if self._share > 0:
+            self._tokens -= cpu_s
 
     def mirror(
         self,
@@ -67,6 +103,10 @@ class ShadowRunner:
         """Start ``call`` (the shadow's inference) in the background, or drop it."""
         if len(self._tasks) >= self._max:
             stats.dropped += 1
+            return
+        if not self._admit():
+            stats.dropped += 1
+            stats.over_budget += 1
             return
         stats.sent += 1
         task = asyncio.get_running_loop().create_task(self._run(call, primary, stats))

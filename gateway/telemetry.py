@@ -125,6 +125,7 @@ class Telemetry:
                     int(t.shadow.get("dropped") or 0),
                     int(t.shadow.get("errors") or 0),
                     t.shadow.get("agreement"),
+                    int(t.shadow.get("over_budget") or 0),
                 )
             )
         drift = []

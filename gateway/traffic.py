@@ -63,6 +63,7 @@ class ShadowStats:
         "diff_rows",
         "dropped",
         "errors",
+        "over_budget",
         "rel_diff_sum",
         "sent",
     )
@@ -70,6 +71,8 @@ class ShadowStats:
     def __init__(self) -> None:
         self.sent = 0
         self.dropped = 0
+        self.over_budget = 0
+        """Drops (counted in ``dropped`` too) because the shadows' CPU budget was spent."""
         self.errors = 0
         self.compared_rows = 0
         self.agreed_rows = 0
@@ -153,6 +156,7 @@ class VariantStats:
             {
                 "sent": s.sent,
                 "dropped": s.dropped,
+                "over_budget": s.over_budget,
                 "errors": s.errors,
                 "compared_rows": s.compared_rows,
                 "agreement": s.agreement,

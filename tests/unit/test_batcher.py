@@ -63,7 +63,10 @@ def test_concurrent_requests_are_batched_and_split_exactly(inline: bool) -> None
 
     async def main() -> list[list[Array]]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(model, max_queue_size=100, executor=pool)
+            # An inline model on an idle batcher runs each request in its own call unless
+            # a queue delay asks it to wait for company.
+            delay = 50_000 if inline else 0
+            batcher = Batcher(model, max_queue_size=100, executor=pool, max_queue_delay_us=delay)
             batcher.start()
             return await _submit_many(batcher, sizes)
 
@@ -74,6 +77,25 @@ def test_concurrent_requests_are_batched_and_split_exactly(inline: bool) -> None
     assert sum(model.calls) == sum(sizes)
     assert max(model.calls) <= 8
     assert len(model.calls) < len(sizes)  # some requests shared a call
+
+
+def test_inline_model_on_an_idle_batcher_runs_in_the_callers_call() -> None:
+    model = FakeModel(max_batch_size=8, inline=True)
+    sizes = [1, 3, 2]
+
+    async def main() -> tuple[list[list[Array]], Batcher]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(model, max_queue_size=100, executor=pool)
+            batcher.start()
+            return await _submit_many(batcher, sizes), batcher
+
+    results, batcher = asyncio.run(main())
+    assert model.calls == sizes
+    for i, (n, out) in enumerate(zip(sizes, results, strict=True)):
+        assert np.array_equal(out[0], np.full((n, 2), 2 * i, np.float32))
+    assert batcher.stats.execution_count == 3
+    assert batcher.stats.inference_count == sum(sizes)
+    assert batcher.queue_depth == 0
 
 
 def test_lone_request_is_not_held_back() -> None:
@@ -150,7 +172,7 @@ def test_one_failing_request_does_not_fail_its_batch() -> None:
     model = FakeModel(max_batch_size=8, inline=True)
 
     async def main() -> list[Any]:
-        batcher = Batcher(model, max_queue_size=10)
+        batcher = Batcher(model, max_queue_size=10, max_queue_delay_us=50_000)
         batcher.start()
         calls = [batcher.submit([np.full((1, 2), v, np.float32)], 1, None) for v in (1, -1, 2)]
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -194,3 +216,37 @@ def test_queue_delay_waits_for_company() -> None:
 
     asyncio.run(main())
     assert model.calls == [4]
+
+
+def test_under_load_a_batch_waits_for_the_fill_size_but_a_lone_request_does_not() -> None:
+    model = FakeModel(max_batch_size=8)
+    model.fill_batch_size = 4  # type: ignore[attr-defined]  # what warm-up measures
+    model.gate = threading.Event()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            batcher = Batcher(model, max_queue_size=100, executor=pool, instances=2)
+            batcher.start()
+            assert batcher.fill_rows == 4
+            loop = asyncio.get_running_loop()
+
+            def one() -> asyncio.Task[list[Array]]:
+                return asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+
+            lone = one()  # an idle model: runs at once, alone
+            await loop.run_in_executor(None, model.started.wait, 5)
+            waiting = [one() for _ in range(3)]
+            await asyncio.sleep(0.01)
+            # A second instance is free, but three rows are short of the fill size.
+            assert batcher.queue_depth == 3
+            waiting.append(one())
+            await asyncio.sleep(0.01)
+            assert batcher.queue_depth == 0  # four rows: the second instance took them
+            assert model.gate is not None
+            model.gate.set()
+            await asyncio.gather(lone, *waiting)
+            # The running batch finished with nothing queued: the next lone one runs alone.
+            await one()
+
+    asyncio.run(main())
+    assert model.calls == [1, 4, 1]

@@ -97,3 +97,27 @@ def test_executor_needs_start(root: Path) -> None:
     repository = ModelRepository(root, RuntimeSettings())
     with pytest.raises(RuntimeError, match="start"):
         _ = repository.executor
+
+
+def test_warm_up_measures_the_fill_size_of_a_pool_model(root: Path) -> None:
+    from gateway.config import ModelPolicy
+
+    path = root / "mlp" / "1" / "model.onnx"
+    runtime = RuntimeSettings(intra_op_threads=1)
+    pooled = ModelVersion(
+        "mlp", "1", path, ModelPolicy(max_batch_size=16, execution="pool"), runtime
+    )
+    pooled.warm_up()
+    assert sorted(pooled.rows_per_s) == [1, 2, 4, 8, 16]
+    best = max(pooled.rows_per_s.values())
+    assert pooled.rows_per_s[pooled.fill_batch_size] >= 0.9 * best
+    smaller = [n for n in pooled.rows_per_s if n < pooled.fill_batch_size]
+    assert all(pooled.rows_per_s[n] < 0.9 * best for n in smaller)
+    # Inline models and an explicit setting are not measured.
+    inline = ModelVersion("mlp", "1", path, ModelPolicy(execution="inline"), runtime)
+    inline.warm_up()
+    assert (inline.fill_batch_size, inline.rows_per_s) == (0, {})
+    fixed = ModelPolicy(max_batch_size=16, execution="pool", fill_batch_size=8)
+    explicit = ModelVersion("mlp", "1", path, fixed, runtime)
+    explicit.warm_up()
+    assert (explicit.fill_batch_size, explicit.rows_per_s) == (8, {})

@@ -93,3 +93,49 @@ def test_stop_cancels_mirrors_still_running() -> None:
         assert (stats.sent, stats.errors) == (1, 0)
 
     asyncio.run(main())
+
+
+def test_cpu_budget_drops_copies_until_the_refill_pays_back_the_cost() -> None:
+    now = [0.0]
+
+    async def main() -> None:
+        # 10% of a core: the bucket holds 0.1 s of CPU and refills 0.1 s per second.
+        runner = ShadowRunner(max_in_flight=100, cpu_share=0.1, clock=lambda: now[0])
+        stats = ShadowStats()
+        primary = _response(np.array([[1.0, 0.0]], np.float32))
+
+        async def answer() -> InferResponse:
+            return primary
+
+        runner.mirror(answer, primary, stats)
+        runner.charge(0.3)  # one expensive call overdraws the bucket by 0.2 s
+        for _ in range(5):
+            runner.mirror(answer, primary, stats)
+        assert (stats.sent, stats.dropped, stats.over_budget) == (1, 5, 5)
+        now[0] = 1.9  # refilled 0.19 s: still 0.01 s in debt
+        runner.mirror(answer, primary, stats)
+        assert stats.over_budget == 6
+        now[0] = 2.5
+        runner.mirror(answer, primary, stats)
+        assert (stats.sent, stats.dropped) == (2, 6)
+        assert runner.spent_s == pytest.approx(0.3)
+        await runner.stop()
+
+    asyncio.run(main())
+
+
+def test_no_cpu_budget_when_the_share_is_zero() -> None:
+    async def main() -> None:
+        runner = ShadowRunner(max_in_flight=100, cpu_share=0.0)
+        stats = ShadowStats()
+        primary = _response(np.array([[1.0]], np.float32))
+
+        async def answer() -> InferResponse:
+            return primary
+
+        runner.charge(100.0)
+        runner.mirror(answer, primary, stats)
+        assert (stats.sent, stats.over_budget) == (1, 0)
+        await runner.stop()
+
+    asyncio.run(main())
