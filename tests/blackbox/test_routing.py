@@ -18,7 +18,7 @@ from scipy import stats
 
 from gateway.types import Route, ShadowTarget, Variant
 from tests.clients import PROTOCOLS, client, infer
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, gateway_settings
 
 X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
 
@@ -128,7 +128,17 @@ def _comparison(server: RunningGateway, version: str, sent: int) -> dict[str, An
         time.sleep(0.02)
 
 
-def test_shadow_agreement_on_a_known_pair(server: RunningGateway, repository: Path) -> None:
+@pytest.fixture(scope="module")
+def unbudgeted(repository: Path) -> Any:
+    """A gateway whose shadows have no CPU budget, so every copy is compared (the default
+    budget drops copies on a loaded machine, and the agreement would cover only some rows)."""
+    running = RunningGateway(gateway_settings(repository, shadow_cpu_share=0.0)).start()
+    yield running
+    running.stop()
+
+
+def test_shadow_agreement_on_a_known_pair(unbudgeted: RunningGateway, repository: Path) -> None:
+    server = unbudgeted
     rng = np.random.default_rng(5)
     x = rng.standard_normal((200, 32)).astype(np.float32)
     s1 = ort.InferenceSession(str(repository / "pair" / "1" / "model.onnx"))
