@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.drift.monitor import DriftMonitor
-from gateway.drift.report import DriftReport
+from gateway.drift.report import DriftReport, DriftSource
 from gateway.feedback import PredictionMemory
 from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
 from gateway.outcomes import compare as compare_outcomes
@@ -41,6 +40,8 @@ logger = logging.getLogger(__name__)
 # outcome_counts) or None when there is no comparison yet.
 OutcomeSource = Callable[[str, str, str, str], "Mapping[str, Any] | None"]
 WindowKey = tuple[str, str, int, str]
+
+
 MIN_LATENCY_HISTORY = 100
 """Stable requests before a window needed to fix its "slow" threshold (a p99 of fewer is
 one request's latency)."""
@@ -68,7 +69,7 @@ class SignalGatherer:
     def __init__(
         self,
         router: Router,
-        monitor: DriftMonitor,
+        monitor: DriftSource,
         outcomes: OutcomeSource | None = None,
         *,
         traffic: Callable[[str], list[VariantSnapshot]] | None = None,
