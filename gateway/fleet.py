@@ -5,7 +5,9 @@ router (for its traffic counters) and, once the controller exists, its ``observe
 ``RedisStore`` the controller commits through, the controller lease (``lease()``: the
 ``LeaseSource`` that gates evaluation and carries the fencing token), the replica's
 heartbeat, its cumulative traffic counters published every beat, the pooled traffic of all
-live replicas (``traffic(model)``, what the leader decides on) and the change-log follower
+live replicas (``traffic(model)``, what the leader decides on), each sealed drift epoch
+published once and the pooled drift reports (``drift``), the fleet view (``view()``: who is
+alive, who leads, how far each trails) and the change-log follower
 that hands every change committed elsewhere to ``observe`` in commit order, on a thread of
 its own so a slow apply never holds the event loop. Nothing here is on the request path: the
 router keeps serving what it holds while Redis is away.
