@@ -59,7 +59,8 @@ _SNAPSHOT_TIMEOUT_S: Final = 5.0
 _FORGET_S: Final = 3600.0  # a dead replica's last counters stay in the sum this long
 _DRIFT: Final = "drift:"  # signal name prefix: drift:<model>:<version>:<unix epoch>
 _FLEET: Final = "fleet"  # signal: each replica's change-log position (in the extra bytes)
-_VIEW_EVERY_S: Final = 2.0  # the cached fleet view (metrics) is refreshed this often
+_VIEW_EVERY_S: Final = 2.0
+_WHERE_EVERY_S: Final = 10.0  # the cached fleet view (metrics) is refreshed this often
 _SEP: Final = "\x1f"  # joins a version into a counter name (versions are path-safe names)
 
 
@@ -93,6 +94,8 @@ class Fleet:
         """ref -> newest sealed drift epoch published (each epoch is published once)."""
         self._view: FleetSample | None = None
         self._view_at = -_VIEW_EVERY_S
+        self._where: _Position | None = None  # the change-log position last published
+        self._where_at = 0.0
         self.drift = PooledDrift(self, monitor) if monitor is not None else None
         """The drift reports over every live replica's windows (the leader's signal, the
         admin report); None without a monitor."""
@@ -192,10 +195,12 @@ class Fleet:
             self.store.publish(name, self.incarnation, _encode_outcome(outcome))
         self._publish_drift()
         follower = self._follower
-        if follower is not None:
+        if follower is not None:  # when it moved, and every 10 s (a wiped store relearns it)
             where = _Position(follower.last_id, follower.applied())
-            payload = encode_counts({}, extra=msgspec.msgpack.encode(where), ts=time.time())
-            self.store.publish(_FLEET, self.incarnation, payload)
+            if where != self._where or time.monotonic() - self._where_at > _WHERE_EVERY_S:
+                payload = encode_counts({}, extra=msgspec.msgpack.encode(where), ts=time.time())
+                self.store.publish(_FLEET, self.incarnation, payload)
+                self._where, self._where_at = where, time.monotonic()
         if time.monotonic() - self._view_at >= _VIEW_EVERY_S:
             self._view_at = time.monotonic()
             self.view()
