@@ -3,7 +3,8 @@
 For one rollout (model, stable version, candidate version): per-variant requests, errors,
 error rates and p99 latency since the current step began (router traffic snapshots, diffed),
 the candidate's worst input feature drift against the reference profile, prediction drift of
-candidate against stable outputs, shadow disagreement over the step's window when the
+candidate against stable outputs (from a ``DriftSource``: this process's monitor, or the sum
+of a fleet's replicas), shadow disagreement over the step's window when the
 candidate is a shadow, and the outcome comparison from ground-truth feedback when there is
 one (``OutcomeWindows``, over the prediction memory). Every window is keyed by the rollout's
 id and step (``window_key``) and begins at ``begin_window`` (the controller calls it when a
