@@ -8,6 +8,7 @@ back). Durations are bounded: the module runs in well under a minute on two core
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
+from gateway import admin_client
 from gateway.store import RedisStore
 from tests.clients import client, infer
 from tests.redis_server import RedisServer
@@ -368,6 +370,15 @@ def test_the_fleet_endpoint_lists_three_replicas_with_one_leader(fleet: Fleet) -
         text = httpx.get(metrics).text
         assert "gateway_control_lag_seconds" in text
         assert "gateway_controller_leader" in text
+    out = io.StringIO()
+    env = {
+        "GATEWAY_ADMIN_URL": f"http://127.0.0.1:{fleet.replicas[0].admin_port}",
+        "GATEWAY_ADMIN_TOKEN": OPERATOR,
+    }
+    assert admin_client.main(["fleet"], env=env, stdout=out, stderr=io.StringIO()) == 0
+    table = out.getvalue().splitlines()
+    assert len(table) == 4  # the header and three replicas
+    assert sum(" leader " in line for line in table) == 1
 
 
 def test_drift_seen_on_one_replica_shows_in_the_leaders_pooled_report(
