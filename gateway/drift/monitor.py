@@ -521,9 +521,9 @@ class DriftMonitor:
             return self._window_s(self._require(ref))
 
     def profiled(self) -> list[ModelRef]:
-        """The registered refs that have a profile (those counted)."""
+        """The registered refs that are counted (a profile, monitoring enabled)."""
         with self._lock:
-            return [ref for ref, reg in self._models.items() if reg.profile is not None]
+            return [ref for ref, reg in self._models.items() if reg.profile and reg.plans]
 
     @staticmethod
     def _assemble(
