@@ -372,12 +372,15 @@ def build_admin_app(
     clock: Callable[[], float] = time.time,
     control: ModelControl | None = None,
     stored_tokens: StoredTokens | None = None,
+    fleet: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Starlette:
     """The admin app. ``tokens`` maps each secret to its ``Token``; ``extra_routes`` (e.g.
     ``/metrics``, a dashboard) are appended as given, outside the auth. ``clock`` times the
     auth-failure audit budget. ``control`` adds model load, unload and index (operator;
     audited before the change runs, so no change goes unrecorded); ``stored_tokens`` are
-    the hashed tokens of ``gateway admin token``. Reads ``openapi_admin.json`` once, here."""
+    the hashed tokens of ``gateway admin token``; ``fleet`` lists the replicas sharing the
+    control plane (GET .../fleet; one unshared process without it). Reads
+    ``openapi_admin.json`` once, here."""
     auth = _Auth(tokens, store, clock, stored_tokens)
     openapi = OPENAPI_PATH.read_bytes()
 
@@ -450,6 +453,11 @@ def build_admin_app(
         version = request.path_params.get("version")
         report = await run_in_threadpool(drift_report, model, version)
         return _json(report)
+
+    async def get_fleet(request: Request, token: Token) -> Response:
+        if fleet is None:
+            return _json({"shared": False, "replicas": []})
+        return _json(await run_in_threadpool(fleet))
 
     async def get_audit(request: Request, token: Token) -> Response:
         raw_limit = request.query_params.get("limit") or "100"
@@ -530,6 +538,7 @@ def build_admin_app(
         Route(f"{p}/rollouts/{{model}}", endpoint("viewer", get_rollout), methods=["GET"]),
         Route(f"{p}/rollouts/{{model}}/history", endpoint("viewer", get_history), methods=["GET"]),
         Route(f"{p}/drift/{{model}}", endpoint("viewer", get_drift), methods=["GET"]),
+        Route(f"{p}/fleet", endpoint("viewer", get_fleet), methods=["GET"]),
         Route(f"{p}/drift/{{model}}/{{version}}", endpoint("viewer", get_drift), methods=["GET"]),
         Route(f"{p}/audit", endpoint("viewer", get_audit), methods=["GET"]),
         Route(f"{p}/audit/verify", endpoint("viewer", get_verify), methods=["GET"]),

@@ -253,6 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
     command("models", "list models, versions, readiness and weights")
     command("routes", "show the route weights set through the control plane")
+    command("fleet", "list the replicas sharing the control plane and which one leads")
     for name, help_text, needs_reason in (
         ("rollback", "send all traffic back to the stable version now", True),
         ("promote", "send all traffic to the candidate now", True),
@@ -404,6 +405,20 @@ def _show(command: str, result: Any, out: TextIO) -> None:
             shown = " ".join(f"{k}={v:g}" for k, v in weights.items()) or "-"
             rows.append([str(m["name"]), versions, shown, str(m.get("rollout") or "-")])
         _table(rows, out)
+    elif command == "fleet":
+        if not result.get("shared"):
+            out.write("not shared: this gateway is one process with its own store\n")
+            return
+        rows = [["REPLICA", "ADDRESS", "ALIVE", "HEARTBEAT", "LEADER", "LAG"]]
+        for r in result["replicas"]:
+            lag = "-" if r["lag_s"] is None else f"{r['lag_s']:.3f}s"
+            alive = "yes" if r["alive"] else "no"
+            who = str(r["id"]) + (" (this)" if r["is_self"] else "")
+            leader = "leader" if r["is_leader"] else ""
+            rows.append(
+                [who, str(r["address"]), alive, f"{r['heartbeat_age_s']:.1f}s ago", leader, lag]
+            )
+        _table(rows, out)
     elif command == "verify-audit":
         verdict = "OK" if result["ok"] else f"BROKEN at seq {result['first_bad_seq']}"
         out.write(f"{verdict}: {result['reason']} ({result['checked']} entries checked; ")
@@ -439,7 +454,7 @@ def _request(args: argparse.Namespace) -> tuple[str, str, object | None]:
     c = args.command
     if c == "status":
         return "GET", f"/rollouts/{quote(args.model, safe='')}" if args.model else "/rollouts", None
-    if c in ("models", "routes"):
+    if c in ("models", "routes", "fleet"):
         return "GET", f"/{c}", None
     if c in ("rollback", "promote", "approve", "pause", "resume"):
         return "POST", f"/rollouts/{quote(args.model, safe='')}/{c}", {"reason": args.reason}

@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from gateway.grpc_api import FeedbackServicer, HealthServicer, InferenceServicer
 from gateway.history import MetricsHistory
 from gateway.http_api import HttpFrontEnd, limit_body
 from gateway.logs import AccessLog
+from gateway.metrics import FleetGauges
 from gateway.predlog import PredictionLogger
 from gateway.repository import ModelRepository
 from gateway.rollout.controller import RolloutController
@@ -282,12 +283,17 @@ class Gateway:
         private_dir(data_dir)
         gather = SignalGatherer(self.router, self.monitor, self.outcomes)
         if settings.store.url:
-            self.fleet = Fleet(settings.store, self.router, self.incarnation)
+            self.fleet = Fleet(settings.store, self.router, self.incarnation, self.monitor)
             self.store = self.fleet.store
+            self.control.drift = self.fleet.drift or self.monitor
+            self.telemetry.fleet = _fleet_gauges(self.fleet)
             self.outcomes = OutcomeWindows(self.memory, snapshot=self.fleet.outcome)
             self.outcomes.start(asyncio.get_running_loop())
             gather = SignalGatherer(
-                self.router, self.monitor, self.outcomes, traffic=self.fleet.traffic
+                self.router,
+                self.fleet.drift or self.monitor,
+                self.outcomes,
+                traffic=self.fleet.traffic,
             )
         else:
             self.store = SqliteStore(private_file(data_dir / "control.sqlite3"))
@@ -343,6 +349,7 @@ class Gateway:
             ],
             control=self.control,
             stored_tokens=stored_tokens,
+            fleet=self.fleet.view if self.fleet is not None else None,
         )
 
     async def stop(self) -> None:
@@ -433,3 +440,11 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
         logger.debug("shadow thread priority left unchanged")
+
+
+def _fleet_gauges(fleet: Fleet) -> Callable[[], FleetGauges | None]:
+    def gauges() -> FleetGauges | None:
+        s = fleet.sample()
+        return None if s is None else FleetGauges(s.replicas, s.is_leader, s.lag_s)
+
+    return gauges

@@ -23,7 +23,7 @@ from gateway.config import ModelControlSettings
 from gateway.drift.buffer import BufferedObserver
 from gateway.drift.build import find_profile, load_checked
 from gateway.drift.monitor import DriftMonitor
-from gateway.drift.report import DriftReport
+from gateway.drift.report import DriftReport, DriftSource
 from gateway.errors import InvalidInputError, ModelNotFoundError
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.router import Endpoint, Router
@@ -77,6 +77,8 @@ class ModelLifecycle:
         self.repository = repository
         self.router = router
         self.monitor = monitor
+        self.drift: DriftSource = monitor
+        """Where reports come from: the monitor, or a fleet's pooled windows."""
         self.observer = observer
         self._drift_enabled = drift_enabled
         self._load_bounds = load_bounds
@@ -177,8 +179,8 @@ class ModelLifecycle:
         try:
             if against:
                 other = self.router.resolve(model, against).model.ref
-                return self.monitor.compare(ref, other)
-            return self.monitor.report(ref)
+                return self.drift.compare(ref, other)
+            return self.drift.report(ref)
         except KeyError:
             raise InvalidInputError(
                 f"model '{ref.name}' version {ref.version} has no drift profile"

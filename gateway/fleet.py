@@ -5,7 +5,9 @@ router (for its traffic counters) and, once the controller exists, its ``observe
 ``RedisStore`` the controller commits through, the controller lease (``lease()``: the
 ``LeaseSource`` that gates evaluation and carries the fencing token), the replica's
 heartbeat, its cumulative traffic counters published every beat, the pooled traffic of all
-live replicas (``traffic(model)``, what the leader decides on) and the change-log follower
+live replicas (``traffic(model)``, what the leader decides on), each sealed drift epoch
+published once and the pooled drift reports (``drift``), the fleet view (``view()``: who is
+alive, who leads, how far each trails) and the change-log follower
 that hands every change committed elsewhere to ``observe`` in commit order, on a thread of
 its own so a slow apply never holds the event loop. Nothing here is on the request path: the
 router keeps serving what it holds while Redis is away.
@@ -18,13 +20,15 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from gateway.config import StoreSettings
+from gateway.drift.monitor import DriftMonitor
+from gateway.drift.report import DriftReport
 from gateway.errors import GatewayError
 from gateway.feedback import PredictionMemory
 from gateway.outcomes import Moments, OutcomeSnapshot
@@ -42,9 +46,9 @@ from gateway.store import (
 from gateway.store.pooled import Counts
 from gateway.store.relay import FeedbackRelay
 from gateway.traffic import VariantSnapshot
-from gateway.types import FeedbackItem
+from gateway.types import FeedbackItem, ModelRef
 
-__all__ = ["Fleet"]
+__all__ = ["Fleet", "FleetSample", "PooledDrift"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ _TRAFFIC: Final = "traffic:"  # signal name prefix: traffic:<model>
 _OUTCOMES: Final = "outcomes:"  # signal name prefix: outcomes:<model>:<version>
 _SNAPSHOT_TIMEOUT_S: Final = 5.0
 _FORGET_S: Final = 3600.0  # a dead replica's last counters stay in the sum this long
+_DRIFT: Final = "drift:"  # signal name prefix: drift:<model>:<version>:<unix epoch>
+_FLEET: Final = "fleet"  # signal: each replica's change-log position (in the extra bytes)
+_VIEW_EVERY_S: Final = 2.0
+_WHERE_EVERY_S: Final = 10.0  # the cached fleet view (metrics) is refreshed this often
 _SEP: Final = "\x1f"  # joins a version into a counter name (versions are path-safe names)
 
 
@@ -64,6 +72,7 @@ class Fleet:
         settings: StoreSettings,
         router: Router,
         incarnation: str,
+        monitor: DriftMonitor | None = None,
     ) -> None:
         self.settings = settings
         self.incarnation = incarnation
@@ -80,6 +89,16 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outcomes_seen: dict[tuple[str, str], dict[str, tuple[float, OutcomeSnapshot]]] = {}
         self._applier: ThreadPoolExecutor | None = None
+        self._monitor = monitor
+        self._drift_sent: dict[ModelRef, int] = {}
+        """ref -> newest sealed drift epoch published (each epoch is published once)."""
+        self._view: FleetSample | None = None
+        self._view_at = -_VIEW_EVERY_S
+        self._where: _Position | None = None  # the change-log position last published
+        self._where_at = 0.0
+        self.drift = PooledDrift(self, monitor) if monitor is not None else None
+        """The drift reports over every live replica's windows (the leader's signal, the
+        admin report); None without a monitor."""
 
     def lease(self) -> Lease | None:
         """The controller lease this replica holds now, or None."""
@@ -174,6 +193,101 @@ class Fleet:
         for outcome in self._outcome_snapshots():
             name = f"{_OUTCOMES}{outcome.model}:{outcome.version}"
             self.store.publish(name, self.incarnation, _encode_outcome(outcome))
+        self._publish_drift()
+        follower = self._follower
+        if follower is not None:  # when it moved, and every 10 s (a wiped store relearns it)
+            where = _Position(follower.last_id, follower.applied())
+            if where != self._where or time.monotonic() - self._where_at > _WHERE_EVERY_S:
+                payload = encode_counts({}, extra=msgspec.msgpack.encode(where), ts=time.time())
+                self.store.publish(_FLEET, self.incarnation, payload)
+                self._where, self._where_at = where, time.monotonic()
+        if time.monotonic() - self._view_at >= _VIEW_EVERY_S:
+            self._view_at = time.monotonic()
+            self.view()
+
+    def sample(self) -> FleetSample | None:
+        """The fleet gauges as of the last view (refreshed by the heartbeat every 2 s; the
+        scrape never waits on Redis)."""
+        return self._view
+
+    def view(self) -> dict[str, Any]:
+        """Every registered replica: id, address, heartbeat age, whether it holds the
+        controller lease, its change-log position, the versions it applied and its lag (how
+        far, in change-log time, it trails the most advanced replica). Reads the store."""
+        replicas = self.store.replicas()
+        lease = self.store.lease()
+        pooled = self.store.pooled(_FLEET)
+        where = {inc: _position_decoder.decode(x) for inc, x in pooled.extras.items()}
+        newest = max((_id_ms(p.position) for p in where.values()), default=0)
+        now = time.time()
+        rows = []
+        for r in replicas:
+            p = where.get(r.incarnation)
+            lag = (newest - _id_ms(p.position)) / 1000 if p is not None else None
+            rows.append(
+                {
+                    "id": r.incarnation,
+                    "address": r.address,
+                    "alive": r.alive,
+                    "heartbeat_age_s": round(max(0.0, now - r.last_seen), 3),
+                    "is_leader": lease is not None and lease.holder == r.incarnation,
+                    "is_self": r.incarnation == self.incarnation,
+                    "started": r.started,
+                    "position": p.position if p is not None else None,
+                    "applied": p.applied if p is not None else {},
+                    "lag_s": lag,
+                }
+            )
+        mine = where.get(self.incarnation)
+        self._view = FleetSample(
+            replicas=sum(1 for r in replicas if r.alive),
+            is_leader=self.lease() is not None,
+            lag_s=(newest - _id_ms(mine.position)) / 1000 if mine is not None else 0.0,
+        )
+        return {
+            "shared": True,
+            "cluster": self.settings.cluster,
+            "self": self.incarnation,
+            "leader": lease.holder if lease is not None else None,
+            "fencing_token": lease.token if lease is not None else None,
+            "replicas": rows,
+        }
+
+    def _publish_drift(self) -> None:
+        """Each drift epoch sealed since the last publish, once (a failed one is retried at
+        the next beat; epochs older than the window are gone and not needed)."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        sealed, epochs, sub_s = monitor.epochs()
+        ttl_s = 2 * epochs * sub_s
+        for ref in monitor.profiled():
+            try:
+                profile_hash, sealed_parts = monitor.export_since(
+                    ref, self._drift_sent.get(ref, sealed - epochs)
+                )
+            except KeyError:  # unregistered meanwhile
+                continue
+            for epoch, counts in sealed_parts:
+                payload = encode_counts(counts, profile_hash=profile_hash)
+                self.store.publish(_drift_name(ref, epoch), self.incarnation, payload, ttl_s=ttl_s)
+                self._drift_sent[ref] = epoch
+        for ref in [r for r in self._drift_sent if r not in monitor.profiled()]:
+            del self._drift_sent[ref]
+
+    def drift_window(self, ref: ModelRef, profile_hash: str) -> tuple[Counts, tuple[str, ...]]:
+        """The sum of every live replica's sealed drift counts of ``ref`` over the window
+        (epochs published with ``profile_hash``), and the replicas that contributed."""
+        if self._monitor is None:
+            return {}, ()
+        sealed, epochs, _ = self._monitor.epochs()
+        parts: list[Counts] = []
+        who: set[str] = set()
+        for epoch in range(sealed - epochs + 1, sealed + 1):
+            pooled = self.store.pooled(_drift_name(ref, epoch), profile_hash=profile_hash)
+            parts.append(pooled.counts)
+            who.update(pooled.contributors)
+        return sum_counts(parts), tuple(sorted(who))
 
     def _outcome_snapshots(self) -> list[OutcomeSnapshot]:
         memory, loop = self._memory, self._loop
@@ -252,6 +366,67 @@ class Fleet:
                 )
             )
         return out
+
+
+class FleetSample(msgspec.Struct, frozen=True, kw_only=True):
+    """What the metrics show of the fleet: live replicas, whether this one leads, its lag."""
+
+    replicas: int
+    is_leader: bool
+    lag_s: float
+
+
+class _Position(msgspec.Struct, array_like=True):
+    position: str  # the change-log id last read
+    applied: dict[str, int]  # model -> version applied
+
+
+_position_decoder: Final = msgspec.msgpack.Decoder(_Position)
+
+
+def _id_ms(stream_id: str) -> int:
+    """The milliseconds part of a stream id ("<ms>-<seq>")."""
+    head = stream_id.partition("-")[0]
+    return int(head) if head.isdigit() else 0
+
+
+class PooledDrift:
+    """``report`` / ``compare`` like ``DriftMonitor``'s, over the fleet's summed windows;
+    this replica's own report when the store cannot be read or nobody published yet."""
+
+    def __init__(self, fleet: Fleet, monitor: DriftMonitor) -> None:
+        self._fleet = fleet
+        self._monitor = monitor
+
+    def _pooled(self, ref: ModelRef, profile_hash: str) -> tuple[Counts, int] | None:
+        try:
+            counts, who = self._fleet.drift_window(ref, profile_hash)
+        except GatewayError as exc:
+            logger.debug("pooled drift of %s unavailable: %s", ref, exc)
+            return None
+        return (counts, len(who)) if who else None
+
+    def report(self, ref: ModelRef) -> DriftReport:
+        local = self._monitor.report(ref)  # KeyError when not monitored
+        pooled = self._pooled(ref, local.profile_hash)
+        if pooled is None:
+            return local
+        counts, n = pooled
+        report = self._monitor.report_counts(ref, counts, local.window_s)
+        return msgspec.structs.replace(report, replicas=n, dropped=local.dropped)
+
+    def compare(self, ref_a: ModelRef, ref_b: ModelRef) -> DriftReport:
+        local = self._monitor.compare(ref_a, ref_b)  # KeyError / ValueError as the monitor's
+        a = self._pooled(ref_a, local.profile_hash)
+        b = self._pooled(ref_b, local.profile_hash)
+        if a is None or b is None:
+            return local
+        report = self._monitor.compare_counts(ref_a, ref_b, a[0], b[0], local.window_s)
+        return msgspec.structs.replace(report, replicas=max(a[1], b[1]), dropped=local.dropped)
+
+
+def _drift_name(ref: ModelRef, epoch: int) -> str:
+    return f"{_DRIFT}{ref.name}:{ref.version}:{epoch}"
 
 
 class _OutcomeExtra(msgspec.Struct, array_like=True):

@@ -126,6 +126,16 @@ class OutcomeSample:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetGauges:
+    """This replica in a fleet: live replicas, whether it holds the controller lease, and
+    how far (change-log seconds) it trails the most advanced replica."""
+
+    replicas: int
+    is_leader: bool
+    lag_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     batchers: Sequence[BatcherSample] = ()
     variants: Sequence[VariantSample] = ()
@@ -142,6 +152,8 @@ class Snapshot:
     """Feedback items by result (matched, unknown, expired, duplicate, invalid)."""
     alerts: dict[str, int] = field(default_factory=dict)
     """Alert webhook deliveries by result (sent, failed, dropped)."""
+    fleet: FleetGauges | None = None
+    """Set when the control plane is shared with other replicas."""
 
 
 _ROLLOUT_STATES: Final = ("canary", "paused", "awaiting_approval", "promoted", "rolled_back")
@@ -288,6 +300,16 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         for name in _ROLLOUT_STATES:
             rollout.add_metric([model, name], 1.0 if state == name else 0.0)
     yield rollout
+    if s.fleet is not None:
+        gauges = (
+            ("gateway_fleet_replicas", "Live replicas sharing the control plane", s.fleet.replicas),
+            ("gateway_controller_leader", "1 when this replica holds the lease", s.fleet.is_leader),
+            ("gateway_control_lag_seconds", "Change log behind the newest replica", s.fleet.lag_s),
+        )
+        for name, text, value in gauges:
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], float(value))
+            yield gauge
     yield from _outcome_families(s)
 
 

@@ -22,6 +22,7 @@ from gateway.metrics import (
     CONTENT_TYPE,
     BatcherSample,
     DriftSample,
+    FleetGauges,
     OutcomeSample,
     Snapshot,
     VariantSample,
@@ -70,6 +71,7 @@ class Telemetry:
         counter, registered once it is built."""
         self.controller: RolloutStates | None = None
         self.alert_counts: Callable[[], dict[str, int]] | None = None
+        self.fleet: Callable[[], FleetGauges | None] | None = None
 
     def metrics(self) -> bytes:
         """Prometheus exposition of the live counters (built at scrape time)."""
@@ -182,4 +184,5 @@ class Telemetry:
             feedback,
             alerts=alerts,
             route_missing_versions=missing,
+            fleet=self.fleet() if self.fleet is not None else None,
         )

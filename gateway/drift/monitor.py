@@ -412,11 +412,20 @@ class DriftMonitor:
         """
         with self._lock:
             reg = self._require(ref)
-            windows = [[part.window.copy() for part in plan.parts] for plan in reg.plans]
+            windows = {part.key: part.window.copy() for plan in reg.plans for part in plan.parts}
             window_s = self._window_s(reg)
+        return self.report_counts(ref, windows, window_s)
+
+    def report_counts(
+        self, ref: ModelRef, windows: Mapping[str, I64Array], window_s: float
+    ) -> DriftReport:
+        """``report`` over the given window counts (by part key, as ``export_since`` names
+        them; a part missing counts as empty): e.g. the sum of many replicas' windows."""
+        reg = self._require(ref)
         features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
-        for plan, plan_windows in zip(reg.plans, windows, strict=True):
-            for part, window in zip(plan.parts, plan_windows, strict=True):
+        for plan in reg.plans:
+            for part in plan.parts:
+                window = _window_of(part, windows)
                 features[plan.is_input] += vs_reference(part, window, self._settings.min_samples)
         return self._assemble(reg, "reference", window_s, features)
 
@@ -427,28 +436,37 @@ class DriftMonitor:
         verdicts need ``min_samples_per_arm`` rows in each window.
         """
         with self._lock:
-            reg_a = self._require(ref_a)
-            reg_b = self._require(ref_b)
-            if reg_a.profile is None or reg_b.profile is None:
-                raise ValueError(f"compare {ref_a} with {ref_b}: both need a drift profile")
-            if reg_a.profile.hash != reg_b.profile.hash:
-                raise ValueError(
-                    f"compare {ref_a} with {ref_b}: profiles differ "
-                    f"({reg_a.profile.hash} vs {reg_b.profile.hash})"
-                )
-            pairs = [
-                [
-                    (part_a.window.copy(), part_b.window.copy())
-                    for part_a, part_b in zip(plan_a.parts, plan_b.parts, strict=True)
-                ]
-                for plan_a, plan_b in zip(reg_a.plans, reg_b.plans, strict=True)
-            ]
+            reg_a, reg_b = self._require(ref_a), self._require(ref_b)
+            win_a = {p.key: p.window.copy() for plan in reg_a.plans for p in plan.parts}
+            win_b = {p.key: p.window.copy() for plan in reg_b.plans for p in plan.parts}
             window_s = min(self._window_s(reg_a), self._window_s(reg_b))
+        return self.compare_counts(ref_a, ref_b, win_a, win_b, window_s)
+
+    def compare_counts(
+        self,
+        ref_a: ModelRef,
+        ref_b: ModelRef,
+        win_a: Mapping[str, I64Array],
+        win_b: Mapping[str, I64Array],
+        window_s: float,
+    ) -> DriftReport:
+        """``compare`` over the given window counts of both versions (see ``report_counts``)."""
+        reg_a, reg_b = self._require(ref_a), self._require(ref_b)
+        if reg_a.profile is None or reg_b.profile is None:
+            raise ValueError(f"compare {ref_a} with {ref_b}: both need a drift profile")
+        if reg_a.profile.hash != reg_b.profile.hash:
+            raise ValueError(
+                f"compare {ref_a} with {ref_b}: profiles differ "
+                f"({reg_a.profile.hash} vs {reg_b.profile.hash})"
+            )
         features: dict[bool, list[FeatureDrift]] = {True: [], False: []}
-        for plan, plan_pairs in zip(reg_a.plans, pairs, strict=True):
-            for part, (win_a, win_b) in zip(plan.parts, plan_pairs, strict=True):
+        for plan in reg_a.plans:
+            for part in plan.parts:
                 features[plan.is_input] += two_window(
-                    part, win_a, win_b, self._settings.min_samples_per_arm
+                    part,
+                    _window_of(part, win_a),
+                    _window_of(part, win_b),
+                    self._settings.min_samples_per_arm,
                 )
         return self._assemble(reg_a, str(ref_b), window_s, features)
 
@@ -470,6 +488,43 @@ class DriftMonitor:
             }
         return epoch, reg.profile.hash if reg.profile else "", counts
 
+    def export_since(
+        self, ref: ModelRef, after: int
+    ) -> tuple[str, list[tuple[int, dict[str, I64Array]]]]:
+        """Every sealed sub-window of ``ref`` after Unix epoch ``after`` still in the window,
+        oldest first: ``(profile_hash, [(epoch, counts by part key)])``, an epoch nobody
+        counted in as zeros. Each sealed epoch is final, so a replica publishes it once."""
+        with self._lock:
+            reg = self._require(ref)
+            sealed = self._sealed_upto
+            first = max(after + 1, sealed - self._settings.sub_windows + 1)
+            out = [
+                (
+                    epoch,
+                    {
+                        part.key: part.sealed.get(epoch, np.zeros_like(part.window)).copy()
+                        for plan in reg.plans
+                        for part in plan.parts
+                    },
+                )
+                for epoch in range(first, sealed + 1)
+            ]
+        return (reg.profile.hash if reg.profile else ""), out
+
+    def epochs(self) -> tuple[int, int, float]:
+        """(newest sealed Unix epoch, epochs in a window, seconds per epoch)."""
+        return self._sealed_upto, self._settings.sub_windows, self._settings.sub_window_s
+
+    def window_s(self, ref: ModelRef) -> float:
+        """Seconds of ``ref``'s window that hold counts (less than a window after it starts)."""
+        with self._lock:
+            return self._window_s(self._require(ref))
+
+    def profiled(self) -> list[ModelRef]:
+        """The registered refs that are counted (a profile, monitoring enabled)."""
+        with self._lock:
+            return [ref for ref, reg in self._models.items() if reg.profile and reg.plans]
+
     @staticmethod
     def _assemble(
         reg: _Registration,
@@ -479,3 +534,10 @@ class DriftMonitor:
     ) -> DriftReport:
         profile_hash = reg.profile.hash if reg.profile else ""
         return assemble(str(reg.ref), profile_hash, baseline, window_s, features, reg.dropped)
+
+
+def _window_of(part: _Part, windows: Mapping[str, I64Array]) -> I64Array:
+    window = windows.get(part.key)
+    if window is None or window.shape != part.window.shape:
+        return np.zeros_like(part.window)
+    return window

@@ -18,8 +18,17 @@ import numpy.typing as npt
 
 from gateway.drift import stats
 from gateway.drift.profile import CategoricalProfile, NumericProfile
+from gateway.types import ModelRef
 
-__all__ = ["FeatureDrift", "DriftReport", "ReportPart", "vs_reference", "two_window", "assemble"]
+__all__ = [
+    "FeatureDrift",
+    "DriftReport",
+    "DriftSource",
+    "ReportPart",
+    "vs_reference",
+    "two_window",
+    "assemble",
+]
 
 I64Array = npt.NDArray[np.int64]
 F64Array = npt.NDArray[np.float64]
@@ -66,6 +75,7 @@ class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
     else insufficient_data if any lacks data (or there are none), else no_drift.
     ``input_verdict`` and ``output_verdict`` do the same per side: output drift between canary
     and stable is the rollback signal, input drift against the reference an upstream alert.
+    ``replicas`` counts the gateway replicas whose windows were summed (1: this process).
     """
 
     model: str
@@ -78,6 +88,15 @@ class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
     inputs: tuple[FeatureDrift, ...]
     outputs: tuple[FeatureDrift, ...]
     dropped: int
+    replicas: int = 1
+
+
+class DriftSource(Protocol):
+    """Drift reports: one process's ``DriftMonitor``, or a fleet's pooled windows."""
+
+    def report(self, ref: ModelRef) -> DriftReport: ...
+
+    def compare(self, ref_a: ModelRef, ref_b: ModelRef) -> DriftReport: ...
 
 
 class ReportPart(Protocol):

@@ -3,7 +3,8 @@
 For one rollout (model, stable version, candidate version): per-variant requests, errors,
 error rates and p99 latency since the current step began (router traffic snapshots, diffed),
 the candidate's worst input feature drift against the reference profile, prediction drift of
-candidate against stable outputs, shadow disagreement over the step's window when the
+candidate against stable outputs (from a ``DriftSource``: this process's monitor, or the sum
+of a fleet's replicas), shadow disagreement over the step's window when the
 candidate is a shadow, and the outcome comparison from ground-truth feedback when there is
 one (``OutcomeWindows``, over the prediction memory). Every window is keyed by the rollout's
 id and step (``window_key``) and begins at ``begin_window`` (the controller calls it when a
@@ -22,8 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.drift.monitor import DriftMonitor
-from gateway.drift.report import DriftReport
+from gateway.drift.report import DriftReport, DriftSource
 from gateway.feedback import PredictionMemory
 from gateway.outcomes import OutcomeKindError, OutcomeSnapshot
 from gateway.outcomes import compare as compare_outcomes
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 # outcome_counts) or None when there is no comparison yet.
 OutcomeSource = Callable[[str, str, str, str], "Mapping[str, Any] | None"]
 WindowKey = tuple[str, str, int, str]
+
+
 MIN_LATENCY_HISTORY = 100
 """Stable requests before a window needed to fix its "slow" threshold (a p99 of fewer is
 one request's latency)."""
@@ -68,7 +70,7 @@ class SignalGatherer:
     def __init__(
         self,
         router: Router,
-        monitor: DriftMonitor,
+        monitor: DriftSource,
         outcomes: OutcomeSource | None = None,
         *,
         traffic: Callable[[str], list[VariantSnapshot]] | None = None,

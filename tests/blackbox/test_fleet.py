@@ -8,6 +8,7 @@ back). Durations are bounded: the module runs in well under a minute on two core
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -26,7 +27,9 @@ import httpx
 import numpy as np
 import pytest
 
+from gateway import admin_client
 from gateway.store import RedisStore
+from tests.clients import client, infer
 from tests.redis_server import RedisServer
 
 OPERATOR = "fleet-operator-secret-01"
@@ -74,7 +77,10 @@ def _start_replica(repo: Path, data: Path, url: str) -> Replica:
         GATEWAY_STORE__HEARTBEAT_TTL_S="2.0",
         GATEWAY_LOG_FORMAT="text",
         GATEWAY_GRACE_PERIOD_S="2",
-        GATEWAY_DRIFT__ENABLED="false",
+        # Short drift epochs: counts seen on one replica reach the pool within a second.
+        GATEWAY_DRIFT__SUB_WINDOW_S="0.25",
+        GATEWAY_DRIFT__SUB_WINDOWS="120",
+        GATEWAY_DRIFT__TICK_S="0.05",
     )
     cmd = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repo)]
     cmd += ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
@@ -122,6 +128,7 @@ def fleet(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     repo = root / "repo"
     repo.mkdir()
     (repo / "pair").symlink_to(repository / "pair")
+    (repo / "breast_cancer").symlink_to(repository / "breast_cancer")
     redis_server = RedisServer(root / "redis").start()
     replicas: list[Replica] = []
     try:
@@ -336,6 +343,76 @@ def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) ->
         assert sorted(after.contributors) == sorted(by_port.values())
     finally:
         store.close()
+
+
+def test_the_fleet_endpoint_lists_three_replicas_with_one_leader(fleet: Fleet) -> None:
+    with fleet.replicas[0].admin() as admin:
+
+        def listed() -> bool:
+            view = admin.get("/fleet").json()
+            return len(view["replicas"]) == 3 and all(r["alive"] for r in view["replicas"])
+
+        _wait(listed, 10.0, "3 live replicas")
+        _wait(lambda: admin.get("/fleet").json()["leader"] is not None, 10.0, "a leader")
+        view = admin.get("/fleet").json()
+        replicas = view["replicas"]
+        assert view["shared"] is True
+        assert sum(r["is_leader"] for r in replicas) == 1
+        assert [r["id"] for r in replicas if r["is_leader"]] == [view["leader"]]
+        assert [r["id"] for r in replicas if r["is_self"]] == [view["self"]]
+        ports = {int(r["address"].rsplit(":", 1)[1]) for r in replicas}
+        assert ports == {r.http_port for r in fleet.replicas}
+        assert all(r["position"] and r["lag_s"] is not None for r in replicas)
+        assert all(r["heartbeat_age_s"] < 5 for r in replicas)
+
+        metrics = f"http://127.0.0.1:{fleet.replicas[0].admin_port}/metrics"
+        _wait(lambda: "gateway_fleet_replicas 3.0" in httpx.get(metrics).text, 10.0, "gauges")
+        text = httpx.get(metrics).text
+        assert "gateway_control_lag_seconds" in text
+        assert "gateway_controller_leader" in text
+    out = io.StringIO()
+    env = {
+        "GATEWAY_ADMIN_URL": f"http://127.0.0.1:{fleet.replicas[0].admin_port}",
+        "GATEWAY_ADMIN_TOKEN": OPERATOR,
+    }
+    assert admin_client.main(["fleet"], env=env, stdout=out, stderr=io.StringIO()) == 0
+    table = out.getvalue().splitlines()
+    assert len(table) == 4  # the header and three replicas
+    assert sum(" leader " in line for line in table) == 1
+
+
+def test_drift_seen_on_one_replica_shows_in_the_leaders_pooled_report(
+    fleet: Fleet, repository: Path
+) -> None:
+    store = fleet.store()
+    try:
+        _wait(lambda: _leader_port(store) is not None, 10.0, "a leader")
+        port = _leader_port(store)
+    finally:
+        store.close()
+    leader = next(r for r in fleet.replicas if r.http_port == port)
+    other = next(r for r in fleet.replicas if r.http_port != port)
+    reference = np.load(repository / "breast_cancer" / "reference.npy")
+    rng = np.random.default_rng(5)
+    rows = 0
+    conn = client("http", f"127.0.0.1:{other.http_port}")
+    for _ in range(20):
+        batch = reference[rng.integers(0, len(reference), 60)].copy()
+        batch[:, 0] *= 1.4  # "mean radius" shifts, on this replica only
+        infer("http", "", "breast_cancer", {"features": batch}, version="1", connection=conn)
+        rows += 60
+    conn.close()
+    with leader.admin() as admin:
+
+        def pooled() -> bool:
+            report = admin.get("/drift/breast_cancer/1").json()
+            return bool(report["inputs"]) and report["inputs"][0]["n"] >= rows
+
+        _wait(pooled, 15.0, "the shifted rows in the leader's pooled report")
+        report = admin.get("/drift/breast_cancer/1").json()
+    assert report["replicas"] == 3
+    assert report["inputs"][0]["n"] == rows  # the leader served none of them
+    assert (report["inputs"][0]["name"], report["inputs"][0]["verdict"]) == ("mean radius", "drift")
 
 
 def test_a_failing_canary_is_rolled_back_once_by_the_leader_everywhere(fleet: Fleet) -> None:

@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import msgspec
@@ -836,6 +836,23 @@ def openapi_document() -> dict[str, Any]:
         f"{P}/drift/{{model}}/{{version}}": {
             "get": _op("Drift report of one version", obj, params=v, errors=(404,))
         },
+        f"{P}/fleet": {
+            "get": _op(
+                "The replicas sharing the control plane: address, heartbeat age, leader, "
+                "change-log position and lag (shared false and none for one process)",
+                {
+                    "type": "object",
+                    "properties": {
+                        "shared": {"type": "boolean"},
+                        "cluster": {"type": "string"},
+                        "self": {"type": "string"},
+                        "leader": {"type": ["string", "null"]},
+                        "fencing_token": {"type": ["integer", "null"]},
+                        "replicas": {"type": "array", "items": _FLEET_REPLICA},
+                    },
+                },
+            )
+        },
         f"{P}/audit": {
             "get": _op(
                 "Audit trail, newest first",
@@ -904,6 +921,26 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
+_FLEET_REPLICA: Final = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "description": "The replica's incarnation id"},
+        "address": {"type": "string"},
+        "alive": {"type": "boolean"},
+        "heartbeat_age_s": {"type": "number"},
+        "is_leader": {"type": "boolean"},
+        "is_self": {"type": "boolean"},
+        "started": {"type": "number"},
+        "position": {"type": ["string", "null"], "description": "Change-log id last read"},
+        "applied": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "lag_s": {
+            "type": ["number", "null"],
+            "description": "Change-log seconds behind the most advanced replica",
+        },
+    },
+}
+
+
 # operationId per (method, path under the prefix): the method names a generated client gets.
 OPERATION_IDS: dict[tuple[str, str], str] = {
     ("get", "/openapi.json"): "getOpenApi",
@@ -922,6 +959,7 @@ OPERATION_IDS: dict[tuple[str, str], str] = {
     ("post", "/rollouts/{model}/rollback"): "rollbackRollout",
     ("get", "/drift/{model}"): "getDrift",
     ("get", "/drift/{model}/{version}"): "getVersionDrift",
+    ("get", "/fleet"): "getFleet",
     ("get", "/audit"): "listAudit",
     ("get", "/audit/verify"): "verifyAudit",
 }

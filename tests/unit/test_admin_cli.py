@@ -195,3 +195,11 @@ def test_the_admin_api_takes_the_same_spec(rig: Rig) -> None:
         bad = httpx.post(url, json={"spec": {"rollout": {}}}, headers=auth)
         assert bad.status_code == 400
         assert "unknown section" in bad.json()["error"]
+
+
+def test_fleet_of_one_process_says_it_is_not_shared(rig: Rig) -> None:
+    with Served(rig.app) as served:
+        code, out, _ = _cli(served.port, "fleet")
+        assert (code, out) == (0, "not shared: this gateway is one process with its own store\n")
+        code, out, _ = _cli(served.port, "fleet", "--json")
+        assert (code, json.loads(out)) == (0, {"shared": False, "replicas": []})

@@ -9,14 +9,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from gateway.config import StoreSettings
+from gateway.drift.profile import Profile
 from gateway.fleet import Fleet
 from gateway.outcomes import Moments, OutcomeSnapshot
 from gateway.router import Router
 from tests.redis_server import RedisServer
+from tests.unit.test_drift_monitor import (
+    N_FEATURES,
+    STABLE,
+    feed,
+    make_monitor,
+    profile,  # noqa: F401  # the fixture
+    settle,
+)
 
 
 @pytest.fixture
@@ -99,3 +109,38 @@ def test_pooled_outcomes_merge_counts_exactly_and_moments_by_chan(server: RedisS
     finally:
         for fleet in fleets:
             fleet.store.close()
+
+
+def test_pooled_drift_report_sums_replicas_and_falls_back_to_its_own(
+    server: RedisServer,
+    profile: Profile,  # noqa: F811
+) -> None:
+    fleets = []
+    for inc in ("lead", "other"):
+        monitor, clock = make_monitor(profile)
+        fleet = Fleet(StoreSettings(url=server.url, cluster="d"), Router(), inc, monitor)
+        fleet.store.heartbeat(inc, "127.0.0.1:0", 0.0, ttl_s=30.0)
+        fleets.append((fleet, monitor, clock))
+    (lead, _, _), (other, other_monitor, _) = fleets
+    try:
+        x = np.random.default_rng(4).standard_normal((1200, N_FEATURES)).astype(np.float32)
+        feed(other_monitor, STABLE, x)  # only the other replica serves
+        for fleet, monitor, clock in fleets:
+            settle(monitor, clock)
+            fleet.publish()
+        other.publish()  # a second beat re-sends nothing: the sum stays the same
+        assert lead.drift is not None
+        report = lead.drift.report(STABLE)
+        assert (report.inputs[0].n, report.replicas) == (1200, 2)
+        assert report == msgspec.structs.replace(other_monitor.report(STABLE), replicas=2)
+        view = lead.view()
+        assert [(r["id"], r["is_self"]) for r in view["replicas"]] == [
+            ("lead", True),
+            ("other", False),
+        ]
+        server.kill()
+        alone = lead.drift.report(STABLE)  # the store is gone: this replica's own window
+        assert (alone.inputs[0].n, alone.replicas) == (0, 1)
+    finally:
+        lead.store.close()
+        other.store.close()
