@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -218,6 +220,13 @@ def test_queue_delay_waits_for_company() -> None:
     assert model.calls == [4]
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
 def test_under_load_a_batch_waits_for_the_fill_size_but_a_lone_request_does_not() -> None:
     model = FakeModel(max_batch_size=8)
     model.fill_batch_size = 4  # type: ignore[attr-defined]  # what warm-up measures
@@ -236,12 +245,13 @@ def test_under_load_a_batch_waits_for_the_fill_size_but_a_lone_request_does_not(
             lone = one()  # an idle model: runs at once, alone
             await loop.run_in_executor(None, model.started.wait, 5)
             waiting = [one() for _ in range(3)]
-            await asyncio.sleep(0.01)
-            # A second instance is free, but three rows are short of the fill size.
+            # A second instance is free, but three rows are short of the fill size: they
+            # stay queued (polled, not slept: a loaded machine runs the loop late).
+            await _until(lambda: batcher.queue_depth == 3)
+            await asyncio.sleep(0.05)
             assert batcher.queue_depth == 3
             waiting.append(one())
-            await asyncio.sleep(0.01)
-            assert batcher.queue_depth == 0  # four rows: the second instance took them
+            await _until(lambda: batcher.queue_depth == 0)  # the second instance took four
             assert model.gate is not None
             model.gate.set()
             await asyncio.gather(lone, *waiting)
