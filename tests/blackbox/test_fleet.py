@@ -180,7 +180,8 @@ def test_weight_changes_through_random_replicas_reach_every_replica(fleet: Fleet
     clients = [r.admin() for r in fleet.replicas]
     rng = random.Random(7)
     lags: list[float] = []
-    for n in range(60):
+    changes = 300  # the 200 probed changes and 300 changes in one audit chain
+    for n in range(changes):
         weight = float(rng.randint(1, 99))
         wanted = {"1": 100.0 - weight, "3": weight}
         writer = rng.randrange(3)
@@ -204,6 +205,41 @@ def test_weight_changes_through_random_replicas_reach_every_replica(fleet: Fleet
     assert lags[-1] < 5.0  # generous: the acceptance numbers are reported, not flaked on
     audit = clients[0].get("/audit/verify").json()
     assert audit["ok"], audit
+    entries = clients[1].get("/audit", params={"model": "pair", "limit": 1000}).json()
+    entries = entries if isinstance(entries, list) else entries["entries"]
+    assert sum(e["action"] == "set_weights" for e in entries) >= changes
+    for c in clients:
+        c.close()
+
+
+def _sticky_map(replica: Any, keys: list[str]) -> list[str]:
+    with httpx.Client(base_url=replica.http, timeout=10) as http:
+        return [
+            http.post("/v2/models/pair/infer", json=BODY, headers={"x-routing-key": key}).json()[
+                "model_version"
+            ]
+            for key in keys
+        ]
+
+
+def test_sticky_keys_map_identically_on_every_replica_across_a_change(fleet: Fleet) -> None:
+    clients = [r.admin() for r in fleet.replicas]
+    keys = [f"key-{k}" for k in range(1000)]
+    maps = {}
+    for share in (10.0, 20.0):
+        wanted = {"1": 100.0 - share, "3": share}
+        reply = clients[0].put(
+            "/routes/pair/weights", json={"weights": wanted, "reason": f"{share:g}%"}
+        )
+        assert reply.status_code == 200, reply.text
+        for c in clients:
+            _wait(lambda c=c, w=wanted: _route_of(c) == w, 5.0, f"{share:g}% everywhere")
+        per_replica = [_sticky_map(r, keys) for r in fleet.replicas]
+        assert per_replica[0] == per_replica[1] == per_replica[2]
+        maps[share] = per_replica[0]
+        print(f"\n{share:g}%: {maps[share].count('3')} of {len(keys)} keys on the candidate")
+    # Sticky: a key on the candidate at 10% stays there at 20%.
+    assert all(b == "3" for a, b in zip(maps[10.0], maps[20.0], strict=True) if a == "3")
     for c in clients:
         c.close()
 
