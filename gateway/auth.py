@@ -189,6 +189,8 @@ class DataPlaneGuard:
         found: list[tuple[str, str, str]] = []  # (kind, name, scope held)
         token = self._all.match(authorization)
         if token is not None:
+            if token[1] == scope:
+                return f"token:{token[0]}"
             found.append(("token", *token))
         if identities is not None and self._identities:
             for identity in identities:
