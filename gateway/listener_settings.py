@@ -288,7 +288,7 @@ def check_tokens(tokens: list[AdminToken], clients: list[ClientToken]) -> None:
     """Long admin secrets, and one secret per holder and scope: a shared secret cannot tell
     roles apart, and an inference token must never also grade or operate."""
     secrets = [c.token for c in clients if not c.identity] + [t.token for t in tokens]
-    identities = [c.identity for c in clients if c.identity]
+    identities = [normalize_identity(c.identity) for c in clients if c.identity]
     if len(set(identities)) != len(identities):
         raise ValueError("auth.clients: an identity is listed twice; each holds one scope")
     if any(not secret for secret in secrets):
