@@ -9,12 +9,23 @@ Also the per-connection cost of reading a verified certificate's identities
 listener is mutual) and the gRPC check with identities taken from an auth context. Each
 figure is the best of 5 repeats, in microseconds per call. ``--tokens-only`` runs only the
 cells that exist without identity support (to compare with an older tree).
+
+``--serve`` measures end to end instead: two gateway processes with mTLS on HTTP and gRPC,
+one without data-plane credentials and one with an infer token and an infer identity
+(``CN=inferer``); concurrent clients (all holding the ``inferer`` certificate) send one-row
+inferences with the token, with only the certificate, or (first server) with nothing, in
+alternating rounds. Reported: the server's CPU ms per request (median of the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import statistics
+import tempfile
+import time
 import timeit
+from pathlib import Path
 from typing import Any
 
 from gateway.auth import DataPlaneGuard
@@ -66,7 +77,13 @@ def _refused(guard: DataPlaneGuard, scope: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.auth_checks", description=__doc__)
     parser.add_argument("--tokens-only", action="store_true")
+    parser.add_argument("--serve", action="store_true", help="end to end (see above)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=2.0)
     args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.rounds, args.window_s)
+        return 0
     tokens = [
         ClientToken(name="app", token="infer-secret-0001", scope="infer"),
         ClientToken(name="fb", token="feedback-secret-0001", scope="feedback"),
@@ -118,6 +135,104 @@ class _Context:
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._auth
+
+
+async def _clients(
+    protocol: str, port: int, context: Any, creds: Any, token: str, seconds: float
+) -> int:
+    import grpc
+
+    from bench.tls import _grpc_body, _json_body
+
+    header = f"Authorization: Bearer {token}\r\n" if token else ""
+    body = _json_body()
+    head = (
+        f"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stop_at = time.perf_counter() + seconds
+
+    async def http_worker() -> int:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+        )
+        done = 0
+        while time.perf_counter() < stop_at:
+            writer.write(head + body)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if b" 200 " not in status:
+                raise RuntimeError(f"HTTP answer {status!r}")
+            done += 1
+        writer.close()
+        return done
+
+    async def grpc_worker(channel: Any) -> int:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        payload, done = _grpc_body(), 0
+        while time.perf_counter() < stop_at:
+            await call(payload, timeout=30, metadata=metadata)
+            done += 1
+        return done
+
+    if protocol == "http":
+        return sum(await asyncio.gather(*(http_worker() for _ in range(16))))
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        return sum(await asyncio.gather(*(grpc_worker(channel) for _ in range(16))))
+
+
+def serve(rounds: int, window_s: float) -> None:
+    import ssl
+
+    import grpc
+
+    from bench.common import GatewayProcess, cpu_seconds
+    from bench.models import mlp
+    from tests.certs import Authority
+
+    root = Path(tempfile.mkdtemp(prefix="bench-auth-"))
+    mlp(root / "repo" / "m" / "1" / "model.onnx", [32, 64, 2], seed=0, name="m")
+    ca = Authority(root / "ca")
+    server, client = ca.issue("server", server=True), ca.issue("inferer", server=False)
+    tls = f'cert = "{server.cert}"\nkey = "{server.key}"\nclient_ca = "{ca.cert}"\n'
+    base = "[runtime]\ninference_workers = 2\nintra_op_threads = 1\n"
+    base += "[http.tls]\n" + tls + "[grpc.tls]\n" + tls
+    token = "bench-infer-token-000001"
+    guarded = base + (
+        f'[[auth.clients]]\nname = "app"\nscope = "infer"\ntoken = "{token}"\n'
+        '[[auth.clients]]\nname = "runner"\nscope = "infer"\nidentity = "CN=inferer"\n'
+    )
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    creds = grpc.ssl_channel_credentials(
+        ca.cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
+    )
+    cells: dict[str, list[float]] = {}
+    with (
+        GatewayProcess(root / "repo", base, "open") as open_server,
+        GatewayProcess(root / "repo", guarded, "guarded") as guarded_server,
+    ):
+        plan = [("no credentials", open_server, ""), ("token", guarded_server, token)]
+        plan.append(("identity", guarded_server, ""))
+        for _ in range(rounds):
+            for protocol in ("http", "grpc"):
+                for name, proc, secret in plan:
+                    port = proc.http_port if protocol == "http" else proc.grpc_port
+                    asyncio.run(_clients(protocol, port, context, creds, secret, 0.5))  # warm
+                    cpu0 = cpu_seconds(proc.pid)
+                    count = asyncio.run(_clients(protocol, port, context, creds, secret, window_s))
+                    cpu = cpu_seconds(proc.pid) - cpu0
+                    key = f"{protocol} {name}"
+                    cells.setdefault(key, []).append(1000 * cpu / max(count, 1))
+                    print(f"{key:<22} {count / window_s:8.0f} req/s", flush=True)
+    print("server CPU ms per request (median of rounds), mTLS, concurrency 16:")
+    for key, values in cells.items():
+        print(f"  {key:<22} {statistics.median(values):.3f}  {[round(v, 3) for v in values]}")
 
 
 if __name__ == "__main__":
