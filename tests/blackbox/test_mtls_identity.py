@@ -202,3 +202,26 @@ def test_a_client_ca_removed_on_reload_refuses_its_clients(
         conn.close()
     finally:
         running.stop()
+
+
+def test_identity_on_a_grpc_stream(gateway: RunningGateway, material: Material) -> None:
+    ca = material.ca.cert
+    for client, expect_ok in ((material.inferer, True), (material.labeler, False)):
+        results: list[Any] = []
+        conn = _triton(gateway.grpc_url, ca, client)
+        conn.start_stream(callback=lambda result, error, out=results: out.append(error or result))
+        tensor = grpcclient.InferInput("INPUT0", [2, 32], "FP32")
+        tensor.set_data_from_numpy(X)
+        try:
+            conn.async_stream_infer("mlp_small", [tensor])
+        except InferenceServerException:
+            # The refusal ends the stream before any request is read; it may come first.
+            assert not expect_ok
+        conn.stop_stream()  # waits for the stream to end
+        conn.close()
+        assert len(results) == 1, results
+        if expect_ok:
+            assert results[0].as_numpy("OUTPUT0").shape == (2, 2)
+        else:
+            assert isinstance(results[0], InferenceServerException)
+            assert "scope 'feedback'" in str(results[0])
