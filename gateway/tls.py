@@ -130,6 +130,10 @@ class ServerTls:
             if s.client_ca:
                 context.load_verify_locations(cafile=s.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
+                # No session tickets: a resumed session would skip the client certificate
+                # check against a client CA that a reload has since removed.
+                context.num_tickets = 0
+                context.options |= ssl.OP_NO_TICKET
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"{self.listener} TLS: {exc}") from None
         return context

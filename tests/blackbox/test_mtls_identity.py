@@ -6,6 +6,7 @@ feedback rate per identity), and a client CA removed on reload refuses its clien
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +161,20 @@ def test_feedback_rate_is_kept_per_identity(gateway: RunningGateway, material: M
         assert labeler.post(url, json=GRADE).status_code == 200
 
 
+def _live(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bytes, Any]:
+    """The first bytes of a raw HTTPS answer and the TLS session (for resumption)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            answer = tls.recv(15)
+        except (ssl.SSLError, OSError):
+            answer = b""
+        return answer, tls.session
+
+
 def test_a_client_ca_removed_on_reload_refuses_its_clients(
     repository: Path, material: Material, tmp_path: Path
 ) -> None:
@@ -185,12 +200,23 @@ def test_a_client_ca_removed_on_reload_refuses_its_clients(
         conn = _triton(running.grpc_url, ca, old_client)
         assert _grpc_infer(conn).shape == (2, 2)
         conn.close()
+        assert running.gateway is not None
+        raw = ssl.create_default_context(cafile=str(ca))
+        raw.load_cert_chain(str(old_client.cert), str(old_client.key))
+        answer, session = _live(running.gateway.http_port, raw, None)
+        assert answer == b"HTTP/1.1 200 OK"
         shutil.copy(new_ca.cert, bundle)  # the old CA is gone from the bundle
         assert running.gateway is not None
         for listener in running.gateway.tls.values():
             assert listener.reload()  # what SIGHUP and the file watcher call
         with pytest.raises(httpx.HTTPError), _https(ca, old_client) as client:
             client.post(url, json=BODY)
+        # Nor by resuming a TLS session made before the reload (no session tickets).
+        try:
+            answer = _live(running.gateway.http_port, raw, session)[0]
+        except (ssl.SSLError, OSError):  # refused in the handshake
+            answer = b""
+        assert answer == b"", "a session from before the reload was resumed"
         conn = _triton(running.grpc_url, ca, old_client)
         with pytest.raises(InferenceServerException):
             _grpc_infer(conn)
