@@ -424,7 +424,11 @@ def _checked_in_context(
 
         async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await check(context)
-            result = behavior(decode(raw) if decode else raw, context)
+            try:
+                request = decode(raw) if decode else raw
+            except Exception:  # what grpc answers when it decodes itself
+                await context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
 
         return grpc.unary_unary_rpc_method_handler(
