@@ -148,6 +148,9 @@ class Gateway:
             if tls.enabled
         }
         self._tls_reloader = TlsReloader(list(self.tls.values()))
+        for name, tls in (("http", http.tls), ("grpc", grpc.tls)):
+            if self.guard.identity_rules and not tls.client_ca:
+                logger.warning("%s listener has no client_ca: auth identities never match", name)
         self._http = HttpListener(
             self.guard.http_app(self.http.app),
             http.host,

@@ -2,10 +2,10 @@
 
 ``LimitsSettings`` (header, body, connection and gRPC limits; durations parsed by
 ``parse_duration``), ``TlsSettings`` (TLS and mTLS per listener), ``DataAuthSettings`` and
-``ClientToken`` (data-plane bearer tokens), ``AdminToken`` and ``check_tokens`` (the admin
-listener's) and ``ModelControlSettings`` (the V2 repository extension on the data port).
-Frozen msgspec Structs that ``config.Settings`` is built from; they validate their own
-values and know nothing of the file or the environment.
+``ClientToken`` (data-plane bearer tokens and mTLS identities), ``AdminToken`` and
+``check_tokens`` (the admin listener's) and ``ModelControlSettings`` (the V2 repository
+extension on the data port). Frozen msgspec Structs that ``config.Settings`` is built
+from; they validate their own values and know nothing of the file or the environment.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "parse_duration",
     "ModelControlSettings",
     "ClientToken",
+    "normalize_identity",
     "DataAuthSettings",
 ]
 
@@ -223,25 +224,50 @@ class ModelControlSettings(SettingsBase, frozen=True):
 
 
 class ClientToken(SettingsBase, frozen=True):
-    """A data-plane bearer token: who holds it and what it may do."""
+    """A data-plane client: a bearer token or an mTLS identity (exactly one), and what it
+    may do."""
 
     name: str
     """The client's name (logs, feedback rate limit); the secret is never logged."""
-    token: str
-    """The secret (prefer GATEWAY_AUTH__CLIENTS in the environment)."""
     scope: Literal["infer", "feedback"]
-    """infer: inference and metadata; feedback: ground truth only. A token holds one scope,
+    """infer: inference and metadata; feedback: ground truth only. A credential holds one scope,
     so a caller that can infer cannot also grade (give a client two tokens for both)."""
+    token: str = ""
+    """The secret (prefer GATEWAY_AUTH__CLIENTS in the environment)."""
+    identity: str = ""
+    """A verified client certificate instead of a token (needs ``client_ca`` on the
+    listener): ``CN=<common name>``, ``URI=<SAN URI>`` or ``DNS=<SAN DNS name>``."""
+
+    def __post_init__(self) -> None:
+        if bool(self.token) == bool(self.identity):
+            raise ValueError(f"auth.clients {self.name!r}: set exactly one of token and identity")
+        if self.identity:
+            normalize_identity(self.identity)  # raises on a malformed one
+
+
+_IDENTITY_KINDS: Final = ("CN", "URI", "DNS")
+
+
+def normalize_identity(text: str) -> str:
+    """``CN=x``, ``URI=x`` / ``URI:x``, ``DNS=x`` / ``DNS:x`` as ``KIND=x`` (what a peer's
+    certificate yields, see ``tls.peer_identities``)."""
+    kind, sep, value = text.strip().partition("=")
+    if kind.upper() not in _IDENTITY_KINDS:
+        kind, sep, value = text.strip().partition(":")
+    if not sep or kind.upper() not in _IDENTITY_KINDS or not value.strip():
+        raise ValueError(f"identity {text!r}: expected CN=<name>, URI=<uri> or DNS=<name>")
+    return f"{kind.upper()}={value.strip()}"
 
 
 class DataAuthSettings(SettingsBase, frozen=True):
     """Optional bearer tokens on the data listeners, checked before the body is decoded."""
 
     clients: list[ClientToken] = []
-    """Known tokens. Inference needs an infer token once any infer token exists; feedback
-    needs a feedback token once any feedback token exists (each scope is on by itself)."""
+    """Known clients. Inference needs an infer credential (token or identity) once any
+    exists; feedback needs a feedback credential once any exists (each scope is on by
+    itself)."""
     feedback_rate: float = 50.0
-    """Feedback calls per second per client (token, else peer address); beyond the burst
+    """Feedback calls per second per client (token or identity, else peer address); beyond the burst
     calls get 429 / RESOURCE_EXHAUSTED. 0 turns the limit off."""
     feedback_burst: int = 100
     """Feedback calls a client may make at once before the rate applies."""
@@ -261,7 +287,10 @@ class AdminToken(SettingsBase, frozen=True):
 def check_tokens(tokens: list[AdminToken], clients: list[ClientToken]) -> None:
     """Long admin secrets, and one secret per holder and scope: a shared secret cannot tell
     roles apart, and an inference token must never also grade or operate."""
-    secrets = [c.token for c in clients] + [t.token for t in tokens]
+    secrets = [c.token for c in clients if not c.identity] + [t.token for t in tokens]
+    identities = [normalize_identity(c.identity) for c in clients if c.identity]
+    if len(set(identities)) != len(identities):
+        raise ValueError("auth.clients: an identity is listed twice; each holds one scope")
     if any(not secret for secret in secrets):
         raise ValueError("auth.clients and admin.tokens: a token must not be empty")
     if len(set(secrets)) != len(secrets):

@@ -2,9 +2,12 @@
 
 In: a listener's ``TlsSettings`` (PEM cert chain, key, optional client CA). Out: a
 ``ServerTls`` that gives ``servers.py`` what each server takes: an ``ssl.SSLContext`` for
-uvicorn (HTTP, admin) and ``grpc.ServerCredentials`` for grpc.aio. ``reload()`` re-reads the
-files: the SSL context is updated in place and the gRPC credentials' fetcher hands the new
-certificate to the next handshake, so established connections are never dropped. A
+uvicorn (HTTP, admin) and ``grpc.ServerCredentials`` for grpc.aio, and ``peer_identities``
+(the names a verified client certificate proves, for mTLS client identities). ``reload()``
+re-reads the files into a fresh SSL context that the listener's context hands each new
+handshake (its server-name callback swaps it in, so a removed client CA is gone, not only
+added to), and the gRPC credentials' fetcher hands the new material to the next handshake;
+established connections are never dropped. A
 ``TlsReloader`` calls it when a file's modification time changes (polled) and on demand
 (SIGHUP, wired in ``app.py``). A bad file on reload is logged and the old material kept.
 It knows nothing of what is served.
@@ -18,14 +21,15 @@ import ipaddress
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from gateway.config import ConfigError, TlsSettings
 
-__all__ = ["ServerTls", "TlsReloader", "is_loopback", "plaintext_warning"]
+__all__ = ["ServerTls", "TlsReloader", "is_loopback", "peer_identities", "plaintext_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,24 @@ def plaintext_warning(listener: str, host: str, tls: TlsSettings) -> str | None:
     )
 
 
+def peer_identities(cert: Mapping[str, Any] | None) -> frozenset[str]:
+    """``CN=...``, ``URI=...`` and ``DNS=...`` of a verified peer certificate (the dict
+    ``ssl.SSLObject.getpeercert()`` returns); empty without one."""
+    if not cert:
+        return frozenset()
+    found = [
+        f"CN={value}"
+        for rdn in cert.get("subject", ())
+        for key, value in rdn
+        if key == "commonName"
+    ]
+    found += [f"{kind}={value}" for kind, value in cert.get("subjectAltName", ()) if kind in _SAN]
+    return frozenset(found)
+
+
+_SAN = ("URI", "DNS")
+
+
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
@@ -67,6 +89,9 @@ class ServerTls:
         self._stamp = self._mtimes()
         self._cert, self._key, self._ca = self._load_files()
         self._context = self._new_context()
+        self._current = self._context
+        """The context new handshakes use; a fresh one after each reload."""
+        self._context.sni_callback = self._select
         self.reloads = 0
         """Successful reloads since start (tests, logs)."""
 
@@ -99,23 +124,32 @@ class ServerTls:
     def _new_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._configure(context)
-        return context
-
-    def _configure(self, context: ssl.SSLContext) -> None:
         s = self.settings
         try:
             context.load_cert_chain(s.cert, s.key)
             if s.client_ca:
                 context.load_verify_locations(cafile=s.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
+                # No session tickets: a resumed session would skip the client certificate
+                # check against a client CA that a reload has since removed.
+                context.num_tickets = 0
+                context.options |= ssl.OP_NO_TICKET
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"{self.listener} TLS: {exc}") from None
+        return context
+
+    def _select(self, conn: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        # Called in every handshake (with or without SNI), before the certificate is sent
+        # and the client's is verified: both come from the context set here.
+        current = self._current
+        if current is not self._context:
+            conn.context = current
 
     # -- what the servers take ----------------------------------------------------------
 
     def ssl_context(self) -> ssl.SSLContext:
-        """For uvicorn: one context for the listener's life, updated in place on reload."""
+        """For uvicorn: one context for the listener's life; it hands each handshake the
+        current material."""
         return self._context
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
@@ -149,9 +183,7 @@ class ServerTls:
         stamp = self._mtimes()
         try:
             cert, key, ca = self._load_files()
-            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            probe.load_cert_chain(self.settings.cert, self.settings.key)
-            self._configure(self._context)
+            fresh = self._new_context()
         except (OSError, ValueError, ssl.SSLError) as exc:
             logger.error(
                 "%s TLS reload failed, keeping the old certificate: %s", self.listener, exc
@@ -161,6 +193,7 @@ class ServerTls:
         with self._lock:
             self._cert, self._key, self._ca = cert, key, ca
             self._generation += 1
+        self._current = fresh  # new handshakes only; one reference swap
         self._stamp = stamp
         self.reloads += 1
         logger.info("%s TLS certificate reloaded", self.listener)

@@ -59,9 +59,12 @@ class Authority:
         self.cert = folder / f"{name}.pem"
         self.cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, server: bool, into: Pair | None = None) -> Pair:
+    def issue(
+        self, name: str, *, server: bool, into: Pair | None = None, uris: tuple[str, ...] = ()
+    ) -> Pair:
         """A leaf certificate for ``name``; a server one is valid for 127.0.0.1 and
-        localhost. ``into`` overwrites an existing pair's files (certificate rotation)."""
+        localhost, a client one carries ``uris`` as SAN URIs (mTLS identities). ``into``
+        overwrites an existing pair's files (certificate rotation)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -80,6 +83,11 @@ class Authority:
                 x509.SubjectAlternativeName(
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
                 ),
+                critical=False,
+            )
+        if uris:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
                 critical=False,
             )
         cert = builder.sign(self._key, hashes.SHA256())

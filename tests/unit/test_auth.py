@@ -31,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.files import DataDirError, open_new, private_dir, private_file
 from gateway.predlog import PredictionLogger
-from gateway.tls import is_loopback, plaintext_warning
+from gateway.tls import is_loopback, peer_identities, plaintext_warning
 
 ADMIN = [
     AdminToken(name="ops", role="operator", token="op"),
@@ -258,3 +258,61 @@ def test_prediction_log_retention(tmp_path: Path) -> None:
     )
     by_age._retain(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", names[-1]]
+
+
+def test_identities_are_credentials_with_one_scope() -> None:
+    auth = DataAuthSettings(
+        clients=[
+            ClientToken(name="app", token="inf", scope="infer"),
+            ClientToken(name="runner", identity="CN=inferer", scope="infer"),
+            ClientToken(name="lab", identity="URI:spiffe://lab/grader", scope="feedback"),
+        ],
+        feedback_rate=1.0,
+        feedback_burst=1,
+    )
+    guard = _guard(False, auth)
+    assert guard.identity_rules
+    guard.check_infer(None, {"CN=inferer"})
+    guard.check_infer("Bearer inf", {"CN=nobody"})  # either credential may hold the scope
+    with pytest.raises(UnauthenticatedError, match="client certificate"):
+        guard.check_infer(None, {"CN=nobody"})
+    with pytest.raises(PermissionDeniedError, match="identity 'lab' has scope 'feedback'"):
+        guard.check_infer(None, {"URI=spiffe://lab/grader"})
+    with pytest.raises(PermissionDeniedError, match="identity 'runner'"):
+        guard.check_feedback(None, "1.2.3.4", {"CN=inferer"})
+    # HTTP: the identities come from the scope's TLS extension (servers.py puts them there).
+    scope = _scope("/v2/models/m/feedback")
+    scope["extensions"] = {"tls": {"client_identities": frozenset({"URI=spiffe://lab/grader"})}}
+    guard._check_http(scope)
+    with pytest.raises(RateLimitedError):  # the rate is kept per identity, burst 1
+        guard._check_http(scope)
+    with pytest.raises(UnauthenticatedError):
+        guard._check_http(_scope("/v2/models/m/infer"))  # no certificate, no token
+    # gRPC: the interceptor checks the metadata; the identities are checked in the handler.
+    with pytest.raises(UnauthenticatedError):
+        guard.check_grpc("ModelInfer", None)
+    guard.check_grpc("ModelInfer", None, {"CN=inferer"})
+
+
+def test_client_entries_take_a_token_or_an_identity() -> None:
+    def load(*clients: dict[str, str]) -> None:
+        load_settings(None, env={}, overrides={"auth.clients": list(clients)})
+
+    load({"name": "a", "scope": "infer", "identity": "dns:lab.example"})
+    with pytest.raises(ConfigError, match="exactly one of token and identity"):
+        load({"name": "a", "scope": "infer", "identity": "CN=x", "token": "t"})
+    with pytest.raises(ConfigError, match="exactly one of token and identity"):
+        load({"name": "a", "scope": "infer"})
+    with pytest.raises(ConfigError, match="expected CN="):
+        load({"name": "a", "scope": "infer", "identity": "O=acme"})
+    with pytest.raises(ConfigError, match="listed twice"):
+        load(
+            {"name": "a", "scope": "infer", "identity": "CN=x"},
+            {"name": "b", "scope": "feedback", "identity": "CN=x"},
+        )
+    cert = {
+        "subject": ((("organizationName", "acme"),), (("commonName", "labeler"),)),
+        "subjectAltName": (("URI", "spiffe://lab/x"), ("DNS", "lab.example"), ("IP", "::1")),
+    }
+    assert peer_identities(cert) == {"CN=labeler", "URI=spiffe://lab/x", "DNS=lab.example"}
+    assert peer_identities(None) == frozenset()
