@@ -103,6 +103,7 @@ class ModelVersion:
     ) -> None:
         self.name = name
         self.version = version
+        self._where = f"model '{name}' version {version}"  # error messages' prefix
         self.ref = ModelRef(name, version)
         self.path = path
         self.policy = policy
@@ -234,7 +235,7 @@ class ModelVersion:
         """
         feeds: list[Array | None] = [None] * len(self.input_names)
         rows = -1
-        where = f"model '{self.name}' version {self.version}"
+        where = self._where
         for tensor in request.inputs:
             entry = self._inputs.get(tensor.name)
             if entry is None:
