@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,12 +102,24 @@ def test_reload_under_traffic_fails_no_request(own_server: RunningGateway) -> No
     threads = [threading.Thread(target=traffic, args=(p, i)) for i, p in enumerate(PROTOCOLS)]
     for t in threads:
         t.start()
+    # Both clients are serving before the first reload (a busy machine may be slow to start
+    # a thread and open its connection), so the reloads happen under traffic.
+    deadline = time.monotonic() + 60
+    while min(counts) == 0 and not failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = list(counts)
     admin = grpcclient.InferenceServerClient(own_server.grpc_url)
     for _ in range(6):
         admin.load_model("mlp_small", headers=CONTROL_HEADERS)
+    # And each keeps being served after them.
+    deadline = time.monotonic() + 60
+    while any(n <= b for n, b in zip(counts, before, strict=True)) and not failures:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join(60)
     admin.close()
     assert not failures, failures[:3]
-    assert min(counts) > 0
+    assert all(n > b > 0 for n, b in zip(counts, before, strict=True)), (before, counts)

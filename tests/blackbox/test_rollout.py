@@ -197,7 +197,15 @@ def test_operator_actions_tokens_restart_and_tamper(
                 == 403
             )
             assert viewer.get("/rollouts").status_code == 200
-            policy = dict(FAST_POLICY, step_duration_s=0.2, min_samples=1_000_000)
+            # The default sample minimum, and no latency checks: versions 1 and 3 cost the
+            # same, and on a busy machine the p99 of a few hundred sub-millisecond requests
+            # differs by 2x between two identical arms often enough to roll back a healthy
+            # canary before the approval gate this test is about.
+            policy = dict(
+                FAST_POLICY,
+                step_duration_s=0.2,
+                thresholds={"max_p99_latency_ratio": None},
+            )
             policy.pop("min_samples")
             r = admin.post(
                 "/rollouts",
