@@ -65,7 +65,9 @@ def _measured(s: Signals) -> Measured:
         delta = s.candidate_error_rate - s.stable_error_rate
     ratio = None
     if s.candidate_p99_ms is not None and s.stable_p99_ms is not None:
-        ratio = s.candidate_p99_ms / max(s.stable_p99_ms, _MIN_P99_MS)
+        # Two decimals: p99s are histogram bucket bounds 26% apart, and three buckets are
+        # 1.26**3 = 2.0004, which must not count as "over 2.0" (identical versions failed).
+        ratio = round(s.candidate_p99_ms / max(s.stable_p99_ms, _MIN_P99_MS), 2)
     return {
         "candidate_samples": s.candidate_samples,
         "stable_samples": s.stable_samples,

@@ -10,6 +10,8 @@ every burst of new data. Seeds are fixed: the counts are exact, not timed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gateway.rollout import RolloutPolicy, RolloutState, Signals, decide
@@ -198,3 +200,22 @@ def test_a_worse_classifier_is_rolled_back_by_the_sequential_outcome_test() -> N
             break
     assert "outcome" in d.reason
     assert truths < 400, truths
+
+
+def test_p99s_three_histogram_buckets_apart_are_not_over_a_ratio_of_two() -> None:
+    """p99s are bucket bounds 26% apart; three buckets (1.26**3 = 2.0004) is the ratio limit
+    of the default policy, not over it, however many evaluations see it."""
+    from gateway.traffic import LATENCY_BUCKETS_MS
+
+    policy = RolloutPolicy(consecutive_failures=1)
+    state = _state(policy)
+    base = _signals(5000, 0, 5000, 0)
+    for i in range(3, 40):
+        at_limit = dataclasses.replace(
+            base,
+            stable_p99_ms=LATENCY_BUCKETS_MS[i - 3],
+            candidate_p99_ms=LATENCY_BUCKETS_MS[i],
+        )
+        assert decide(state, at_limit, policy, T0 + 1).action != "rollback", i
+        over = dataclasses.replace(at_limit, candidate_p99_ms=LATENCY_BUCKETS_MS[i + 1])
+        assert decide(state, over, policy, T0 + 1).action == "rollback", i
