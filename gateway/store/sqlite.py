@@ -119,19 +119,28 @@ class SqliteStore:
         self._db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: the WAL is fsynced at every commit, so an answered write survives power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: reopening is a no-op
-        with self._write() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is not None and int(row[0]) > _SCHEMA_VERSION:
-                raise InternalError(
-                    f"store {self.path} has schema {row[0]}; this gateway knows {_SCHEMA_VERSION}"
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsynced at every commit, so an answered write survives power loss.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: reopening is a no-op
+            with self._write() as db:
+                row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if row is not None and int(row[0]) > _SCHEMA_VERSION:
+                    raise InternalError(
+                        f"store {self.path} has schema {row[0]}; "
+                        f"this gateway knows {_SCHEMA_VERSION}"
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
                 )
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),)
+                )
+        except BaseException:
+            self._db.close()  # a store that cannot open leaves no connection behind
+            raise
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -307,7 +307,7 @@ def test_operator_actions_tokens_restart_and_tamper(
     finally:
         again.stop()
     # Tamper with one audit row: verification reports it.
-    with sqlite3.connect(data / "control.sqlite3") as db:
+    with contextlib.closing(sqlite3.connect(data / "control.sqlite3")) as db, db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         table = next(t for t in tables if "audit" in t)
         db.execute(f"UPDATE {table} SET reason = 'nothing to see' WHERE rowid = 2")
