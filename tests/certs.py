@@ -25,6 +25,17 @@ class Pair:
     key: Path
 
 
+def mutual_tls(server: Pair, ca: Path) -> dict[str, object]:
+    """A listener's TLS settings requiring client certificates from ``ca`` (no file
+    polling: the tests reload explicitly)."""
+    return {
+        "cert": str(server.cert),
+        "key": str(server.key),
+        "client_ca": str(ca),
+        "reload_interval_s": 0,
+    }
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 

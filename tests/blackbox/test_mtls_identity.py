@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway._proto import feedback_pb2, feedback_pb2_grpc
-from tests.certs import Authority, Pair
+from tests.certs import Authority, Pair, mutual_tls
 from tests.conftest import RunningGateway, gateway_settings
 
 X = np.ones((2, 32), np.float32)
@@ -49,12 +49,7 @@ def gateway(
 ) -> Iterator[RunningGateway]:
     root = tmp_path_factory.mktemp("id-repo")
     shutil.copytree(repository / "mlp_small", root / "mlp_small")
-    mutual = {
-        "cert": str(material.server.cert),
-        "key": str(material.server.key),
-        "client_ca": str(material.ca.cert),
-        "reload_interval_s": 0,
-    }
+    mutual = mutual_tls(material.server, material.ca.cert)
     settings = gateway_settings(
         root,
         **{

@@ -24,7 +24,7 @@ from cryptography import x509
 from tritonclient.utils import InferenceServerException
 
 from gateway.admin_client import main as admin_main
-from tests.certs import Authority, Pair
+from tests.certs import Authority, Pair, mutual_tls
 from tests.conftest import RunningGateway, gateway_settings
 
 X = np.ones((2, 32), np.float32)
@@ -51,12 +51,7 @@ def secure(
     """mTLS on HTTP and gRPC, TLS on the admin listener; reload by SIGHUP path only."""
     root = tmp_path_factory.mktemp("tls-repo")
     shutil.copytree(repository / "mlp_small", root / "mlp_small")
-    mutual = {
-        "cert": str(material.server.cert),
-        "key": str(material.server.key),
-        "client_ca": str(material.ca.cert),
-        "reload_interval_s": 0,
-    }
+    mutual = mutual_tls(material.server, material.ca.cert)
     settings = gateway_settings(
         root,
         **{
