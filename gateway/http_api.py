@@ -44,6 +44,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from gateway.listener_limits import RESPONSE_WRITER, ResponseWriter
 from gateway.logs import AccessLog
 from gateway.metrics import CONTENT_TYPE
 from gateway.status import error_response, http_status, render_error
@@ -69,6 +70,14 @@ class _ClientGoneError(Exception):
 
 def _json_response(payload: Any, status: int = 200) -> Response:
     return Response(v2_json.encode_json(payload), status, media_type="application/json")
+
+
+def _response_writer(scope: Scope) -> ResponseWriter | None:
+    """The listener's writer that sends a response's head with its body (absent when the
+    app is served by another ASGI server)."""
+    extensions = scope.get("extensions")
+    writer: ResponseWriter | None = extensions.get(RESPONSE_WRITER) if extensions else None
+    return writer
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -287,8 +296,17 @@ class HttpFrontEnd:
                 out = _compress(out, response_encoding)
                 headers.append((b"content-encoding", response_encoding.encode()))
             headers.append((b"content-length", str(len(out)).encode()))
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": out})
+            writer = _response_writer(scope)
+            if writer is None:
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": out})
+            else:  # head and body leave in one system call
+                writer.hold_next()
+                try:
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": out})
+                finally:
+                    writer.flush()
             self.responses["200"] += 1
             status = 200
         except GatewayError as exc:

@@ -23,12 +23,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway._proto import feedback_pb2_grpc, health_pb2_grpc
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.config import LimitsSettings
-from gateway.listener_limits import grpc_options, uvicorn_limits
+from gateway.listener_limits import LimitedHttpToolsProtocol, grpc_options, uvicorn_limits
 from gateway.logs import uvicorn_log_config
 from gateway.tls import peer_identities
 
@@ -115,7 +114,7 @@ class HttpListener:
             config.load()
             config.ssl = self._ssl
             if self._ssl.verify_mode == ssl.CERT_REQUIRED:
-                config.http_protocol_class = _MutualTlsProtocol
+                config.http_protocol_class = _mutual_tls_protocol(kwargs["http"])
         server = self._server = _Uvicorn(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
@@ -133,22 +132,19 @@ class HttpListener:
             await self._task
 
 
-class _MutualTlsProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol that puts the verified client certificate's identities
-    (``tls.peer_identities``, read once per connection) in each request's scope as
-    ``scope["extensions"]["tls"]["client_identities"]``."""
+def _mutual_tls_protocol(base: type[LimitedHttpToolsProtocol]) -> type[LimitedHttpToolsProtocol]:
+    """``base`` (the listener's limited protocol) that also puts the verified client
+    certificate's identities (``tls.peer_identities``, read once per connection) in each
+    request's scope as ``scope["extensions"]["tls"]["client_identities"]``."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        self._tls: dict[str, dict[object, object]] = {
-            "tls": {"client_identities": peer_identities(cert)}
-        }
+    class MutualTlsProtocol(base):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            cert = ssl_object.getpeercert() if ssl_object is not None else None
+            self._extensions["tls"] = {"client_identities": peer_identities(cert)}
+            super().connection_made(transport)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = self._tls
+    return MutualTlsProtocol
 
 
 class GrpcListener:

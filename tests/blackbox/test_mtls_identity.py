@@ -246,3 +246,23 @@ def test_identity_on_a_grpc_stream(gateway: RunningGateway, material: Material) 
         else:
             assert isinstance(results[0], InferenceServerException)
             assert "scope 'feedback'" in str(results[0])
+
+
+def test_an_mtls_listener_keeps_the_header_limits(
+    gateway: RunningGateway, material: Material
+) -> None:
+    """The mTLS protocol (identities in the scope) is the limited protocol too: too many
+    header fields get 431, as on a plain listener."""
+    context = ssl.create_default_context(cafile=str(material.ca.cert))
+    context.load_cert_chain(str(material.inferer.cert), str(material.inferer.key))
+    headers = "".join(f"x-h{i}: v\r\n" for i in range(101))
+    with (
+        socket.create_connection(("127.0.0.1", gateway.gateway.http_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"more than 100 header fields" in answer

@@ -62,6 +62,8 @@ SIBLINGS: tuple[tuple[str, str], ...] = (
     ("telemetry", "metrics"),
     # The listeners take their connection limits from listener_limits.
     ("servers", "listener_limits"),
+    # The REST adapter sends an answer's head and body through the listener's writer.
+    ("http_api", "listener_limits"),
     # An unwritable data folder is a settings error (one line, naming the path).
     ("files", "config"),
     # Settings are built from their parts; the listeners' parts live beside them.
