@@ -172,6 +172,38 @@ class Batcher:
     def is_accepting(self) -> bool:
         return not self._closing
 
+    def run_now(self, feeds: list[Array], rows: int, deadline: float | None) -> list[Array] | None:
+        """One request's outputs computed in the caller's own call, when the model may run
+        it at once (``_runs_now``: an inline model, nothing queued or running, no queue
+        delay); None when it must be queued with ``submit`` instead.
+
+        No company could join before the next loop iteration that a queued request would
+        wait for, so no batch is lost; the future, the queue entry and the suspension are
+        saved. Raises what ``submit`` would: ``DeadlineExceededError`` for a deadline
+        already passed, the model's error when its call fails.
+        """
+        if not self._runs_now() or self._closing or self._loop is None:
+            return None
+        if deadline is not None and deadline <= self._clock():
+            self.stats.expired += 1
+            raise self._deadline_error()
+        self._running += 1
+        start = time.perf_counter_ns()
+        outcome = _Outcome()
+        try:
+            outputs = self._call(feeds, outcome)
+        except Exception as exc:
+            self._running -= 1
+            self._account_batch(rows, 1, outcome)
+            self._account_request(time.perf_counter_ns() - start, outcome.infer_ns, rows, None)
+            self._check_idle()
+            raise self._failure(exc) from exc
+        self._running -= 1
+        self._account_batch(rows, 1, outcome)
+        self._account_request(time.perf_counter_ns() - start, outcome.infer_ns, rows, outputs)
+        self._check_idle()
+        return outputs
+
     async def submit(self, feeds: list[Array], rows: int, deadline: float | None) -> list[Array]:
         """Queue one request's feeds; return its outputs (all of the model's, in order).
 
@@ -192,19 +224,13 @@ class Batcher:
                 f"model '{self.ref.name}' version {self.ref.version} has {len(self._queue)} "
                 "requests queued (max_queue_size); retry later"
             )
+        if self._runs_now():
+            outputs = self.run_now(feeds, rows, deadline)
+            if outputs is not None:
+                return outputs
         future: asyncio.Future[list[Array]] = loop.create_future()
         key = tuple(f.shape[1:] for f in feeds) if self._batching else None
         item = _Item(feeds, rows, key, future, deadline, time.perf_counter_ns())
-        if self._runs_now():
-            # An inline model with nothing queued or running: run it here, in this call.
-            # No company could join before the next loop iteration that a queued request
-            # would wait for; the call_soon, the wake-up and the suspension are saved.
-            if deadline is not None and deadline <= self._clock():
-                self.stats.expired += 1
-                raise self._deadline_error()
-            self._running += 1
-            self._finish([item], self._execute([item]))
-            return future.result()
         self._queue.append(item)
         self._queued_rows += rows
         self._idle.clear()
@@ -360,11 +386,11 @@ class Batcher:
         try:
             feeds = merge([item.feeds for item in batch])
             t1 = time.perf_counter_ns()
-            outputs = model.run(feeds)
+            outcome.input_ns = t1 - t0
+            outputs = self._call(feeds, outcome)
             t2 = time.perf_counter_ns()
             outcome.results = list(split(outputs, [item.rows for item in batch]))
-            t3 = time.perf_counter_ns()
-            outcome.input_ns, outcome.infer_ns, outcome.output_ns = t1 - t0, t2 - t1, t3 - t2
+            outcome.output_ns = time.perf_counter_ns() - t2
         except Exception as exc:
             if len(batch) == 1:
                 outcome.results = [exc]
@@ -380,7 +406,17 @@ class Batcher:
                 except Exception as single:
                     outcome.results.append(single)
             outcome.infer_ns = time.perf_counter_ns() - t0
-            return outcome
+        return outcome
+
+    def _call(self, feeds: list[Array], outcome: _Outcome) -> list[Array]:
+        """One model call on merged feeds: its time into ``outcome.infer_ns``, then the
+        observer (drift statistics) sees the feeds and outputs; the model's error raises."""
+        model = self.model
+        t0 = time.perf_counter_ns()
+        try:
+            outputs = model.run(feeds)
+        finally:
+            outcome.infer_ns = time.perf_counter_ns() - t0
         if self._observer is not None:
             try:
                 self._observer(
@@ -390,7 +426,7 @@ class Batcher:
                 )
             except Exception:  # an observer must never fail a request
                 logger.exception("observer failed for %s", self.ref)
-        return outcome
+        return outputs
 
     def _finish_future(self, batch: list[_Item], fut: asyncio.Future[_Outcome]) -> None:
         try:
@@ -403,33 +439,47 @@ class Batcher:
 
     def _finish(self, batch: list[_Item], outcome: _Outcome) -> None:
         self._running -= 1
-        stats = self.stats
         end = time.perf_counter_ns()
-        rows = sum(item.rows for item in batch)
+        busy_ns = self._account_batch(sum(item.rows for item in batch), len(batch), outcome)
+        for item, result in zip(batch, outcome.results, strict=True):
+            self._account_request(end - item.enqueued_ns, busy_ns, item.rows, result)
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(self._failure(result))
+            else:
+                item.future.set_result(result)
+        self._check_idle()
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What a caller gets for a failed model call: the gateway's own errors as they are,
+        anything else as an internal error naming the model."""
+        if isinstance(exc, GatewayError):
+            return exc
+        return InternalError(f"model '{self.ref}' failed: {exc}")
+
+    def _account_batch(self, rows: int, requests: int, outcome: _Outcome) -> int:
+        """The statistics of one model call of ``rows`` rows for ``requests`` requests;
+        returns its busy time (ns)."""
+        stats = self.stats
         stats.execution_count += 1
         stats.last_inference_ms = time.time_ns() // 1_000_000
-        stats.compute_input.add(outcome.input_ns, len(batch))
-        stats.compute_infer.add(outcome.infer_ns, len(batch))
-        stats.compute_output.add(outcome.output_ns, len(batch))
+        stats.compute_input.add(outcome.input_ns, requests)
+        stats.compute_infer.add(outcome.infer_ns, requests)
+        stats.compute_output.add(outcome.output_ns, requests)
         per_batch = stats.batch(rows)
         per_batch.compute_input.add(outcome.input_ns)
         per_batch.compute_infer.add(outcome.infer_ns)
         per_batch.compute_output.add(outcome.output_ns)
-        busy_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
-        for item, result in zip(batch, outcome.results, strict=True):
-            total = end - item.enqueued_ns
-            stats.queue.add(max(total - busy_ns, 0))
-            if isinstance(result, BaseException):
-                stats.fail.add(total)
-                if not item.future.done():
-                    item.future.set_exception(
-                        result
-                        if isinstance(result, GatewayError)
-                        else InternalError(f"model '{self.ref}' failed: {result}")
-                    )
-            else:
-                stats.success.add(total)
-                stats.inference_count += item.rows
-                if not item.future.done():
-                    item.future.set_result(result)
-        self._check_idle()
+        return outcome.input_ns + outcome.infer_ns + outcome.output_ns
+
+    def _account_request(self, total_ns: int, busy_ns: int, rows: int, result: object) -> None:
+        """The statistics of one request: ``total_ns`` from arrival to answer, ``result``
+        its outputs or the exception it failed with (None: failed)."""
+        stats = self.stats
+        stats.queue.add(max(total_ns - busy_ns, 0))
+        if result is None or isinstance(result, BaseException):
+            stats.fail.add(total_ns)
+        else:
+            stats.success.add(total_ns)
+            stats.inference_count += rows
