@@ -256,8 +256,9 @@ def test_an_mtls_listener_keeps_the_header_limits(
     context = ssl.create_default_context(cafile=str(material.ca.cert))
     context.load_cert_chain(str(material.inferer.cert), str(material.inferer.key))
     headers = "".join(f"x-h{i}: v\r\n" for i in range(101))
+    host, port = gateway.http_url.rsplit(":", 1)
     with (
-        socket.create_connection(("127.0.0.1", gateway.gateway.http_port), timeout=10) as raw,
+        socket.create_connection((host, int(port)), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
