@@ -300,15 +300,25 @@ class ModelVersion:
 
     def run(self, feeds: list[Array]) -> list[Array]:
         """Run one batch (blocking). Raises ``ModelExecutionError`` if the runtime fails."""
+        feed = dict(zip(self.input_names, feeds, strict=True))
+        session = self.session
         try:
-            outputs: list[Array] = self.session.run(
-                None, dict(zip(self.input_names, feeds, strict=True))
+            # The session's own run minus its Python-side checks of the feed (prepare has
+            # made them: every input present, by name), which cost more than a tiny model.
+            outputs: list[Array] = getattr(session, "_sess", session).run(
+                self.output_names, feed, None
             )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelExecutionError(
-                f"model '{self.name}' version {self.version} failed: {exc}"
-            ) from exc
+            if type(exc).__name__ != "EPFail":
+                raise self._failed(exc) from exc
+            try:  # a provider failed: the public run falls back to the CPU provider once
+                outputs = session.run(self.output_names, feed)
+            except Exception as again:
+                raise self._failed(again) from again
         return outputs
+
+    def _failed(self, exc: Exception) -> ModelExecutionError:
+        return ModelExecutionError(f"model '{self.name}' version {self.version} failed: {exc}")
 
     def respond(self, request: InferRequest, arrays: list[Array]) -> InferResponse:
         """Build the response for one request from its slice of the model's outputs."""
