@@ -68,7 +68,7 @@ def _best(fn: Any) -> float:
 
 def _refused(guard: DataPlaneGuard, scope: dict[str, Any]) -> None:
     try:
-        guard._check_http(scope)
+        guard.check_http(scope)
     except GatewayError:
         return
     raise AssertionError("expected a refusal")
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows: list[tuple[str, float]] = []
     open_guard = _guard([])
-    rows.append(("no credentials", _best(lambda: open_guard._check_http(_scope(None, None)))))
+    rows.append(("no credentials", _best(lambda: open_guard.check_http(_scope(None, None)))))
     token_guard = _guard(tokens)
     scope = _scope("infer-secret-0001", None)
-    rows.append(("tokens only, token", _best(lambda: token_guard._check_http(scope))))
+    rows.append(("tokens only, token", _best(lambda: token_guard.check_http(scope))))
     if not args.tokens_only:
         from gateway.tls import peer_identities
 
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         by_token = _scope("infer-secret-0001", inferer)
         by_identity = _scope(None, inferer)
         unknown = _scope(None, frozenset({"CN=nobody"}))
-        rows.append(("tokens+identities, token", _best(lambda: mixed._check_http(by_token))))
-        rows.append(("tokens+identities, identity", _best(lambda: mixed._check_http(by_identity))))
+        rows.append(("tokens+identities, token", _best(lambda: mixed.check_http(by_token))))
+        rows.append(("tokens+identities, identity", _best(lambda: mixed.check_http(by_identity))))
         rows.append(("tokens+identities, unknown (401)", _best(lambda: _refused(mixed, unknown))))
         rows.append(("peer_identities per connection", _best(lambda: peer_identities(CERT))))
         context = _Context({"x509_common_name": [b"inferer"], "peer_uri": [], "peer_dns": []})

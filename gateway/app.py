@@ -119,6 +119,13 @@ class Gateway:
             settings.admin.history_span_s,
         )
         self._history_task: asyncio.Task[None] | None = None
+        http, grpc = settings.http, settings.grpc
+        self.guard = DataPlaneGuard(
+            settings.auth,
+            settings.model_control,
+            settings.admin.tokens,
+            internal_endpoints=http.internal_endpoints,
+        )
         self.http = HttpFrontEnd(
             self.plane,
             self.control,
@@ -126,13 +133,7 @@ class Gateway:
             metrics=self.telemetry.metrics,
             access_log=self.access_log,
             limits=settings.limits,
-        )
-        http, grpc = settings.http, settings.grpc
-        self.guard = DataPlaneGuard(
-            settings.auth,
-            settings.model_control,
-            settings.admin.tokens,
-            internal_endpoints=http.internal_endpoints,
+            check=self.guard.check_http,
         )
         self.inference = InferenceServicer(
             self.plane,
@@ -152,7 +153,7 @@ class Gateway:
             if self.guard.identity_rules and not tls.client_ca:
                 logger.warning("%s listener has no client_ca: auth identities never match", name)
         self._http = HttpListener(
-            self.guard.http_app(self.http.app),
+            self.http.app,
             http.host,
             http.port,
             access_log=http.access_log,

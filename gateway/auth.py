@@ -1,8 +1,9 @@
 """auth.py: who may call the data listeners, checked before any body is decoded.
 
 In: the data-plane client tokens (``[auth]``), the model-control settings and the admin
-tokens (operators may control models), and where internal endpoints are served. Out: an ASGI
-wrapper for the V2 REST app and a grpc.aio server interceptor (installed only when data-plane
+tokens (operators may control models), and where internal endpoints are served. Out: the
+check the V2 REST front end calls first with every request's scope (``check_http``) and a
+grpc.aio server interceptor (installed only when data-plane
 tokens or identities exist) that refuse a call before its handler runs, and the
 model-control check the gRPC repository calls make in their servicer:
 
@@ -38,7 +39,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import grpc
@@ -53,7 +54,7 @@ from gateway.errors import (
     UnsupportedMediaTypeError,
 )
 from gateway.listener_settings import normalize_identity
-from gateway.status import grpc_code, render_error
+from gateway.status import grpc_code
 
 __all__ = ["DataPlaneGuard", "RateLimiter", "CONTROL_DISABLED"]
 
@@ -71,8 +72,6 @@ _REPOSITORY_RPCS: Final = frozenset(
 )
 _OPEN_RPCS: Final = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "Check", "Watch"})
 _INTERNAL_SUFFIXES: Final = ("/route", "/outcomes")
-
-ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 def _digest(secret: bytes) -> bytes:
@@ -235,25 +234,9 @@ class DataPlaneGuard:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    def http_app(self, app: ASGIApp) -> ASGIApp:
-        """``app`` behind the checks (a plain ASGI function, no middleware stack)."""
-
-        async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] == "http":
-                try:
-                    self._check_http(scope)
-                except GatewayError as exc:
-                    status, headers, body = render_error(exc)
-                    await send(
-                        {"type": "http.response.start", "status": status, "headers": headers}
-                    )
-                    await send({"type": "http.response.body", "body": body})
-                    return
-            await app(scope, receive, send)
-
-        return guarded
-
-    def _check_http(self, scope: dict[str, Any]) -> None:
+    def check_http(self, scope: Mapping[str, Any]) -> None:
+        """Raise the ``GatewayError`` an HTTP request gets before its body is read (the
+        REST front end calls it first for every request); return when it may proceed."""
         path: str = scope["path"]
         if path.startswith("/v2/repository"):
             if not self._control_enabled:
@@ -281,7 +264,7 @@ class DataPlaneGuard:
         if path == "/metrics" and self._hide_internal:
             raise _HiddenError("Not Found")
 
-    def _peer(self, scope: dict[str, Any]) -> frozenset[str] | None:
+    def _peer(self, scope: Mapping[str, Any]) -> frozenset[str] | None:
         """The verified client certificate's identities (servers.py), read only when
         identity rules exist."""
         if not self._identities:
@@ -327,7 +310,7 @@ class _HiddenError(GatewayError):
     kind = ErrorKind.NOT_FOUND
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
+def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             text: str = value.decode("latin-1")
@@ -335,7 +318,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-def _same_site(scope: dict[str, Any], *, strict_type: bool) -> None:
+def _same_site(scope: Mapping[str, Any], *, strict_type: bool) -> None:
     """Refuse what a foreign web page can make a browser send: a request whose ``Origin``
     is not this host, and (``strict_type``) a body typed as a form or plain text."""
     origin = host = content_type = None

@@ -178,8 +178,11 @@ class HttpFrontEnd:
         metrics: Callable[[], bytes] | None = None,
         access_log: AccessLog | None = None,
         limits: LimitsSettings | None = None,
+        check: Callable[[Scope], None] | None = None,
     ) -> None:
         limits = limits or LimitsSettings()
+        self._check = check
+        """Access control, called first with every HTTP request's scope; raises to refuse."""
         self._feedback_limit = limits.feedback_body_bytes
         self._control_limit = limits.control_body_bytes
         self._offload_bytes = limits.offload_decode_bytes
@@ -196,6 +199,14 @@ class HttpFrontEnd:
     # -- ASGI entry ---------------------------------------------------------------------
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._check is not None and scope["type"] == "http":
+            try:
+                self._check(scope)
+            except GatewayError as exc:
+                status, headers, body = render_error(exc)
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
         if scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             if path.endswith("/infer") and path.startswith("/v2/models/"):

@@ -97,15 +97,15 @@ def test_model_control_on_needs_an_operator() -> None:
 def test_cross_site_control_requests_are_refused() -> None:
     guard = _guard(True)
     base = {"authorization": "Bearer op", "host": "gw:8000"}
-    guard._check_http(_scope("/v2/repository/index", **base, origin="http://gw:8000"))
+    guard.check_http(_scope("/v2/repository/index", **base, origin="http://gw:8000"))
     with pytest.raises(PermissionDeniedError, match="cross-site"):
-        guard._check_http(_scope("/v2/repository/index", **base, origin="https://evil.example"))
+        guard.check_http(_scope("/v2/repository/index", **base, origin="https://evil.example"))
     with pytest.raises(PermissionDeniedError, match="cross-site"):
-        guard._check_http(_scope("/v2/repository/index", **base, origin="null"))
+        guard.check_http(_scope("/v2/repository/index", **base, origin="null"))
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=1"):
         with pytest.raises(UnsupportedMediaTypeError):
-            guard._check_http(_scope("/v2/repository/index", **base, content_type=kind))
-    guard._check_http(_scope("/v2/repository/index", **base, content_type="application/json"))
+            guard.check_http(_scope("/v2/repository/index", **base, content_type=kind))
+    guard.check_http(_scope("/v2/repository/index", **base, content_type="application/json"))
 
 
 def test_scopes_are_separate() -> None:
@@ -129,11 +129,11 @@ def test_scopes_are_separate() -> None:
 def test_no_tokens_means_open_data_plane_and_hidden_internal_pages() -> None:
     guard = _guard(False, DataAuthSettings())
     guard.check_infer(None)
-    guard._check_http(_scope("/v2/models/m/infer"))
-    guard._check_http(_scope("/v2/models/m/ready"))
+    guard.check_http(_scope("/v2/models/m/infer"))
+    guard.check_http(_scope("/v2/models/m/ready"))
     for path in ("/metrics", "/v2/models/m/route", "/v2/models/m/outcomes"):
         with pytest.raises(Exception, match="Not Found"):
-            guard._check_http(_scope(path))
+            guard.check_http(_scope(path))
 
 
 def test_feedback_rate_per_client() -> None:
@@ -283,11 +283,11 @@ def test_identities_are_credentials_with_one_scope() -> None:
     # HTTP: the identities come from the scope's TLS extension (servers.py puts them there).
     scope = _scope("/v2/models/m/feedback")
     scope["extensions"] = {"tls": {"client_identities": frozenset({"URI=spiffe://lab/grader"})}}
-    guard._check_http(scope)
+    guard.check_http(scope)
     with pytest.raises(RateLimitedError):  # the rate is kept per identity, burst 1
-        guard._check_http(scope)
+        guard.check_http(scope)
     with pytest.raises(UnauthenticatedError):
-        guard._check_http(_scope("/v2/models/m/infer"))  # no certificate, no token
+        guard.check_http(_scope("/v2/models/m/infer"))  # no certificate, no token
     # gRPC: the interceptor checks the metadata; the identities are checked in the handler.
     with pytest.raises(UnauthenticatedError):
         guard.check_grpc("ModelInfer", None)
