@@ -148,6 +148,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_deadline: float | None = None
         self._refused = False
         self._extensions: dict[str, Any] = {}
         """Put in every request's ``scope["extensions"]`` (the response writer, and what
@@ -166,7 +167,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
+        self._cancel_header_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -174,7 +175,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         idle = self.cycle is None or self.cycle.response_complete
-        if idle and self._header_timer is None:
+        if idle and self._header_deadline is None:
             self._arm_header_timer()
         try:
             self.parser.feed_data(data)
@@ -208,7 +209,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._header_bytes = 0
         self._header_count = 0
-        if self._header_timer is None:
+        if self._header_deadline is None:
             self._arm_header_timer()
 
     def on_url(self, url: bytes) -> None:
@@ -266,7 +267,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._refused = True
-        self._disarm_header_timer()
+        self._cancel_header_timer()
         self._unset_keepalive_if_required()
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -276,18 +277,38 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.write(_refusal(status, message))
             transport.close()
 
+    # The header deadline is a value, the timer only its lazy guard: a request's headers
+    # set and clear the deadline (no timer handle made and cancelled per request); the one
+    # timer of a connection wakes at the deadline it was armed for and re-arms for a later
+    # one, so a busy keep-alive connection wakes about once per header timeout.
+
     def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        if self.header_timeout_s > 0:
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+        """The headers (or the first bytes of an idle connection) are due within
+        ``header_timeout_s`` from now."""
+        if self.header_timeout_s <= 0:
+            return
+        deadline = self._header_deadline = self.loop.time() + self.header_timeout_s
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_at(deadline, self._header_timeout)
 
     def _disarm_header_timer(self) -> None:
+        self._header_deadline = None
+
+    def _cancel_header_timer(self) -> None:
+        self._header_deadline = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _header_timeout(self) -> None:
         self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None:
+            return  # the headers came in time; the next request arms again
+        if self.loop.time() < deadline:  # re-armed since: wait for the later deadline
+            self._header_timer = self.loop.call_at(deadline, self._header_timeout)
+            return
+        self._header_deadline = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return

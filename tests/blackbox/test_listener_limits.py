@@ -178,6 +178,38 @@ def test_slowloris_connection_gets_408(limited: RunningGateway) -> None:
     assert time.monotonic() - started < 8
 
 
+def test_a_later_request_gets_its_own_header_time(limited: RunningGateway) -> None:
+    """On a kept-alive connection the header timeout counts from each request's first
+    byte, not from an earlier request's: a slow second request, begun 0.6 s after the
+    first was armed, gets its 408 about 1 s after its own start."""
+    with socket.create_connection(_address(limited)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(65536)
+        assert _status(first) == 200
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        assert length is not None
+        while len(body) < int(length.group(1)):  # the whole first answer is read
+            body += sock.recv(65536)
+        time.sleep(0.6)  # the keep-alive timeout is 1 s: the connection is still open
+        started = time.monotonic()
+        try:
+            for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n":
+                sock.send(bytes([byte]))
+                time.sleep(0.1)
+                if time.monotonic() - started > 8:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = _read_all(sock)
+        waited = time.monotonic() - started
+    assert _status(answer) == 408
+    assert 0.9 <= waited < 8
+
+
 def test_silent_and_idle_connections_are_closed(limited: RunningGateway) -> None:
     silent = [socket.create_connection(_address(limited)) for _ in range(20)]
     try:
