@@ -67,7 +67,11 @@ _MAX_LABEL: Final = 2**31 - 1  # labels are stored as int32
 _SWEEP_PER_REMEMBER: Final = 2  # > 1 so the sweep outpaces arrivals and the backlog drains
 
 Array: TypeAlias = "npt.NDArray[Any]"
-_Entry: TypeAlias = "tuple[float, OutcomeStats | None, Array | None, int]"
+# (remembered at, variant index or _JOINED, prediction or None once joined, layout). Only
+# untracked values (float, int, ndarray): the garbage collector untracks such a tuple the
+# first time it sees it, so the entries never make its full collections longer.
+_Entry: TypeAlias = "tuple[float, int, Array | None, int]"
+_JOINED: Final = -1
 # An entry is (monotonic time, the variant's stats, compact prediction, layout); stats and
 # prediction are None once joined (a tombstone). Layouts:
 _SCORES: Final = 0  # float32 (rows, classes): class scores; outcomes.add_scores takes the
@@ -231,6 +235,8 @@ class PredictionMemory:
         self._sweep_after = -math.inf  # nothing can expire before this instant
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._variants: dict[tuple[str, str], OutcomeStats] = {}
+        self._variant_index: dict[tuple[str, str], int] = {}
+        self._by_index: list[OutcomeStats] = []
         self._bytes = 0
         self._remembered = 0
         self._replaced = 0
@@ -343,9 +349,11 @@ class PredictionMemory:
             self._too_large += 1
             return
         key = (model, version)
-        stats = self._variants.get(key)
-        if stats is None:
-            stats = self._variants[key] = OutcomeStats(model, version)
+        index = self._variant_index.get(key)
+        if index is None:
+            index = self._variant_index[key] = len(self._by_index)
+            self._by_index.append(OutcomeStats(model, version))
+            self._variants[key] = self._by_index[index]
         now = self._clock()
         entries = self._entries
         old = entries.pop(request_id, None)
@@ -354,7 +362,7 @@ class PredictionMemory:
             if old[2] is not None:
                 self._replaced += 1
                 self._waiting -= 1
-        entries[request_id] = (now, stats, data, layout)
+        entries[request_id] = (now, index, data, layout)
         self._bytes += size
         self._remembered += 1
         self._waiting += 1
@@ -435,7 +443,8 @@ class PredictionMemory:
             if entry is None:
                 unknown += 1
                 continue
-            t, stats, data, layout = entry
+            t, variant, data, layout = entry
+            stats = self._by_index[variant] if variant != _JOINED else None
             if model is not None and stats is not None and stats.model != model:
                 unknown += 1
                 continue
@@ -479,7 +488,7 @@ class PredictionMemory:
                 group = groups[key] = _Group(stats, layout)
             group.predictions.append(data)
             group.truths.extend(truth)
-            entries[request_id] = (t, None, None, layout)  # keeps its place: ages out in order
+            entries[request_id] = (t, _JOINED, None, layout)  # keeps its place: ages out in order
             freed_bytes += data.nbytes
             matched += 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from typing import Any
 
@@ -356,6 +357,21 @@ def test_memory_stays_bounded_under_a_flood_without_feedback() -> None:
     # The bytes estimate tracks what tracemalloc sees (0.85x to 1x in practice).
     assert 0.7 * c.bytes_estimate < flooded < 1.3 * c.bytes_estimate
     assert c.bytes_estimate < capacity * 500
+
+
+def test_remembered_entries_leave_the_garbage_collectors_lists() -> None:
+    """An entry holds only values the collector does not track, so after one collection
+    it is untracked: 200,000 remembered predictions never lengthen a full collection."""
+    mem, _ = make()
+    mem.remember("a", "m", "1", PROBA)
+    mem.remember("b", "m", "2", PROBA)
+    gc.collect()
+    assert len(mem) == 2
+    assert not any(gc.is_tracked(entry) for entry in mem._entries.values())
+    result = mem.join([FeedbackItem("a", 1)], model="m")  # joins still find the variant
+    assert result.matched == 1
+    gc.collect()
+    assert not gc.is_tracked(mem._entries["a"])
 
 
 def test_max_bytes_binds_for_large_predictions() -> None:
