@@ -311,16 +311,10 @@ class Router:
         try:
             # ``_run`` written out: an inline model answers in this call, without the
             # coroutine and the future of a queued request.
-            batcher = endpoint.batcher
-            if not batcher.is_accepting:
-                raise self._unloading(model)
-            feeds, rows = model.prepare(request)
-            deadline = request.deadline
-            if deadline is None and endpoint.default_timeout_s:
-                deadline = time.monotonic() + endpoint.default_timeout_s
-            arrays = batcher.run_now(feeds, rows, deadline)
+            feeds, rows, deadline = self._feeds(endpoint, request)
+            arrays = endpoint.batcher.run_now(feeds, rows, deadline)
             if arrays is None:
-                arrays = await batcher.submit(feeds, rows, deadline)
+                arrays = await endpoint.batcher.submit(feeds, rows, deadline)
             response = model.respond(request, arrays)
         except BaseException:
             # Counted on completion, with the error, so that any window of two snapshots
@@ -345,19 +339,23 @@ class Router:
         return response
 
     async def _run(self, endpoint: Endpoint, request: InferRequest) -> InferResponse:
+        feeds, rows, deadline = self._feeds(endpoint, request)
+        arrays = await endpoint.batcher.submit(feeds, rows, deadline)
+        return endpoint.model.respond(request, arrays)
+
+    @staticmethod
+    def _feeds(endpoint: Endpoint, request: InferRequest) -> tuple[list[Array], int, float | None]:
+        """The request's feeds and rows for ``endpoint``'s model (``prepare`` validates
+        them) and its deadline (the caller's, else the model's default timeout); refused
+        while the model unloads."""
         model = endpoint.model
         if not endpoint.batcher.is_accepting:
-            raise self._unloading(model)
+            raise ModelNotReadyError(f"model '{model.name}' version {model.version} is unloading")
         feeds, rows = model.prepare(request)
         deadline = request.deadline
         if deadline is None and endpoint.default_timeout_s:
             deadline = time.monotonic() + endpoint.default_timeout_s
-        arrays = await endpoint.batcher.submit(feeds, rows, deadline)
-        return model.respond(request, arrays)
-
-    @staticmethod
-    def _unloading(model: Servable) -> ModelNotReadyError:
-        return ModelNotReadyError(f"model '{model.name}' version {model.version} is unloading")
+        return feeds, rows, deadline
 
     def _mirror(
         self,
