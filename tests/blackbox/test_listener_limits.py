@@ -6,12 +6,9 @@ and a gateway under a 512-descriptor limit that 600 idle sockets cannot lock cli
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import resource
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +22,7 @@ from gateway._proto import grpc_service_pb2_grpc as pb_grpc
 from gateway.config import LimitsSettings, parse_duration
 from gateway.listener_limits import connection_limit, grpc_options
 from tests.conftest import RunningGateway, gateway_settings
+from tests.gateway_process import GatewayProcess
 
 
 def _small_repository(tmp: Path, repository: Path) -> Path:
@@ -293,47 +291,15 @@ def test_idle_sockets_cannot_lock_out_clients_under_a_512_fd_limit(
     tmp_path: Path, repository: Path
 ) -> None:
     root = _small_repository(tmp_path, repository)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        GATEWAY_DATA_DIR=str(tmp_path / "data"),
-        GATEWAY_ADMIN__PORT="0",
-        GATEWAY_LIMITS__HEADER_TIMEOUT="2s",
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model-repository",
-            str(root),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+    gateway = GatewayProcess(
+        root,
+        tmp_path / "data",
+        env={"GATEWAY_LIMITS__HEADER_TIMEOUT": "2s"},
         preexec_fn=_limited_nofile,
     )
-    assert proc.stdout is not None
     sockets: list[socket.socket] = []
     try:
-        ports = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and ports is None:
-            line = proc.stdout.readline()
-            match = re.search(r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+)", line)
-            if match:
-                ports = int(match.group(1)), int(match.group(2))
-            elif not line and proc.poll() is not None:
-                break
-        assert ports is not None, "gateway did not report its ports"
-        http_port, grpc_port = ports
+        http_port, grpc_port = gateway.http_port, gateway.grpc_port
         for i in range(600):
             sock = socket.socket()
             sock.setblocking(False)
@@ -359,14 +325,8 @@ def test_idle_sockets_cannot_lock_out_clients_under_a_512_fd_limit(
         channel.close()
         assert served_http
         assert served_grpc
-        assert proc.poll() is None
+        assert gateway.proc.poll() is None
     finally:
         for sock in sockets:
             sock.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        gateway.stop()

@@ -3,65 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-
-def _start(repository: Path) -> tuple[subprocess.Popen[str], int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATA_DIR"] = str(repository.parent / "data")
-    env["GATEWAY_ADMIN__PORT"] = "0"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model-repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = re.search(r"on HTTP [\d.]+:(\d+) and gRPC", line)
-        if match:
-            return proc, int(match.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-    raise AssertionError("gateway did not report its ports")
+from tests.gateway_process import GatewayProcess
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> None:
     root = tmp_path / "repo"
     root.mkdir()
     (root / "slow").symlink_to(repository / "slow")
-    proc, port = _start(root)
+    gateway = GatewayProcess(root, tmp_path / "data")
+    proc, port = gateway.proc, gateway.http_port
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = gateway.http_url
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         payload = json.dumps(
             {
@@ -79,7 +38,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> 
         for sock in sockets:
             sock.sendall(request)
         time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        gateway.terminate()
         time.sleep(0.05)
         with pytest.raises(httpx.HTTPError):
             # Listener closed: new connections (and so health checks) are refused.
@@ -95,8 +54,4 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> 
             sock.close()
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        gateway.stop()
