@@ -69,10 +69,15 @@ def gateway(
     running.stop()
 
 
-def _https(ca: Path, client: Pair) -> httpx.Client:
+def _client_context(ca: Path, client: Pair) -> ssl.SSLContext:
+    """A TLS client context trusting ``ca`` and presenting ``client``'s certificate."""
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(client.cert), str(client.key))
-    return httpx.Client(verify=context, timeout=30)
+    return context
+
+
+def _https(ca: Path, client: Pair) -> httpx.Client:
+    return httpx.Client(verify=_client_context(ca, client), timeout=30)
 
 
 def _triton(url: str, ca: Path, client: Pair) -> Any:
@@ -196,8 +201,7 @@ def test_a_client_ca_removed_on_reload_refuses_its_clients(
         assert _grpc_infer(conn).shape == (2, 2)
         conn.close()
         assert running.gateway is not None
-        raw = ssl.create_default_context(cafile=str(ca))
-        raw.load_cert_chain(str(old_client.cert), str(old_client.key))
+        raw = _client_context(ca, old_client)
         answer, session = _live(running.gateway.http_port, raw, None)
         assert answer == b"HTTP/1.1 200 OK"
         shutil.copy(new_ca.cert, bundle)  # the old CA is gone from the bundle
@@ -253,8 +257,7 @@ def test_an_mtls_listener_keeps_the_header_limits(
 ) -> None:
     """The mTLS protocol (identities in the scope) is the limited protocol too: too many
     header fields get 431, as on a plain listener."""
-    context = ssl.create_default_context(cafile=str(material.ca.cert))
-    context.load_cert_chain(str(material.inferer.cert), str(material.inferer.key))
+    context = _client_context(material.ca.cert, material.inferer)
     headers = "".join(f"x-h{i}: v\r\n" for i in range(101))
     host, port = gateway.http_url.rsplit(":", 1)
     with (
