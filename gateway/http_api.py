@@ -308,15 +308,13 @@ class HttpFrontEnd:
                 headers.append((b"content-encoding", response_encoding.encode()))
             headers.append((b"content-length", str(len(out)).encode()))
             writer = _response_writer(scope)
-            if writer is None:
+            if writer is not None:  # head and body leave in one system call
+                writer.hold_next()
+            try:
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": out})
-            else:  # head and body leave in one system call
-                writer.hold_next()
-                try:
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": out})
-                finally:
+            finally:
+                if writer is not None:
                     writer.flush()
             self.responses["200"] += 1
             status = 200
