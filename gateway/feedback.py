@@ -234,8 +234,8 @@ class PredictionMemory:
         self._max_width = settings.max_values_per_row
         self._sweep_after = -math.inf  # nothing can expire before this instant
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._variants: dict[tuple[str, str], OutcomeStats] = {}
         self._variant_index: dict[tuple[str, str], int] = {}
+        """(model, version) -> its place in ``_by_index`` (what an entry holds)."""
         self._by_index: list[OutcomeStats] = []
         self._bytes = 0
         self._remembered = 0
@@ -353,7 +353,6 @@ class PredictionMemory:
         if index is None:
             index = self._variant_index[key] = len(self._by_index)
             self._by_index.append(OutcomeStats(model, version))
-            self._variants[key] = self._by_index[index]
         now = self._clock()
         entries = self._entries
         old = entries.pop(request_id, None)
@@ -519,13 +518,15 @@ class PredictionMemory:
 
     def variants(self) -> list[tuple[str, str]]:
         """(model, version) pairs that served a remembered prediction since start."""
-        return list(self._variants)
+        return list(self._variant_index)
 
     def snapshot(self, model: str, version: str) -> OutcomeSnapshot:
         """Cumulative outcomes of one version (empty if it never had a prediction here);
         diff two with ``minus()`` for a window and pass them to ``outcomes.compare``."""
-        stats = self._variants.get((model, version))
-        return stats.snapshot() if stats is not None else OutcomeSnapshot(model, version)
+        index = self._variant_index.get((model, version))
+        if index is None:
+            return OutcomeSnapshot(model, version)
+        return self._by_index[index].snapshot()
 
     def counters(self) -> MemoryCounters:
         return MemoryCounters(
