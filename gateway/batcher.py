@@ -224,10 +224,9 @@ class Batcher:
                 f"model '{self.ref.name}' version {self.ref.version} has {len(self._queue)} "
                 "requests queued (max_queue_size); retry later"
             )
-        if self._runs_now():
-            outputs = self.run_now(feeds, rows, deadline)
-            if outputs is not None:
-                return outputs
+        outputs = self.run_now(feeds, rows, deadline)  # an idle inline model: at once
+        if outputs is not None:
+            return outputs
         future: asyncio.Future[list[Array]] = loop.create_future()
         key = tuple(f.shape[1:] for f in feeds) if self._batching else None
         item = _Item(feeds, rows, key, future, deadline, time.perf_counter_ns())
