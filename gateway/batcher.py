@@ -418,11 +418,7 @@ class Batcher:
             outcome.infer_ns = time.perf_counter_ns() - t0
         if self._observer is not None:
             try:
-                self._observer(
-                    self.ref,
-                    dict(zip(model.input_names, feeds, strict=True)),
-                    dict(zip(model.output_names, outputs, strict=True)),
-                )
+                self._observer(self.ref, model.input_names, feeds, model.output_names, outputs)
             except Exception:  # an observer must never fail a request
                 logger.exception("observer failed for %s", self.ref)
         return outputs

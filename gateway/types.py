@@ -7,6 +7,7 @@ is a numpy object array of ``bytes``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
@@ -166,10 +167,16 @@ class ModelRef:
 
 
 class Observer(Protocol):
-    """Receives each served batch (inputs and outputs by name) off the response path."""
+    """Receives each served batch off the response path: the model's input and output
+    names and arrays, in the same order (sequences, so the caller builds no dicts)."""
 
     def __call__(
-        self, ref: ModelRef, inputs: dict[str, Array], outputs: dict[str, Array]
+        self,
+        ref: ModelRef,
+        input_names: Sequence[str],
+        inputs: Sequence[Array],
+        output_names: Sequence[str],
+        outputs: Sequence[Array],
     ) -> None: ...
 
 

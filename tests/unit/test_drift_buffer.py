@@ -35,7 +35,7 @@ def test_rows_are_forwarded_exactly_and_in_order() -> None:
     clock = [0.0]
     buffered = BufferedObserver(rec, max_rows=5, max_delay_s=10, clock=lambda: clock[0])
     for i in range(12):
-        buffered(REF, {"x": np.full((1, 3), i, np.float32)}, {"y": np.array([i])})
+        buffered(REF, ["x"], [np.full((1, 3), i, np.float32)], ["y"], [np.array([i])])
     assert len(rec.calls) == 2  # 5 + 5 rows forwarded, 2 waiting
     buffered.flush_all()
     rows = np.concatenate([c[1]["x"] for c in rec.calls])
@@ -47,7 +47,7 @@ def test_quiet_traffic_is_flushed_by_age_and_threads_are_merged_exactly() -> Non
     rec = Recorder()
     clock = [0.0]
     buffered = BufferedObserver(rec, max_rows=1000, max_delay_s=0.5, clock=lambda: clock[0])
-    buffered(REF, {"x": np.zeros((2, 3), np.float32)}, {})
+    buffered(REF, ["x"], [np.zeros((2, 3), np.float32)], [], [])
     buffered.flush_all(older_than_s=0.1)
     assert not rec.calls  # too young
     clock[0] = 0.2
@@ -56,7 +56,7 @@ def test_quiet_traffic_is_flushed_by_age_and_threads_are_merged_exactly() -> Non
 
     def worker() -> None:
         for _ in range(500):
-            buffered(REF, {"x": np.ones((1, 3), np.float32)}, {})
+            buffered(REF, ["x"], [np.ones((1, 3), np.float32)], [], [])
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
