@@ -271,16 +271,9 @@ class PredictionMemory:
         """The prediction as one small owned array and its layout, or None if unusable.
 
         Always copies: the caller's array may be a view into a whole batch's output.
+        (remember() makes the usual classifier answer's copy itself, without this call.)
         """
         shape = prediction.shape
-        if (  # fast path: the usual classifier answer, a (rows, classes) score matrix
-            kind == "auto"
-            and len(shape) == 2
-            and 0 < shape[0] <= self._max_rows
-            and 1 < shape[1] <= self._max_width
-            and prediction.dtype.kind == "f"
-        ):
-            return prediction.astype(np.float32), _SCORES
         if not shape or prediction.size == 0:
             self._unsupported += 1
             return None
@@ -340,35 +333,55 @@ class PredictionMemory:
         if not request_id:
             self._no_id += 1
             return
-        compact = self._compact(prediction, kind)
-        if compact is None:
-            return
-        data, layout = compact
+        shape = prediction.shape
+        data: Array
+        if (  # the usual classifier answer, a (rows, classes) score matrix, inline
+            kind == "auto"
+            and len(shape) == 2
+            and 0 < shape[0] <= self._max_rows
+            and 1 < shape[1] <= self._max_width
+            and prediction.dtype.kind == "f"
+        ):
+            data, layout = prediction.astype(np.float32), _SCORES
+        else:
+            compact = self._compact(prediction, kind)
+            if compact is None:
+                return
+            data, layout = compact
         size = ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + data.nbytes
-        if size > self._max_bytes:
+        max_bytes = self._max_bytes
+        if size > max_bytes:
             self._too_large += 1
             return
-        key = (model, version)
-        index = self._variant_index.get(key)
+        index = self._variant_index.get((model, version))
         if index is None:
-            index = self._variant_index[key] = len(self._by_index)
-            self._by_index.append(OutcomeStats(model, version))
+            index = self._add_variant(model, version)
         now = self._clock()
         entries = self._entries
-        old = entries.pop(request_id, None)
-        if old is not None:
-            self._bytes -= _size(request_id, old[2])
-            if old[2] is not None:
-                self._replaced += 1
-                self._waiting -= 1
+        if request_id in entries:
+            self._forget(request_id)
         entries[request_id] = (now, index, data, layout)
         self._bytes += size
         self._remembered += 1
         self._waiting += 1
-        while len(entries) > self._capacity or self._bytes > self._max_bytes:
-            self._drop_oldest(now)
+        if len(entries) > self._capacity or self._bytes > max_bytes:
+            while len(entries) > self._capacity or self._bytes > max_bytes:
+                self._drop_oldest(now)
         if now >= self._sweep_after:
             self._sweep(now, _SWEEP_PER_REMEMBER)
+
+    def _add_variant(self, model: str, version: str) -> int:
+        index = self._variant_index[(model, version)] = len(self._by_index)
+        self._by_index.append(OutcomeStats(model, version))
+        return index
+
+    def _forget(self, request_id: str) -> None:
+        """Remove the entry a repeated id replaces (counted as replaced unless joined)."""
+        _t, _index, data, _layout = self._entries.pop(request_id)
+        self._bytes -= _size(request_id, data)
+        if data is not None:
+            self._replaced += 1
+            self._waiting -= 1
 
     def _drop_oldest(self, now: float) -> None:
         request_id, (t, _stats, data, _layout) = self._entries.popitem(last=False)
