@@ -234,6 +234,7 @@ def run_perf_analyzer(
     max_trials: int = 8,
     attempts: int = 3,
     timeout_s: float = 300,
+    input_data: str = "zero",
 ) -> dict[str, float]:
     """One perf_analyzer measurement; returns throughput and latency percentiles (ms).
 
@@ -250,7 +251,7 @@ def run_perf_analyzer(
         "-u",
         url,
         "--input-data",
-        "zero",
+        input_data,
         "--concurrency-range",
         str(concurrency),
         "-p",

@@ -1,11 +1,12 @@
 """python -m bench.features_cost: what the always-on features cost served throughput.
 
 One gateway process per configuration, the same model (the bundled breast_cancer, which
-ships a drift profile) and the same load (perf_analyzer, gRPC and HTTP, concurrency 8),
-in one run: everything off; drift on; feedback memory on; logging and metrics on (1%
-access log, 1% prediction log, a /metrics scrape per second); all on. Reports throughput
-and server CPU per request, each as a ratio to the all-off run. Results:
-bench/results/features_cost.{json,md}.
+ships a drift profile) and the same load (perf_analyzer, gRPC and HTTP, concurrency 8,
+every request a typical row: each feature at its reference profile's most common bin, so
+drift counts in-range values as real traffic mostly brings), in one run: everything off;
+drift on; feedback memory on; logging and metrics on (1% access log, 1% prediction log, a
+/metrics scrape per second); all on. Reports throughput and server CPU per request, each
+as a ratio to the all-off run. Results: bench/results/features_cost.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import GatewayProcess, environment, measured, run_perf_analyzer, table
 from bench.common import write_results as write
 from gateway.config import EXAMPLE_REPOSITORY
 
+MODEL = "breast_cancer"
 OFF = "[drift]\nenabled = false\n[feedback]\nenabled = false\n[predictions]\nenabled = false\n"
 CONFIGS: dict[str, tuple[str, bool]] = {
     # name: (settings, scrape /metrics every second)
@@ -44,6 +48,22 @@ CONFIGS: dict[str, tuple[str, bool]] = {
 }
 
 
+def typical_row(model_dir: Path) -> list[float]:
+    """Each input feature at the midpoint of its most common reference bin (profile.npz)."""
+    with np.load(model_dir / "profile.npz", allow_pickle=False) as profile:
+        mids, counts = profile["in.num.mids"], profile["in.num.ref_counts"]
+    return [float(mids[f, int(np.argmax(counts[f]))]) for f in range(mids.shape[0])]
+
+
+def _input_data(root: Path) -> Path:
+    """perf_analyzer's --input-data file: the typical row of the model's one input."""
+    path = root / "input-data.json"
+    row = typical_row(root / MODEL)
+    data = {"data": [{"features": {"content": row, "shape": [len(row)]}}]}
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _scraper(port: int, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -56,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-features-"))
-    shutil.copytree(EXAMPLE_REPOSITORY / "breast_cancer", root / "breast_cancer")
+    shutil.copytree(EXAMPLE_REPOSITORY / MODEL, root / MODEL)
+    input_data = str(_input_data(root))
     meta = environment()
     meta["command"] = "python -m bench.features_cost " + " ".join(argv or sys.argv[1:])
     cells: list[dict[str, Any]] = []
@@ -73,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for protocol in ("grpc", "http"):
                         port = server.grpc_port if protocol == "grpc" else server.http_port
-                        with measured(server, "breast_cancer") as m:
+                        with measured(server, MODEL) as m:
                             pa = run_perf_analyzer(
-                                "breast_cancer",
+                                MODEL,
                                 protocol,
                                 f"127.0.0.1:{port}",
                                 8,
                                 window_ms=args.window_ms,
+                                input_data=input_data,
                             )
                         cells.append(
                             {

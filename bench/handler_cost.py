@@ -1,0 +1,294 @@
+"""python -m bench.handler_cost: what the gateway's own Python costs per request, in-process.
+
+Served figures (bench.floor, bench.features_cost) include the kernel's socket work, the
+client's and a shared machine's noise, which moves them by 10-30% between runs. This
+measures the gateway's request path alone, interleaved, so whatever the machine does falls
+on every configuration alike:
+
+- ``listener``: uvicorn's httptools protocol and the gateway's listener protocol (header
+  limits, header deadline, response writer) fed the same request bytes in memory, the same
+  trivial ASGI app behind both.
+- ``features``: one gateway per bench.features_cost configuration, all in this process
+  (the bundled breast_cancer, which ships a drift profile); their HTTP and gRPC infer
+  handlers called directly with the same binary one-row request (bench.features_cost's
+  typical row).
+
+CPU time of the calling thread per request, median over alternating rounds; background
+threads (the drift aggregator, the prediction-log writer) are in bench.features_cost, not
+here. Results: bench/results/handler_cost.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from bench.common import environment, table
+from bench.common import write_results as write
+from bench.features_cost import CONFIGS, typical_row
+from bench.peers.servers import gateway_settings
+
+Step = Callable[[], Awaitable[None]]
+
+_MODEL = "breast_cancer"
+_REQUEST_BYTES = (
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: loadgen\r\n"
+    b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: 120\r\n"
+    b"Content-Length: 248\r\n\r\n" + b"x" * 248
+)
+
+
+async def _rounds(steps: dict[str, Step], rounds: int, requests: int) -> dict[str, list[float]]:
+    """µs of this thread's CPU per call of each step, ``rounds`` alternating rounds."""
+    names = list(steps)
+    for name in names:  # warm every path (caches, first-call allocations)
+        for _ in range(requests // 4):
+            await steps[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            step = steps[name]
+            start = time.thread_time()
+            for _ in range(requests):
+                await step()
+            out[name].append((time.thread_time() - start) / requests * 1e6)
+    return out
+
+
+# --------------------------------------------------------------------------- listener
+
+
+class _Transport:
+    """What uvicorn's protocol uses of a transport, in memory; counts the writes."""
+
+    def __init__(self) -> None:
+        self.written = asyncio.Event()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.set()
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        self.written.set()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _trivial_app(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def _listener_steps() -> dict[str, Step]:
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from gateway.config import LimitsSettings
+    from gateway.listener_limits import uvicorn_limits
+
+    loop = asyncio.get_running_loop()
+    limits = uvicorn_limits(LimitsSettings())
+    common: dict[str, Any] = {"lifespan": "off", "access_log": False, "server_header": False}
+    common["date_header"] = False
+    plain = Config(_trivial_app, http="httptools", **common)
+    gateway = Config(_trivial_app, **common, **limits)
+
+    def step(config: Config, cls: type[Any]) -> Step:
+        config.load()
+        protocol = cls(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        transport = _Transport()
+        protocol.connection_made(transport)
+
+        async def one() -> None:
+            written = transport.written
+            written.clear()
+            protocol.data_received(_REQUEST_BYTES)
+            await written.wait()  # the app's task answers on the next turns of the loop
+            if protocol.cycle is not None and not protocol.cycle.response_complete:
+                await asyncio.sleep(0)  # the body follows the head on the same turn
+
+        return one
+
+    return {"uvicorn": step(plain, HttpToolsProtocol), "gateway": step(gateway, limits["http"])}
+
+
+# --------------------------------------------------------------------------- features
+
+
+class _GrpcContext:
+    """The servicer context calls the infer handler makes, answered in memory."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("user-agent", "grpc-python"),)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"gRPC infer failed: {code} {details}")
+
+
+async def _feature_steps(
+    stack: contextlib.AsyncExitStack, root: Path
+) -> dict[tuple[str, str], Step]:
+    from gateway._proto import grpc_service_pb2 as pb
+    from gateway.app import serve
+    from gateway.config import load_settings
+
+    x = np.asarray([typical_row(root / "models" / _MODEL)], np.float32)
+    head = msgspec.json.encode(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    body = head + x.tobytes()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": f"/v2/models/{_MODEL}/infer",
+        "headers": [
+            (b"content-length", str(len(body)).encode()),
+            (b"inference-header-content-length", str(len(head)).encode()),
+            (b"content-type", b"application/octet-stream"),
+        ],
+        "extensions": {},
+    }
+    message = {"type": "http.request", "body": body, "more_body": False}
+    shape = list(x.shape)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=shape)
+    request = pb.ModelInferRequest(
+        model_name=_MODEL, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    )
+    context = _GrpcContext()
+
+    async def receive() -> dict[str, Any]:
+        return message
+
+    async def send(event: dict[str, Any]) -> None:
+        if event["type"] == "http.response.start" and event["status"] != 200:
+            raise RuntimeError(f"HTTP infer answered {event['status']}")
+
+    steps: dict[tuple[str, str], Step] = {}
+    for name, (features, _scrape) in CONFIGS.items():
+        # Top-level keys before the first table: the configuration's, then the run's own.
+        first, rest = gateway_settings(root / f"data-{name}").split("\n", 1)
+        path = root / f"{name}.toml"
+        path.write_text(f"{first}\n{features}{rest}")
+        overrides: dict[str, Any] = {"model_repository": str(root / "models")}
+        overrides.update({"http.port": 0, "grpc.port": 0, "log_level": "WARNING"})
+        gateway = await stack.enter_async_context(serve(load_settings(path, overrides=overrides)))
+        app, servicer = gateway.http.app, gateway.inference
+
+        async def http(app: Any = app) -> None:
+            await app(scope, receive, send)
+
+        async def grpc(servicer: Any = servicer) -> None:
+            await servicer.ModelInfer(request, context)
+
+        steps[(name, "http")] = http
+        steps[(name, "grpc")] = grpc
+    return steps
+
+
+# --------------------------------------------------------------------------- report
+
+
+async def _measure(rounds: int, requests: int) -> dict[str, Any]:
+    listener = await _rounds(_listener_steps(), rounds, requests)
+    root = Path(tempfile.mkdtemp(prefix="bench-handler-"))
+    try:
+        from gateway.config import EXAMPLE_REPOSITORY
+
+        shutil.copytree(EXAMPLE_REPOSITORY / _MODEL, root / "models" / _MODEL)
+        async with contextlib.AsyncExitStack() as stack:
+            steps = await _feature_steps(stack, root)
+            by_name = {f"{c}/{p}": s for (c, p), s in steps.items()}
+            features = await _rounds(by_name, rounds, requests)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"listener": listener, "features": features}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.handler_cost", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per cell")
+    args = parser.parse_args(argv)
+    meta = environment()
+    meta["command"] = "python -m bench.handler_cost " + " ".join(argv or sys.argv[1:])
+    import uvloop
+
+    cells = uvloop.run(_measure(args.rounds, args.requests))
+    med = {
+        part: {k: statistics.median(v) for k, v in values.items()} for part, values in cells.items()
+    }
+    listener = med["listener"]
+    rows = [
+        ["listener", name, f"{listener[name]:.1f}", f"{listener[name] - listener['uvicorn']:+.1f}"]
+        for name in listener
+    ]
+    features = med["features"]
+    for protocol in ("http", "grpc"):
+        base = features[f"all_off/{protocol}"]
+        for name in CONFIGS:
+            cost = features[f"{name}/{protocol}"]
+            rows.append([protocol, name, f"{cost:.1f}", f"{cost - base:+.1f}"])
+    summary = {"median_us": med}
+    md = (
+        "# The gateway's own cost per request, in-process\n\n"
+        f"`{meta['command']}` at {meta['git_sha']}, {meta['date']}; {args.rounds} alternating "
+        f"rounds of {args.requests} requests per cell, medians of this thread's CPU time. "
+        "Listener: uvicorn's httptools protocol vs the gateway's, the same trivial app, "
+        "requests fed in memory. Features: breast_cancer, one binary one-row infer request, "
+        "the handler called directly; the extra column is over uvicorn's protocol "
+        "(listener) or over all-off (features).\n\n"
+        + table(["part", "configuration", "µs per request", "extra µs"], rows)
+    )
+    write("handler_cost", {"meta": meta, "summary": summary, "cells": cells}, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
