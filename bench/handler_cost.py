@@ -13,7 +13,9 @@ on every configuration alike:
   handlers called directly with the same binary one-row request (bench.features_cost's
   typical row).
 
-CPU time of the calling thread per request, median over alternating rounds; background
+CPU time of the calling thread per request, the least over alternating rounds (noise on a
+shared machine only ever adds, and it comes in bursts that can cover half the rounds, so
+the median moves with it; the median is reported beside it); background
 threads (the drift aggregator, the prediction-log writer) are in bench.features_cost, not
 here. Results: bench/results/handler_cost.{json,md}.
 """
@@ -260,30 +262,33 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     cells = uvloop.run(_measure(args.rounds, args.requests))
+    least = {part: {k: min(v) for k, v in values.items()} for part, values in cells.items()}
     med = {
         part: {k: statistics.median(v) for k, v in values.items()} for part, values in cells.items()
     }
-    listener = med["listener"]
-    rows = [
-        ["listener", name, f"{listener[name]:.1f}", f"{listener[name] - listener['uvicorn']:+.1f}"]
-        for name in listener
-    ]
-    features = med["features"]
+
+    def row(part: str, label: str, key: str, base: str) -> list[str]:
+        cost, median = least[part][key], med[part][key]
+        extra, extra_median = cost - least[part][base], median - med[part][base]
+        return [part, label, f"{cost:.1f}", f"{extra:+.1f}", f"{median:.1f} ({extra_median:+.1f})"]
+
+    rows = [row("listener", name, name, "uvicorn") for name in least["listener"]]
     for protocol in ("http", "grpc"):
-        base = features[f"all_off/{protocol}"]
-        for name in CONFIGS:
-            cost = features[f"{name}/{protocol}"]
-            rows.append([protocol, name, f"{cost:.1f}", f"{cost - base:+.1f}"])
-    summary = {"median_us": med}
+        rows += [
+            row("features", f"{protocol} {name}", f"{name}/{protocol}", f"all_off/{protocol}")
+            for name in CONFIGS
+        ]
+    summary = {"least_us": least, "median_us": med}
     md = (
         "# The gateway's own cost per request, in-process\n\n"
         f"`{meta['command']}` at {meta['git_sha']}, {meta['date']}; {args.rounds} alternating "
-        f"rounds of {args.requests} requests per cell, medians of this thread's CPU time. "
+        f"rounds of {args.requests} requests per cell; this thread's CPU time, the least "
+        "over the rounds (the median beside it). "
         "Listener: uvicorn's httptools protocol vs the gateway's, the same trivial app, "
         "requests fed in memory. Features: breast_cancer, one binary one-row infer request, "
         "the handler called directly; the extra column is over uvicorn's protocol "
         "(listener) or over all-off (features).\n\n"
-        + table(["part", "configuration", "µs per request", "extra µs"], rows)
+        + table(["part", "configuration", "µs per request", "extra µs", "median (extra)"], rows)
     )
     write("handler_cost", {"meta": meta, "summary": summary, "cells": cells}, md)
     print(md)
