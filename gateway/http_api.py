@@ -60,6 +60,20 @@ _HEADER_LENGTH: Final = b"inference-header-content-length"
 _TIMEOUT_HEADER: Final = b"x-request-timeout-ms"
 _ROUTING_KEY: Final = b"x-routing-key"
 _VERSION_HEADER: Final = b"x-model-version"  # request: pin a version; response: served by
+_INFER_HEADERS: Final = frozenset(
+    {
+        b"content-length",
+        _HEADER_LENGTH,
+        b"content-encoding",
+        b"accept-encoding",
+        _TIMEOUT_HEADER,
+        _ROUTING_KEY,
+        _VERSION_HEADER,
+        b"x-request-id",
+        b"traceparent",
+    }
+)
+"""The request headers the infer route reads; any other is passed over with one lookup."""
 _BODY_TIMEOUT_S: Final = 30.0  # a client that stops sending mid-body gets 408, not a hang
 _ENCODINGS: Final = ("gzip", "deflate")
 
@@ -245,6 +259,8 @@ class HttpFrontEnd:
             given_id: str | None = None
             traceparent: str | None = None
             for key, value in scope["headers"]:
+                if key not in _INFER_HEADERS:
+                    continue
                 if key == b"content-length":
                     content_length = int(value) if value.isdigit() else -1
                 elif key == _HEADER_LENGTH:
