@@ -57,29 +57,35 @@ __all__ = [
 PredictionKind = Literal["auto", "classification", "regression"]
 
 MAX_ERRORS: Final = 20  # error strings returned per join call; the counts cover the rest
-# Bytes per entry beyond its id string and array data: the OrderedDict slot and link (with
-# the slack a churning dict keeps), the entry tuple, its float timestamp and the ndarray
-# header. tracemalloc measures about 460 B per 1 x 3 classifier entry with a 36-character id
-# (85 B) at steady state (bench.feedback_memory); tests/unit/test_feedback.py checks the
-# estimate against tracemalloc.
-ENTRY_OVERHEAD_BYTES: Final = 360
+# Bytes per entry beyond its id string and prediction data: the OrderedDict slot and link
+# (with the slack a churning dict keeps), the entry tuple, its float timestamp and the bytes
+# object's header. tracemalloc measures about 290 B per 1 x 3 classifier entry with a
+# 16-character id (65 B) and about 380 B with a 36-character one (85 B) at steady state
+# (bench.feedback_memory); tests/unit/test_feedback.py checks the estimate against
+# tracemalloc.
+ENTRY_OVERHEAD_BYTES: Final = 260
 _MAX_LABEL: Final = 2**31 - 1  # labels are stored as int32
 _SWEEP_PER_REMEMBER: Final = 2  # > 1 so the sweep outpaces arrivals and the backlog drains
 
 Array: TypeAlias = "npt.NDArray[Any]"
-# (remembered at, variant index or _JOINED, prediction or None once joined, layout). Only
-# untracked values (float, int, ndarray): the garbage collector untracks such a tuple the
-# first time it sees it, so the entries never make its full collections longer.
-_Entry: TypeAlias = "tuple[float, int, Array | None, int]"
+# (remembered at, variant index or _JOINED, prediction's bytes or None once joined, layout,
+# row width). The prediction is kept as one bytes object, not an ndarray (an object, its
+# data and its shape: three allocations): an entry is allocated on every request and freed
+# cold when it is evicted, and on a served request the fewer scattered objects it touches
+# the better. Only untracked values (float, int, bytes): the garbage collector untracks
+# such a tuple the first time it sees it, so the entries never make its full collections
+# longer.
+_Entry: TypeAlias = "tuple[float, int, bytes | None, int, int]"
 _JOINED: Final = -1
-# An entry is (monotonic time, the variant's stats, compact prediction, layout); stats and
-# prediction are None once joined (a tombstone). Layouts:
+# Once joined an entry is a tombstone: (time, _JOINED, None, layout, 0). Layouts:
 _SCORES: Final = 0  # float32 (rows, classes): class scores; outcomes.add_scores takes the
 #   argmax, and log-loss from rows that are probability vectors (decided at join, so
 #   remember() stays a copy)
 _LABELS: Final = 1  # int32 (rows,): predicted class labels (no probabilities, no log-loss)
 _VALUES: Final = 2  # float64 (rows, outputs): a regressor's values
 _KIND_OF_LAYOUT: Final[tuple[OutcomeKind, ...]] = ("classification", "classification", "regression")
+_DTYPE_OF_LAYOUT: Final = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float64))
+_FLOAT32: Final = np.dtype(np.float32)
 
 
 class MemoryCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -185,25 +191,33 @@ def _values(truth: object, rows: int, width: int) -> list[float]:
     return [_number(v) for v in flat]
 
 
-def _size(request_id: str, data: Array | None) -> int:
+def _size(request_id: str, data: bytes | None) -> int:
     """Estimated bytes an entry holds (see ENTRY_OVERHEAD_BYTES)."""
-    return ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + (0 if data is None else data.nbytes)
+    return ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + (0 if data is None else len(data))
+
+
+def _prediction(data: bytes, layout: int, width: int) -> Array:
+    """A remembered prediction's array again: (rows, width), or (rows,) for labels."""
+    array = np.frombuffer(data, _DTYPE_OF_LAYOUT[layout])
+    return array if layout == _LABELS else array.reshape(-1, width)
 
 
 class _Group:
-    """Matched pairs of one variant and layout, added to its stats in one call."""
+    """Matched pairs of one variant, layout and row width, added to its stats in one call
+    (the predictions' bytes become one array here, not one per item)."""
 
-    __slots__ = ("layout", "predictions", "stats", "truths")
+    __slots__ = ("layout", "predictions", "stats", "truths", "width")
 
-    def __init__(self, stats: OutcomeStats, layout: int) -> None:
+    def __init__(self, stats: OutcomeStats, layout: int, width: int) -> None:
         self.stats = stats
         self.layout = layout
-        self.predictions: list[Array] = []
+        self.width = width
+        self.predictions: list[bytes] = []
         self.truths: list[float] = []  # class labels (ints) or regression truths
 
     def add_to_stats(self) -> None:
         p = self.predictions
-        data = p[0] if len(p) == 1 else np.concatenate(p)
+        data = _prediction(p[0] if len(p) == 1 else b"".join(p), self.layout, self.width)
         if self.layout == _VALUES:
             self.stats.add_regression(data.reshape(-1), np.array(self.truths, np.float64))
             return
@@ -334,7 +348,7 @@ class PredictionMemory:
             self._no_id += 1
             return
         shape = prediction.shape
-        data: Array
+        data: bytes
         if (  # the usual classifier answer, a (rows, classes) score matrix, inline
             kind == "auto"
             and len(shape) == 2
@@ -342,13 +356,16 @@ class PredictionMemory:
             and 1 < shape[1] <= self._max_width
             and prediction.dtype.kind == "f"
         ):
-            data, layout = prediction.astype(np.float32), _SCORES
+            if prediction.dtype is not _FLOAT32:
+                prediction = prediction.astype(np.float32)
+            data, layout, width = prediction.tobytes(), _SCORES, shape[1]
         else:
             compact = self._compact(prediction, kind)
             if compact is None:
                 return
-            data, layout = compact
-        size = ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + data.nbytes
+            array, layout = compact
+            data, width = array.tobytes(), (array.shape[1] if array.ndim == 2 else 0)
+        size = ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + len(data)
         max_bytes = self._max_bytes
         if size > max_bytes:
             self._too_large += 1
@@ -360,7 +377,7 @@ class PredictionMemory:
         entries = self._entries
         if request_id in entries:
             self._forget(request_id)
-        entries[request_id] = (now, index, data, layout)
+        entries[request_id] = (now, index, data, layout, width)
         self._bytes += size
         self._remembered += 1
         self._waiting += 1
@@ -377,14 +394,14 @@ class PredictionMemory:
 
     def _forget(self, request_id: str) -> None:
         """Remove the entry a repeated id replaces (counted as replaced unless joined)."""
-        _t, _index, data, _layout = self._entries.pop(request_id)
+        data = self._entries.pop(request_id)[2]
         self._bytes -= _size(request_id, data)
         if data is not None:
             self._replaced += 1
             self._waiting -= 1
 
     def _drop_oldest(self, now: float) -> None:
-        request_id, (t, _stats, data, _layout) = self._entries.popitem(last=False)
+        request_id, (t, _index, data, _layout, _width) = self._entries.popitem(last=False)
         self._bytes -= _size(request_id, data)
         if data is None:
             return  # a tombstone: only duplicate detection is lost
@@ -400,7 +417,7 @@ class PredictionMemory:
         cutoff = now - self._ttl_s
         dropped = 0
         while dropped < budget and entries:
-            request_id, (t, _stats, data, _layout) = next(iter(entries.items()))
+            request_id, (t, _index, data, _layout, _width) = next(iter(entries.items()))
             if t > cutoff:
                 # Nothing expires before the oldest entry does: skip sweeps until then
                 # (evictions and joins only make the true oldest younger, never older).
@@ -455,7 +472,7 @@ class PredictionMemory:
             if entry is None:
                 unknown += 1
                 continue
-            t, variant, data, layout = entry
+            t, variant, data, layout, width = entry
             stats = self._by_index[variant] if variant != _JOINED else None
             if model is not None and stats is not None and stats.model != model:
                 unknown += 1
@@ -471,7 +488,7 @@ class PredictionMemory:
             if stats is None or data is None:
                 duplicate += 1
                 continue
-            shape = data.shape
+            rows = len(data) // (_DTYPE_OF_LAYOUT[layout].itemsize * (width or 1))
             sid = id(stats)
             kind = _KIND_OF_LAYOUT[layout]
             held = stats.kind or claimed.get(sid)
@@ -482,11 +499,11 @@ class PredictionMemory:
                     )
                 truth: list[int] | list[float]
                 if layout == _SCORES:
-                    truth = _labels(item.truth, shape[0], shape[1])
+                    truth = _labels(item.truth, rows, width)
                 elif layout == _LABELS:
-                    truth = _labels(item.truth, shape[0], _MAX_LABEL + 1)
+                    truth = _labels(item.truth, rows, _MAX_LABEL + 1)
                 else:
-                    truth = _values(item.truth, shape[0], shape[1])
+                    truth = _values(item.truth, rows, width)
             except _InvalidTruthError as exc:
                 invalid += 1
                 if len(errors) < MAX_ERRORS:
@@ -494,14 +511,14 @@ class PredictionMemory:
                 continue
             if held is None:
                 claimed[sid] = kind
-            key = (sid, layout, shape[-1] if layout != _LABELS else 0)
+            key = (sid, layout, width)
             group = groups.get(key)
             if group is None:
-                group = groups[key] = _Group(stats, layout)
+                group = groups[key] = _Group(stats, layout, width)
             group.predictions.append(data)
             group.truths.extend(truth)
-            entries[request_id] = (t, _JOINED, None, layout)  # keeps its place: ages out in order
-            freed_bytes += data.nbytes
+            entries[request_id] = (t, _JOINED, None, layout, 0)  # keeps its place: ages out
+            freed_bytes += len(data)
             matched += 1
 
         self._bytes -= freed_bytes

@@ -472,7 +472,7 @@ def test_default_memory_is_bounded_by_bytes_when_no_feedback_comes() -> None:
     mem, _ = make()
     answer = np.array([[0.1, 0.7, 0.2]], np.float32)
     prefix = "0123456789abcdef-"
-    for i in range(80_000):  # about 76k such entries fill 32 MiB
+    for i in range(130_000):  # about 111k such entries fill 32 MiB
         mem.remember(f"{prefix}{i:x}", "m", "1", answer)
     counters = mem.counters()
     assert counters.bytes_estimate <= defaults.max_bytes
