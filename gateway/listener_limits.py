@@ -149,9 +149,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._draining = False
         self._in_headers = True
         self._header_bytes = 0
+        self._header_count = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_deadline: float | None = None
-        self._read_bytes = 0  # the length of the read being parsed
         self._refused = False
         self._extensions: dict[str, Any] = {}
         """Put in every request's ``scope["extensions"]`` (the response writer, and what
@@ -180,7 +180,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         idle = self.cycle is None or self.cycle.response_complete
         if idle and self._header_deadline is None:
             self._arm_header_timer()
-        self._read_bytes = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -212,30 +211,33 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             extensions.update(self._extensions)
         self._in_headers = True
         self._header_bytes = 0
+        self._header_count = 0
         if self._header_deadline is None:
             self._arm_header_timer()
 
-    def on_headers_complete(self) -> None:
-        # Checked once the headers are in rather than per header (a Python call each): their
-        # bytes are bounded per read, so at most one read's worth was parsed. The exact size
-        # is summed only when the earlier reads and this one together could exceed the limit.
-        if len(self.headers) > self.max_headers:
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > self.max_header_bytes:
+            self._refuse(431, f"request line exceeds {self.max_header_bytes} bytes")
+            raise _HeadersRefusedError
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.max_headers:
             self._refuse(431, f"more than {self.max_headers} header fields")
             raise _HeadersRefusedError
-        limit = self.max_header_bytes
-        if self._header_bytes + self._read_bytes > limit and self._header_size() > limit:
-            self._refuse(431, f"request headers exceed {limit} bytes")
+        if len(name) + len(value) > self.max_header_bytes:
+            self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
             raise _HeadersRefusedError
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
         self._in_headers = False
         self._header_bytes = 0
         self._disarm_header_timer()
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with connection: close, then closed
-
-    def _header_size(self) -> int:
-        """The request line's target and the header fields, in bytes (as parsed)."""
-        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     # -- graceful shutdown ----------------------------------------------------------------
 
