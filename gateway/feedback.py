@@ -365,7 +365,7 @@ class PredictionMemory:
                 return
             array, layout = compact
             data, width = array.tobytes(), (array.shape[1] if array.ndim == 2 else 0)
-        size = ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + len(data)
+        size = _size(request_id, data)
         max_bytes = self._max_bytes
         if size > max_bytes:
             self._too_large += 1
