@@ -74,6 +74,19 @@ def _status(answer: bytes) -> int:
     return int(match.group(1))
 
 
+def _dribble(sock: socket.socket, data: bytes, delay_s: float, started: float) -> None:
+    """Send ``data`` a byte every ``delay_s`` (a slowloris client) until it is sent, the
+    server closes, or 8 s have passed since ``started``."""
+    try:
+        for byte in data:
+            sock.send(bytes([byte]))
+            time.sleep(delay_s)
+            if time.monotonic() - started > 8:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def _send_quietly(sock: socket.socket, data: bytes) -> int:
     """Send ``data``; the bytes sent before the server closed the connection."""
     sent = 0
@@ -176,15 +189,7 @@ def test_slowloris_connection_gets_408(limited: RunningGateway) -> None:
     started = time.monotonic()
     with socket.create_connection(_address(limited)) as sock:
         sock.settimeout(10)
-        answer = b""
-        try:
-            for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n":
-                sock.send(bytes([byte]))
-                time.sleep(0.2)
-                if time.monotonic() - started > 8:
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        _dribble(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", 0.2, started)
         answer = _read_all(sock)
     assert _status(answer) == 408
     assert time.monotonic() - started < 8
@@ -208,14 +213,7 @@ def test_a_later_request_gets_its_own_header_time(limited: RunningGateway) -> No
             body += sock.recv(65536)
         time.sleep(0.6)  # the keep-alive timeout is 1 s: the connection is still open
         started = time.monotonic()
-        try:
-            for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n":
-                sock.send(bytes([byte]))
-                time.sleep(0.1)
-                if time.monotonic() - started > 8:
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        _dribble(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", 0.1, started)
         answer = _read_all(sock)
         waited = time.monotonic() - started
     assert _status(answer) == 408
