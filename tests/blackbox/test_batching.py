@@ -13,8 +13,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
@@ -164,28 +162,40 @@ def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
 
 def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> None:
     before = _stats(server, "slow")
-    conn = grpcclient.InferenceServerClient(server.grpc_url)
-    x8 = np.full((8, 512), 0.25, np.float32)
-    results: list[Any] = []
 
-    def busy() -> None:
-        results.append(infer("grpc", server.grpc_url, "slow", {"INPUT0": x8}))
+    def request(rows: int) -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name="slow")
+        msg.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 512])
+        msg.raw_input_contents.append(np.full((rows, 512), 0.25, np.float32).tobytes())
+        return msg
 
-    threads = [threading.Thread(target=busy) for _ in range(3)]
-    for t in threads:
-        t.start()
-    x1 = np.ones((1, 512), np.float32)
-    tensor = grpcclient.InferInput("INPUT0", [1, 512], "FP32")
-    tensor.set_data_from_numpy(x1)
-    with pytest.raises(InferenceServerException) as info:
-        conn.infer("slow", [tensor], client_timeout=0.002)
-    assert "Deadline" in str(info.value) or "DEADLINE" in str(info.value)
-    for t in threads:
-        t.join(60)
-    conn.close()
-    assert len(results) == 3
+    async def main() -> tuple[list[Any], grpc.StatusCode, bool]:
+        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            await channel.channel_ready()
+            # Two full batches first, on the same connection: the model is busy with the
+            # first (about 3 ms a call here) and the second waits when the late requests
+            # arrive, so the late ones wait about 4 ms for the model: past a 3 ms deadline.
+            busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(2)]
+            await asyncio.sleep(0.002)
+            late = stub.ModelInfer(request(1), timeout=0.003)
+            cancelled = stub.ModelInfer(request(1), timeout=60)
+            await asyncio.sleep(0.002)
+            cancelled.cancel()
+            try:
+                await late
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            answers = [await call for call in busy]
+            return answers, code, cancelled.cancelled()
+
+    answers, code, was_cancelled = asyncio.run(main())
+    assert len(answers) == 2
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert was_cancelled
     after = _stats(server, "slow")
-    assert after["inference_count"] - before["inference_count"] == 24
+    assert after["inference_count"] - before["inference_count"] == 16  # 1-row ones never ran
 
 
 def test_drain_of_batched_direct_results_match_unbatched(
