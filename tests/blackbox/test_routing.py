@@ -4,6 +4,7 @@ weight swaps under load, and shadows whose answers never reach the caller."""
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import threading
 import time
@@ -197,3 +198,16 @@ def test_failing_or_slow_shadow_never_touches_the_primary(server: RunningGateway
     assert failing["errors"] >= 60 - failing["dropped"]
     slow = _comparison(server, "5", 60)
     assert slow["sent"] + slow["dropped"] >= 60
+    assert slow["sent"] >= 1
+    # The slow shadow ran on its own thread at the lowest CPU priority (nice 19), and
+    # nothing else here did (this server runs in the test's process).
+    lowest = [tid for tid in map(int, os.listdir("/proc/self/task")) if _nice(tid) == 19]
+    assert len(lowest) == 1, lowest
+    assert lowest[0] != threading.get_native_id()
+
+
+def _nice(tid: int) -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:  # the thread ended since the listing
+        return None
