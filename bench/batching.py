@@ -10,7 +10,9 @@ fresh server process. Results: bench/results/batching.{json,md}.
 Policies: ``on`` (the default: work-conserving, filling to the warm-up's fill_batch_size
 under load), ``on_nofill`` (fill_batch_size = 0, the earlier scheduler), ``off``,
 ``delay_2ms``. The compute-heavy target is held against in-process onnxruntime at batch 64
-with 2 intra-op threads (both cores), measured in the same run.
+with 2 intra-op threads (both cores), measured in the same run, and against what the
+cores allow with the client beside the server: perf_analyzer's CPU per request is measured
+too (its process's rusage over the cell).
 
 Options: --quick (mlp_small only, concurrency 1 and 8: a smoke run), --models a,b,
 --policies on,on_nofill, --protocols grpc, --concurrency 1,64.
@@ -19,6 +21,8 @@ Options: --quick (mlp_small only, concurrency 1 and 8: a smoke run), --models a,
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,6 +43,14 @@ def ort_ceiling(
     path: Path, width: int, batch: int, min_time_s: float = 0.3, threads: int = 1
 ) -> float:
     """Best-of-3 rows/s of session.run at one batch size (``threads`` intra-op threads)."""
+    return ort_run(path, width, batch, min_time_s, threads)[0]
+
+
+def ort_run(
+    path: Path, width: int, batch: int, min_time_s: float = 0.3, threads: int = 1
+) -> tuple[float, float]:
+    """Best-of-3 rows/s of session.run at one batch size, and the CPU seconds per row
+    (this process, all its threads) of that best trial."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -46,18 +58,20 @@ def ort_ceiling(
     x = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)
     feeds = {"INPUT0": x}
     session.run(None, feeds)
-    best = 0.0
+    best, cpu_per_row = 0.0, 0.0
     for _ in range(3):
         calls = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while True:
             session.run(None, feeds)
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= min_time_s:
                 break
-        best = max(best, calls * batch / elapsed)
-    return best
+        if calls * batch / elapsed > best:
+            best = calls * batch / elapsed
+            cpu_per_row = (time.process_time() - cpu) / (calls * batch)
+    return best, cpu_per_row
 
 
 def settings(model: str, batching: bool, delay_us: int, fill: int = -1) -> str:
@@ -104,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ceiling: dict[str, dict[int, float]] = {}
     ceiling_2threads: dict[str, float] = {}
+    cpu_per_row_2threads: dict[str, float] = {}
     cells: list[dict[str, Any]] = []
     for model in models:
         path = write_model(root, model)
         width = MODELS[model][0]
         ceiling[model] = {b: ort_ceiling(path, width, b) for b in BATCHES}
-        ceiling_2threads[model] = ort_ceiling(path, width, 64, threads=2)
+        ceiling_2threads[model], cpu_per_row_2threads[model] = ort_run(path, width, 64, threads=2)
         print(
             f"{model}: in-process rows/s {ceiling[model]}, batch 64 on 2 threads "
             f"{ceiling_2threads[model]:.0f}",
@@ -125,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"127.0.0.1:{server.grpc_port if protocol == 'grpc' else server.http_port}"
                     )
                     for c in concurrencies:
+                        client = _children_cpu_s()
                         with measured(server, model) as m:
                             pa = run_perf_analyzer(
                                 model, protocol, url, c, window_ms=args.window_ms
                             )
+                        # perf_analyzer is the only child that ends inside the block.
+                        m["client_cpu_ms_per_request"] = (
+                            1000 * (_children_cpu_s() - client) / max(m["requests"], 1)
+                        )
                         cell = {
                             "model": model,
                             "policy": policy,
@@ -149,20 +169,30 @@ def main(argv: list[str] | None = None) -> int:
     # land in a busy moment, so the target is held against the better of the two.
     for model in models:
         path = root / model / "1" / "model.onnx"
-        again = ort_ceiling(path, MODELS[model][0], 64, threads=2)
+        again, cpu_per_row = ort_run(path, MODELS[model][0], 64, threads=2)
         print(f"{model}: batch 64 on 2 threads again {again:.0f} rows/s", flush=True)
-        ceiling_2threads[model] = max(ceiling_2threads[model], again)
+        if again > ceiling_2threads[model]:
+            ceiling_2threads[model], cpu_per_row_2threads[model] = again, cpu_per_row
     payload = {
         "meta": meta,
         "ort_ceiling_rows_per_s": ceiling,
         "ort_batch64_2threads_rows_per_s": ceiling_2threads,
         "cells": cells,
-        "summary": summarize(ceiling, cells, root, ceiling_2threads),
+        "ort_batch64_2threads_cpu_ms_per_row": {
+            m: 1000 * v for m, v in cpu_per_row_2threads.items()
+        },
+        "summary": summarize(ceiling, cells, root, ceiling_2threads, cpu_per_row_2threads),
     }
     name = "batching_quick" if args.quick else "batching"
     json_path, md_path = write(name, payload, markdown(payload))
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's children that have ended."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _cell(cells: list[dict[str, Any]], **key: Any) -> dict[str, Any] | None:
@@ -177,6 +207,7 @@ def summarize(
     cells: list[dict[str, Any]],
     root: Path,
     ceiling_2threads: dict[str, float] | None = None,
+    cpu_per_row_2threads: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     heavy_on = _cell(cells, model="compute_heavy", policy="on", protocol="grpc", concurrency=64)
@@ -203,6 +234,9 @@ def summarize(
                 else None
             ),
             "cpu_ms_per_request": heavy_on["cpu_ms_per_request"],
+            "machine_bound": _machine_bound(
+                heavy_on, two, (cpu_per_row_2threads or {}).get("compute_heavy")
+            ),
         }
     if heavy_on and heavy_off:
         batch = max(1, round(heavy_on["avg_batch_rows"]))
@@ -244,6 +278,29 @@ def summarize(
     return out
 
 
+def _machine_bound(
+    cell: dict[str, Any], ort_rows_per_s: float, ort_cpu_s_per_row: float | None
+) -> dict[str, Any] | None:
+    """What these cores allow a server that costs nothing itself, with the client on the
+    same machine: every served row takes onnxruntime's CPU at batch 64 plus the client's
+    CPU for its request (one row each, ``-b 1``), and the cores give ``cores`` CPU seconds
+    per second. The gateway's own cost is its CPU per request beyond the model's."""
+    client_ms = cell.get("client_cpu_ms_per_request")
+    cores = os.cpu_count() or 1
+    if not client_ms or not ort_cpu_s_per_row:
+        return None
+    ort_ms = 1000 * ort_cpu_s_per_row
+    zero_overhead = cores * 1000 / (ort_ms + client_ms)
+    return {
+        "cores": cores,
+        "client_cpu_ms_per_request": client_ms,
+        "ort_cpu_ms_per_row_batch64": ort_ms,
+        "zero_overhead_server_rows_per_s": zero_overhead,
+        "zero_overhead_fraction_of_ort": zero_overhead / ort_rows_per_s,
+        "served_fraction_of_zero_overhead": cell["throughput"] / zero_overhead,
+    }
+
+
 def markdown(payload: dict[str, Any]) -> str:
     meta = payload["meta"]
     lines = [
@@ -272,6 +329,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 "p99 ms",
                 "avg batch",
                 "server CPU ms/req",
+                "client CPU ms/req",
             ],
             [
                 [
@@ -284,10 +342,16 @@ def markdown(payload: dict[str, Any]) -> str:
                     c["p99_ms"],
                     round(c["avg_batch_rows"], 1),
                     c["cpu_ms_per_request"],
+                    c.get("client_cpu_ms_per_request", "-"),
                 ]
                 for c in payload["cells"]
             ],
         ),
+        "Client CPU is perf_analyzer's (user + system) over the cell divided by the requests "
+        "the server completed in it. `machine_bound` below: the rows/s these cores allow a "
+        "server that costs nothing itself while the client shares the machine "
+        "(cores / (onnxruntime CPU per row at batch 64 + client CPU per request)), and the "
+        "served rows/s as a share of it.\n",
         "## Summary\n",
         "```json\n" + __import__("json").dumps(payload["summary"], indent=2) + "\n```\n",
     ]
