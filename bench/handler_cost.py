@@ -11,7 +11,10 @@ on every configuration alike:
 - ``features``: one gateway per bench.features_cost configuration, all in this process
   (the bundled breast_cancer, which ships a drift profile); their HTTP and gRPC infer
   handlers called directly with the same binary one-row request (bench.features_cost's
-  typical row).
+  typical row);
+- ``cold``: the features again with ``--cold-mb`` MB of memory read between requests
+  (not timed), so each request starts with cold caches, as a served one does after the
+  kernel's socket work and the client's.
 
 CPU time of the calling thread per request, the least over alternating rounds (noise on a
 shared machine only ever adds, and it comes in bursts that can cover half the rounds, so
@@ -52,20 +55,36 @@ _REQUEST_BYTES = (
 )
 
 
-async def _rounds(steps: dict[str, Step], rounds: int, requests: int) -> dict[str, list[float]]:
-    """µs of this thread's CPU per call of each step, ``rounds`` alternating rounds."""
+async def _rounds(
+    steps: dict[str, Step], rounds: int, requests: int, cold_mb: float = 0.0
+) -> dict[str, list[float]]:
+    """µs of this thread's CPU per call of each step, ``rounds`` alternating rounds. With
+    ``cold_mb``, that many MB of memory are read between calls (not timed), so each call
+    starts with caches cold, as a served request does after the sockets, the kernel and
+    the other connections' work."""
     names = list(steps)
     for name in names:  # warm every path (caches, first-call allocations)
         for _ in range(requests // 4):
             await steps[name]()
     out: dict[str, list[float]] = {name: [] for name in names}
+    # One float64 per 64-byte cache line: every line of the block is read.
+    trash = np.ones(int(cold_mb * (1 << 20)) // 8)[::8] if cold_mb > 0 else None
     for rnd in range(rounds):
         for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             step = steps[name]
-            start = time.thread_time()
-            for _ in range(requests):
-                await step()
-            out[name].append((time.thread_time() - start) / requests * 1e6)
+            if trash is None:
+                start = time.thread_time()
+                for _ in range(requests):
+                    await step()
+                spent = time.thread_time() - start
+            else:
+                spent = 0.0
+                for _ in range(requests):
+                    trash.sum()
+                    start = time.thread_time()
+                    await step()
+                    spent += time.thread_time() - start
+            out[name].append(spent / requests * 1e6)
     return out
 
 
@@ -236,7 +255,7 @@ async def _feature_steps(
 # --------------------------------------------------------------------------- report
 
 
-async def _measure(rounds: int, requests: int) -> dict[str, Any]:
+async def _measure(rounds: int, requests: int, cold_mb: float) -> dict[str, Any]:
     listener = await _rounds(_listener_steps(), rounds, requests)
     root = Path(tempfile.mkdtemp(prefix="bench-handler-"))
     try:
@@ -247,21 +266,30 @@ async def _measure(rounds: int, requests: int) -> dict[str, Any]:
             steps = await _feature_steps(stack, root)
             by_name = {f"{c}/{p}": s for (c, p), s in steps.items()}
             features = await _rounds(by_name, rounds, requests)
+            cold = None
+            if cold_mb > 0:  # a quarter of the requests: the reads cost more than a request
+                cold = await _rounds(by_name, rounds, max(requests // 4, 1), cold_mb)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"listener": listener, "features": features}
+    return {"listener": listener, "features": features} | ({"cold": cold} if cold else {})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.handler_cost", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds")
     parser.add_argument("--requests", type=int, default=3000, help="requests per cell")
+    parser.add_argument(
+        "--cold-mb",
+        type=float,
+        default=8.0,
+        help="the features again with this many MB read between requests (0: skip)",
+    )
     args = parser.parse_args(argv)
     meta = environment()
     meta["command"] = "python -m bench.handler_cost " + " ".join(argv or sys.argv[1:])
     import uvloop
 
-    cells = uvloop.run(_measure(args.rounds, args.requests))
+    cells = uvloop.run(_measure(args.rounds, args.requests, args.cold_mb))
     least = {part: {k: min(v) for k, v in values.items()} for part, values in cells.items()}
     med = {
         part: {k: statistics.median(v) for k, v in values.items()} for part, values in cells.items()
@@ -273,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         return [part, label, f"{cost:.1f}", f"{extra:+.1f}", f"{median:.1f} ({extra_median:+.1f})"]
 
     rows = [row("listener", name, name, "uvicorn") for name in least["listener"]]
-    for protocol in ("http", "grpc"):
-        rows += [
-            row("features", f"{protocol} {name}", f"{name}/{protocol}", f"all_off/{protocol}")
-            for name in CONFIGS
-        ]
+    for part in ("features", "cold") if "cold" in cells else ("features",):
+        for protocol in ("http", "grpc"):
+            rows += [
+                row(part, f"{protocol} {name}", f"{name}/{protocol}", f"all_off/{protocol}")
+                for name in CONFIGS
+            ]
     summary = {"least_us": least, "median_us": med}
     md = (
         "# The gateway's own cost per request, in-process\n\n"
@@ -287,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "Listener: uvicorn's httptools protocol vs the gateway's, the same trivial app, "
         "requests fed in memory. Features: breast_cancer, one binary one-row infer request, "
         "the handler called directly; the extra column is over uvicorn's protocol "
-        "(listener) or over all-off (features).\n\n"
+        "(listener) or over all-off (features). Cold: the features again with "
+        f"{args.cold_mb:g} MB read between requests (not timed), so each request starts with "
+        "cold caches as a served one does.\n\n"
         + table(["part", "configuration", "µs per request", "extra µs", "median (extra)"], rows)
     )
     write("handler_cost", {"meta": meta, "summary": summary, "cells": cells}, md)
