@@ -48,6 +48,12 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / _TICKS
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread: the gateway's event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:13]) / _TICKS
+
+
 def git_sha() -> str:
     """The short commit of the checkout, or "" outside a git checkout."""
     try:
@@ -316,14 +322,16 @@ def measured(server: GatewayProcess, model: str) -> Iterator[dict[str, float]]:
     """CPU seconds and completed requests/rows/executions of ``server`` over the block."""
     out: dict[str, float] = {}
     before = server.counters(model)
-    cpu0 = cpu_seconds(server.pid)
+    cpu0, loop0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid)
     start = time.perf_counter()
     yield out
     out["wall_s"] = time.perf_counter() - start
     out["cpu_s"] = cpu_seconds(server.pid) - cpu0
+    out["loop_cpu_s"] = main_thread_cpu_seconds(server.pid) - loop0
     after = server.counters(model)
     out["requests"] = after.requests - before.requests
     out["rows"] = after.rows - before.rows
     out["executions"] = after.executions - before.executions
     out["cpu_ms_per_request"] = 1000 * out["cpu_s"] / max(out["requests"], 1)
+    out["loop_cpu_ms_per_request"] = 1000 * out["loop_cpu_s"] / max(out["requests"], 1)
     out["avg_batch_rows"] = out["rows"] / max(out["executions"], 1)

@@ -6,7 +6,10 @@ every request a typical row: each feature at its reference profile's most common
 drift counts in-range values as real traffic mostly brings), in one run: everything off;
 drift on; feedback memory on; logging and metrics on (1% access log, 1% prediction log, a
 /metrics scrape per second); all on. Reports throughput and server CPU per request, each
-as a ratio to the all-off run. Results: bench/results/features_cost.{json,md}.
+as a ratio to the all-off run, and each configuration's extra CPU per request over all-off
+in µs, for the whole process and for its event-loop thread alone (where the features run),
+with the parts' sum beside all-on: whether they add up. Results:
+bench/results/features_cost.{json,md}.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "protocol": protocol,
                                 **pa,
                                 "cpu_ms_per_request": m["cpu_ms_per_request"],
+                                "loop_cpu_ms_per_request": m["loop_cpu_ms_per_request"],
                             }
                         )
                         print(
@@ -132,15 +136,30 @@ def main(argv: list[str] | None = None) -> int:
             return statistics.median(vals)
 
         base_tp, base_cpu = mean("all_off", "throughput"), mean("all_off", "cpu_ms_per_request")
+        base_loop = mean("all_off", "loop_cpu_ms_per_request")
         summary[protocol] = {
             name: {
                 "throughput_ratio": mean(name, "throughput") / base_tp,
                 "cpu_ratio": mean(name, "cpu_ms_per_request") / base_cpu,
+                "extra_cpu_us": 1000 * (mean(name, "cpu_ms_per_request") - base_cpu),
+                "extra_loop_cpu_us": 1000 * (mean(name, "loop_cpu_ms_per_request") - base_loop),
             }
             for name in CONFIGS
         }
+        parts = [n for n in CONFIGS if n not in ("all_off", "all_on")]
+        summary[protocol]["sum_of_parts"] = {
+            key: sum(summary[protocol][n][key] for n in parts)
+            for key in ("extra_cpu_us", "extra_loop_cpu_us")
+        }
     rows = [
-        [p, name, v["throughput_ratio"], v["cpu_ratio"]]
+        [
+            p,
+            name,
+            v.get("throughput_ratio", "-"),
+            v.get("cpu_ratio", "-"),
+            f"{v['extra_cpu_us']:+.1f}",
+            f"{v['extra_loop_cpu_us']:+.1f}",
+        ]
         for p, per in summary.items()
         for name, v in per.items()
     ]
@@ -152,11 +171,28 @@ def main(argv: list[str] | None = None) -> int:
             "(the order rotates each round; medians). Ratios to the all-off configuration in "
             "the same run.\n",
             table(
-                ["protocol", "config", "throughput / all-off", "CPU per request / all-off"], rows
+                [
+                    "protocol",
+                    "config",
+                    "throughput / all-off",
+                    "CPU per request / all-off",
+                    "extra CPU µs/req",
+                    "extra loop-thread CPU µs/req",
+                ],
+                rows,
             ),
             "\n## Cells\n",
             table(
-                ["round", "config", "protocol", "infer/s", "p50 ms", "p99 ms", "CPU ms/req"],
+                [
+                    "round",
+                    "config",
+                    "protocol",
+                    "infer/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "CPU ms/req",
+                    "loop CPU ms/req",
+                ],
                 [
                     [
                         c["round"],
@@ -166,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         c["p50_ms"],
                         c["p99_ms"],
                         c["cpu_ms_per_request"],
+                        c["loop_cpu_ms_per_request"],
                     ]
                     for c in cells
                 ],

@@ -67,6 +67,12 @@ def rows() -> list[list[str]]:
                     f" (fill off: {nofill['fraction_of_ort']:.2f}, "
                     f"batch {nofill['avg_batch_rows']:.0f})"
                 )
+            bound = s.get("machine_bound")
+            if bound:
+                before += (
+                    f"; a server costing nothing could reach "
+                    f"{bound['zero_overhead_fraction_of_ort']:.2f} beside the client"
+                )
             out.append(
                 [
                     "compute_heavy, gRPC c=64: served rows/s vs onnxruntime batch 64, 2 threads",
