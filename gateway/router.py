@@ -376,24 +376,27 @@ class Router:
             if endpoint is None:
                 stats.dropped += 1
                 continue
-            copy = InferRequest(
-                name,
-                target.version,
-                request.inputs,
-                id=request.id,
-                parameters=request.parameters,
-                outputs=request.outputs,
-            )
+            # The copy is made in the call, once admitted: most copies of a slow shadow are
+            # dropped, and a dropped one should cost as little as the counting.
             self.shadows.mirror(
-                functools.partial(self._run_shadow, endpoint, copy), response, stats
+                functools.partial(self._run_shadow, endpoint, request), response, stats
             )
 
-    async def _run_shadow(self, endpoint: Endpoint, request: InferRequest) -> InferResponse:
-        """A mirror call: a cheap (inline) model runs through its batcher like any request;
-        a model that needs the inference pool runs on the shadow executor instead, a
-        low-priority thread, so a slow shadow cannot take the cores the primary path and
-        its callers need (its copies queue, then drop, behind ``shadow_max_in_flight``)."""
+    async def _run_shadow(self, endpoint: Endpoint, primary: InferRequest) -> InferResponse:
+        """A mirror call of ``primary`` to ``endpoint``: a cheap (inline) model runs through
+        its batcher like any request; a model that needs the inference pool runs on the
+        shadow executor instead, a low-priority thread, so a slow shadow cannot take the
+        cores the primary path and its callers need (its copies queue, then drop, behind
+        ``shadow_max_in_flight``)."""
         model = endpoint.model
+        request = InferRequest(
+            primary.model_name,
+            model.version,
+            primary.inputs,
+            id=primary.id,
+            parameters=primary.parameters,
+            outputs=primary.outputs,
+        )
         if self._shadow_executor is None or model.is_inline:
             # Charged at wall time: an inline model runs on the loop, mostly at once.
             start = time.perf_counter()
