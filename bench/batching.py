@@ -15,7 +15,8 @@ cores allow with the client beside the server: perf_analyzer's CPU per request i
 too (its process's rusage over the cell).
 
 Options: --quick (mlp_small only, concurrency 1 and 8: a smoke run), --models a,b,
---policies on,on_nofill, --protocols grpc, --concurrency 1,64.
+--policies on,on_nofill, --protocols grpc,grpc-stream,http (grpc-stream: perf_analyzer's
+--streaming over ModelStreamInfer), --concurrency 1,64.
 """
 
 from __future__ import annotations
@@ -136,14 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             with GatewayProcess(root, config, name=model) as server:
                 protocols = args.protocols.split(",")
                 for protocol in protocols if policy != "delay_2ms" else ("grpc",):
-                    url = (
-                        f"127.0.0.1:{server.grpc_port if protocol == 'grpc' else server.http_port}"
-                    )
+                    grpc = protocol.startswith("grpc")
+                    url = f"127.0.0.1:{server.grpc_port if grpc else server.http_port}"
                     for c in concurrencies:
                         client = _children_cpu_s()
                         with measured(server, model) as m:
                             pa = run_perf_analyzer(
-                                model, protocol, url, c, window_ms=args.window_ms
+                                model,
+                                "grpc" if grpc else protocol,
+                                url,
+                                c,
+                                window_ms=args.window_ms,
+                                streaming=protocol == "grpc-stream",
                             )
                         # perf_analyzer is the only child that ends inside the block.
                         m["client_cpu_ms_per_request"] = (
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         }
                         cells.append(cell)
                         print(
-                            f"  {policy:9} {protocol:4} c={c:<3} {pa['throughput']:9.0f}/s "
+                            f"  {policy:9} {protocol:11} c={c:<3} {pa['throughput']:9.0f}/s "
                             f"p50 {pa['p50_ms']:.2f} ms p99 {pa['p99_ms']:.2f} ms "
                             f"batch {m['avg_batch_rows']:.1f} "
                             f"cpu {m['cpu_ms_per_request']:.3f} ms/req",
@@ -236,6 +241,19 @@ def summarize(
             "cpu_ms_per_request": heavy_on["cpu_ms_per_request"],
             "machine_bound": _machine_bound(
                 heavy_on, two, (cpu_per_row_2threads or {}).get("compute_heavy")
+            ),
+        }
+    stream = _cell(
+        cells, model="compute_heavy", policy="on", protocol="grpc-stream", concurrency=64
+    )
+    if stream and two:
+        out["compute_heavy_grpc_stream_c64_vs_ort_batch64_2threads"] = {
+            "served_rows_per_s": stream["throughput"],
+            "avg_batch_rows": stream["avg_batch_rows"],
+            "fraction_of_ort": stream["throughput"] / two,
+            "cpu_ms_per_request": stream["cpu_ms_per_request"],
+            "machine_bound": _machine_bound(
+                stream, two, (cpu_per_row_2threads or {}).get("compute_heavy")
             ),
         }
     if heavy_on and heavy_off:
