@@ -5,7 +5,8 @@ call, and the outputs are split back to each caller. Scheduling is work-conservi
 default: a request on an idle model runs on the next loop iteration (an inline model's in
 the caller's own call), and while a call is running new requests queue up and leave
 together as the next batch, which under load waits until it holds the model's fill size
-(``fill_batch_size``, measured at warm-up) or nothing is running. Optionally
+(``fill_batch_size``, measured at warm-up; with a batch running on another instance, at most
+that batch's size) or nothing is running. Optionally
 (``max_queue_delay_us``) a batch may wait for company, Triton style.
 
 Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
@@ -153,6 +154,8 @@ class Batcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
         self._running = 0
+        self._running_rows: list[int] = []
+        """The rows of each batch running in the executor (at most ``instances``)."""
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
@@ -309,6 +312,7 @@ class Batcher:
             else:
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._executor, self._execute, batch)
+                self._running_rows.append(sum(item.rows for item in batch))
                 fut.add_done_callback(functools.partial(self._finish_future, batch))
         self._check_idle()
 
@@ -321,10 +325,18 @@ class Batcher:
         )
 
     def _should_fill(self) -> bool:
-        """With a batch running: wait (for it to finish, or for more rows) while the queue
-        is short of the fill size. The finishing batch dispatches again, so nothing waits
-        longer than one model call, and a lone request on an idle model runs at once."""
-        return self._queued_rows < self.fill_rows and self._batching and not self._closing
+        """With a batch running and an instance free: wait (for a batch to finish, or for
+        more rows) while the queue is short of the fill size or of the smallest running
+        batch, whichever is less. Under load the instances then take turns with batches of
+        about (rows in flight / instances): waiting for the full fill size would leave the
+        free instance idle whenever fewer rows are in flight than a running batch plus the
+        fill size. The finishing batch dispatches again, so nothing waits longer than one
+        model call, and a lone request on an idle model runs at once."""
+        target = self.fill_rows
+        running = self._running_rows
+        if running:
+            target = min(target, min(running))
+        return self._queued_rows < target and self._batching and not self._closing
 
     def _should_wait(self) -> bool:
         """With a queue delay: wait while the batch is short of its target and young."""
@@ -429,6 +441,7 @@ class Batcher:
         except BaseException as exc:  # the pool was shut down under us
             outcome = _Outcome()
             outcome.results = [exc] * len(batch)
+        self._running_rows.remove(sum(item.rows for item in batch))
         self._finish(batch, outcome)
         self._dispatch()
 

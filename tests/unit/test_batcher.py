@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -222,40 +223,54 @@ def test_queue_delay_waits_for_company() -> None:
     assert model.calls == [4]
 
 
-def test_under_load_a_batch_waits_for_the_fill_size_but_a_lone_request_does_not() -> None:
+async def _until(condition: Callable[[], bool]) -> None:
+    """Polled: a loaded machine may need more than one tick of the loop (up to 5 s, half
+    of what FakeModel's gate holds a call)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    assert condition()
+
+
+@pytest.mark.parametrize(("fill", "first", "waits"), [(4, 1, 0), (4, 6, 3), (8, 3, 2)])
+def test_under_load_a_free_instance_waits_for_a_full_batch_but_a_lone_request_does_not(
+    fill: int, first: int, waits: int
+) -> None:
+    """With a batch of ``first`` rows running, the free second instance waits while fewer
+    rows than the fill size or than the running batch (the smaller) are queued."""
     model = FakeModel(max_batch_size=8)
-    model.fill_batch_size = 4  # type: ignore[attr-defined]  # what warm-up measures
+    model.fill_batch_size = fill  # type: ignore[attr-defined]  # what warm-up measures
     model.gate = threading.Event()
+    target = min(fill, first)
 
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool:
             batcher = Batcher(model, max_queue_size=100, executor=pool, instances=2)
             batcher.start()
-            assert batcher.fill_rows == 4
+            assert batcher.fill_rows == fill
             loop = asyncio.get_running_loop()
 
-            def one() -> asyncio.Task[list[Array]]:
-                return asyncio.create_task(batcher.submit([np.ones((1, 2), np.float32)], 1, None))
+            def one(rows: int = 1) -> asyncio.Task[list[Array]]:
+                x = np.ones((rows, 2), np.float32)
+                return asyncio.create_task(batcher.submit([x], rows, None))
 
-            lone = one()  # an idle model: runs at once, alone
+            lone = one(first)  # an idle model: runs at once, alone
             await loop.run_in_executor(None, model.started.wait, 5)
-            waiting = [one() for _ in range(3)]
+            waiting = [one() for _ in range(waits)]
             await asyncio.sleep(0.01)
-            # A second instance is free, but three rows are short of the fill size.
-            assert batcher.queue_depth == 3
-            waiting.append(one())
-            # Four rows: the second instance takes them (polled: a loaded machine may need
-            # more than one tick of the loop).
-            for _ in range(2000):  # up to 10 s
-                if not batcher.queue_depth:
-                    break
-                await asyncio.sleep(0.005)
-            assert batcher.queue_depth == 0
+            assert batcher.queue_depth == waits  # short of the target: the instance waits
+            waiting += [one() for _ in range(target - waits)]
+            # The second instance takes the target's rows.
+            await _until(lambda: len(model.calls) == 2 and not batcher.queue_depth)
+            late = one()  # both instances busy: it queues
+            await asyncio.sleep(0.01)
+            assert batcher.queue_depth == 1
             assert model.gate is not None
             model.gate.set()
-            await asyncio.gather(lone, *waiting)
-            # The running batch finished with nothing queued: the next lone one runs alone.
+            await asyncio.gather(lone, *waiting, late)
+            # The running batches finished with nothing queued: the next lone one runs alone.
             await one()
 
     asyncio.run(main())
-    assert model.calls == [1, 4, 1]
+    assert model.calls == [first, target, 1, 1]
