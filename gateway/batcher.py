@@ -5,8 +5,9 @@ call, and the outputs are split back to each caller. Scheduling is work-conservi
 default: a request on an idle model runs on the next loop iteration (an inline model's in
 the caller's own call), and while a call is running new requests queue up and leave
 together as the next batch, which under load waits until it holds the model's fill size
-(``fill_batch_size``, measured at warm-up; with a batch running on another instance, at most
-that batch's size) or nothing is running. Optionally
+(``fill_batch_size``, measured at warm-up; for a second instance, as many rows as the
+smallest running batch if fewer, but at least half the fill size) or nothing is running.
+Optionally
 (``max_queue_delay_us``) a batch may wait for company, Triton style.
 
 Contract: a batch holds at least one request and at most ``max_batch_size`` rows; a queue
@@ -326,16 +327,18 @@ class Batcher:
 
     def _should_fill(self) -> bool:
         """With a batch running and an instance free: wait (for a batch to finish, or for
-        more rows) while the queue is short of the fill size or of the smallest running
-        batch, whichever is less. Under load the instances then take turns with batches of
-        about (rows in flight / instances): waiting for the full fill size would leave the
-        free instance idle whenever fewer rows are in flight than a running batch plus the
-        fill size. The finishing batch dispatches again, so nothing waits longer than one
-        model call, and a lone request on an idle model runs at once."""
+        more rows) while the queue is short of the fill size, or, when the smallest running
+        batch is smaller, short of that batch's size but never of half the fill size. Under
+        load the instances then take turns with batches of about (rows in flight /
+        instances) where waiting for the full fill size would leave the free instance idle
+        (fewer rows in flight than a running batch plus the fill size), and the free
+        instance does not start batches too small to pay for themselves. The finishing
+        batch dispatches again, so nothing waits longer than one model call, and a lone
+        request on an idle model runs at once."""
         target = self.fill_rows
         running = self._running_rows
         if running:
-            target = min(target, min(running))
+            target = min(target, max(min(running), target // 2))
         return self._queued_rows < target and self._batching and not self._closing
 
     def _should_wait(self) -> bool:

@@ -107,10 +107,10 @@ class ModelPolicy(_Base, frozen=True):
     """Batch sizes the scheduler aims for when it waits (only with max_queue_delay_us > 0)."""
     fill_batch_size: int = -1
     """Under load (a batch already running), the next batch waits until this many rows are
-    queued (or, with a second instance free, as many as the smallest running batch holds,
-    if that is fewer) or no batch is running, so batches grow to the size the hardware
-    rewards and every instance keeps working; a lone request on an idle model is never
-    held back. -1: measured at warm-up for models in the
+    queued (or, with a second instance free, as many as the smallest running batch holds
+    if that is fewer, but at least half this size) or no batch is running, so batches grow
+    to the size the hardware rewards and every instance keeps working; a lone request on
+    an idle model is never held back. -1: measured at warm-up for models in the
     inference pool (the smallest batch within 10% of the best rows/s); 0: off."""
     max_queue_size: int = 1024
     """Queued requests per model version before new ones get 503 at once."""

@@ -233,16 +233,25 @@ async def _until(condition: Callable[[], bool]) -> None:
     assert condition()
 
 
-@pytest.mark.parametrize(("fill", "first", "waits"), [(4, 1, 0), (4, 6, 3), (8, 3, 2)])
+@pytest.mark.parametrize(
+    ("fill", "first", "target"),
+    [
+        (4, 6, 4),  # the fill size, when the running batch is larger
+        (8, 5, 5),  # the running batch's size, when smaller
+        (8, 3, 4),  # but never less than half the fill size
+        (4, 1, 2),
+    ],
+)
 def test_under_load_a_free_instance_waits_for_a_full_batch_but_a_lone_request_does_not(
-    fill: int, first: int, waits: int
+    fill: int, first: int, target: int
 ) -> None:
     """With a batch of ``first`` rows running, the free second instance waits while fewer
-    rows than the fill size or than the running batch (the smaller) are queued."""
+    than ``target`` rows are queued: the fill size, or the running batch's size if smaller,
+    but at least half the fill size."""
     model = FakeModel(max_batch_size=8)
     model.fill_batch_size = fill  # type: ignore[attr-defined]  # what warm-up measures
     model.gate = threading.Event()
-    target = min(fill, first)
+    waits = target - 1
 
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool:
