@@ -313,8 +313,9 @@ class Batcher:
             else:
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._executor, self._execute, batch)
-                self._running_rows.append(sum(item.rows for item in batch))
-                fut.add_done_callback(functools.partial(self._finish_future, batch))
+                rows = sum(item.rows for item in batch)
+                self._running_rows.append(rows)
+                fut.add_done_callback(functools.partial(self._finish_future, batch, rows))
         self._check_idle()
 
     def _runs_now(self) -> bool:
@@ -438,13 +439,13 @@ class Batcher:
                 logger.exception("observer failed for %s", self.ref)
         return outputs
 
-    def _finish_future(self, batch: list[_Item], fut: asyncio.Future[_Outcome]) -> None:
+    def _finish_future(self, batch: list[_Item], rows: int, fut: asyncio.Future[_Outcome]) -> None:
         try:
             outcome = fut.result()
         except BaseException as exc:  # the pool was shut down under us
             outcome = _Outcome()
             outcome.results = [exc] * len(batch)
-        self._running_rows.remove(sum(item.rows for item in batch))
+        self._running_rows.remove(rows)
         self._finish(batch, outcome)
         self._dispatch()
 
