@@ -41,17 +41,22 @@ RESULTS: Final = ROOT / "bench" / "results"
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_ticks(path: str, first: int, last: int) -> float:
+    """Seconds in fields ``first``..``last`` (1-based, as proc(5) numbers them) of a
+    /proc stat file, whose second field (the command, in parentheses) may hold spaces."""
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()  # fields[0] is field 3
+    return sum(int(v) for v in fields[first - 3 : last - 2]) / _TICKS
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) and its reaped children."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
-    return sum(int(v) for v in fields[11:15]) / _TICKS
+    """User + system CPU seconds of a process (all its threads) and its reaped children
+    (utime, stime, cutime, cstime: fields 14-17)."""
+    return _stat_ticks(f"/proc/{pid}/stat", 14, 17)
 
 
 def main_thread_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process's main thread: the gateway's event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:13]) / _TICKS
+    return _stat_ticks(f"/proc/{pid}/task/{pid}/stat", 14, 15)
 
 
 def git_sha() -> str:

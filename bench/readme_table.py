@@ -61,15 +61,15 @@ def rows() -> list[list[str]]:
         s = batching.get("summary", {}).get("compute_heavy_grpc_c64_vs_ort_batch64_2threads")
         if s:
             nofill = s.get("without_fill") or {}
-            before = ""
+            notes = ""
             if nofill:
-                before = (
+                notes = (
                     f" (fill off: {nofill['fraction_of_ort']:.2f}, "
                     f"batch {nofill['avg_batch_rows']:.0f})"
                 )
             bound = s.get("machine_bound")
             if bound:
-                before += (
+                notes += (
                     f"; a server costing nothing could reach "
                     f"{bound['zero_overhead_fraction_of_ort']:.2f} beside the client"
                 )
@@ -77,7 +77,7 @@ def rows() -> list[list[str]]:
                 [
                     "compute_heavy, gRPC c=64: served rows/s vs onnxruntime batch 64, 2 threads",
                     f"{s['served_rows_per_s']:,.0f} / {s['ort_rows_per_s']:,.0f} = "
-                    f"{s['fraction_of_ort']:.2f} (avg batch {s['avg_batch_rows']:.0f}){before}",
+                    f"{s['fraction_of_ort']:.2f} (avg batch {s['avg_batch_rows']:.0f}){notes}",
                     ">= 0.80",
                     _run(batching, "bench.batching"),
                 ]
