@@ -193,18 +193,19 @@ class Batcher:
             raise self._deadline_error()
         self._running += 1
         start = time.perf_counter_ns()
-        outcome = _Outcome()
         try:
-            outputs = self._call(feeds, outcome)
+            outputs = self.model.run(feeds)
         except Exception as exc:
+            infer_ns = time.perf_counter_ns() - start
             self._running -= 1
-            self._account_batch(rows, 1, outcome)
-            self._account_request(time.perf_counter_ns() - start, outcome.infer_ns, rows, None)
+            self._account_alone(rows, infer_ns, infer_ns, False)
             self._check_idle()
             raise self._failure(exc) from exc
+        infer_ns = time.perf_counter_ns() - start
+        if self._observer is not None:
+            self._observe(feeds, outputs)
         self._running -= 1
-        self._account_batch(rows, 1, outcome)
-        self._account_request(time.perf_counter_ns() - start, outcome.infer_ns, rows, outputs)
+        self._account_alone(rows, infer_ns, time.perf_counter_ns() - start, True)
         self._check_idle()
         return outputs
 
@@ -426,18 +427,25 @@ class Batcher:
     def _call(self, feeds: list[Array], outcome: _Outcome) -> list[Array]:
         """One model call on merged feeds: its time into ``outcome.infer_ns``, then the
         observer (drift statistics) sees the feeds and outputs; the model's error raises."""
-        model = self.model
         t0 = time.perf_counter_ns()
         try:
-            outputs = model.run(feeds)
+            outputs = self.model.run(feeds)
         finally:
             outcome.infer_ns = time.perf_counter_ns() - t0
         if self._observer is not None:
-            try:
-                self._observer(self.ref, model.input_names, feeds, model.output_names, outputs)
-            except Exception:  # an observer must never fail a request
-                logger.exception("observer failed for %s", self.ref)
+            self._observe(feeds, outputs)
         return outputs
+
+    def _observe(self, feeds: list[Array], outputs: list[Array]) -> None:
+        """The observer (drift statistics) sees one model call's feeds and outputs."""
+        observer = self._observer
+        if observer is None:
+            return
+        model = self.model
+        try:
+            observer(self.ref, model.input_names, feeds, model.output_names, outputs)
+        except Exception:  # an observer must never fail a request
+            logger.exception("observer failed for %s", self.ref)
 
     def _finish_future(self, batch: list[_Item], rows: int, fut: asyncio.Future[_Outcome]) -> None:
         try:
@@ -484,6 +492,35 @@ class Batcher:
         per_batch.compute_infer.add(outcome.infer_ns)
         per_batch.compute_output.add(outcome.output_ns)
         return outcome.input_ns + outcome.infer_ns + outcome.output_ns
+
+    def _account_alone(self, rows: int, infer_ns: int, total_ns: int, ok: bool) -> None:
+        """``_account_batch`` and ``_account_request`` for a request run alone in its
+        caller's call (``run_now``), written out: no input merge or output split, so those
+        stages count the call with no time."""
+        stats = self.stats
+        stats.execution_count += 1
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats.compute_input.count += 1
+        stats.compute_output.count += 1
+        infer = stats.compute_infer
+        infer.count += 1
+        infer.ns += infer_ns
+        per_batch = stats.batches.get(rows) or stats.batch(rows)
+        per_batch.compute_input.count += 1
+        per_batch.compute_output.count += 1
+        infer = per_batch.compute_infer
+        infer.count += 1
+        infer.ns += infer_ns
+        queue = stats.queue
+        queue.count += 1
+        queue.ns += max(total_ns - infer_ns, 0)
+        if ok:
+            done = stats.success
+            stats.inference_count += rows
+        else:
+            done = stats.fail
+        done.count += 1
+        done.ns += total_ns
 
     def _account_request(self, total_ns: int, busy_ns: int, rows: int, result: object) -> None:
         """The statistics of one request: ``total_ns`` from arrival to answer, ``result``

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,6 +99,47 @@ def test_inline_model_on_an_idle_batcher_runs_in_the_callers_call() -> None:
     assert batcher.stats.execution_count == 3
     assert batcher.stats.inference_count == sum(sizes)
     assert batcher.queue_depth == 0
+
+
+def test_a_request_run_in_its_callers_call_is_counted_and_observed_like_a_batch() -> None:
+    """The inline path keeps its own accounting: every statistic a batch of one gets, the
+    failure counted as a failure, and the drift observer shown every call that answered."""
+    model = FakeModel(max_batch_size=8, inline=True)
+    seen: list[tuple[int, int]] = []
+
+    def observer(
+        ref: ModelRef,
+        input_names: Sequence[str],
+        inputs: Sequence[Array],
+        output_names: Sequence[str],
+        outputs: Sequence[Array],
+    ) -> None:
+        seen.append((inputs[0].shape[0], outputs[0].shape[0]))
+
+    async def main() -> Batcher:
+        batcher = Batcher(model, max_queue_size=10, observer=observer)
+        batcher.start()
+        for rows in (1, 3, 3):
+            assert batcher.run_now([np.ones((rows, 2), np.float32)], rows, None) is not None
+        with pytest.raises(ModelExecutionError):
+            batcher.run_now([np.full((2, 2), -1, np.float32)], 2, None)
+        return batcher
+
+    stats = asyncio.run(main()).stats
+    assert seen == [(1, 1), (3, 3), (3, 3)]
+    assert stats.execution_count == 4
+    assert stats.inference_count == 7
+    assert (stats.success.count, stats.fail.count, stats.queue.count) == (3, 1, 4)
+    for stage in (stats.compute_input, stats.compute_infer, stats.compute_output):
+        assert stage.count == 4
+    assert stats.compute_infer.ns > 0
+    assert stats.success.ns >= stats.compute_infer.ns - stats.fail.ns
+    assert {size: b.compute_infer.count for size, b in stats.batches.items()} == {
+        1: 1,
+        3: 2,
+        2: 1,
+    }
+    assert stats.last_inference_ms > 0
 
 
 def test_lone_request_is_not_held_back() -> None:
