@@ -191,10 +191,11 @@ def tensor_from_buffer(
             f"{datatype} needs {expected}"
         )
     budget.charge(name, count, dtype.itemsize)
-    array = np.frombuffer(buffer, dtype=V2_TO_WIRE[datatype], count=count)
+    # The buffer holds exactly the shape's bytes (checked above): viewed in that shape.
+    array: npt.NDArray[np.generic] = np.ndarray(shape, V2_TO_WIRE[datatype], buffer)
     if not array.flags.aligned:
         array = array.copy()
-    return array.reshape(shape)
+    return array
 
 
 def _flat_length(values: object) -> int | None:

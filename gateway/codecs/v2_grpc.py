@@ -101,51 +101,56 @@ def decode_infer_request(
 
 
 def _decode_infer_request(msg: pb.ModelInferRequest, limits: CodecLimits) -> InferRequest:
-    check_model_name(msg.model_name)
-    check_count("inputs", len(msg.inputs), limits.max_inputs)
-    check_count("outputs", len(msg.outputs), limits.max_outputs)
+    # Each field is read once: a protobuf attribute read builds a new Python object.
+    model_name = msg.model_name
+    check_model_name(model_name)
+    msg_inputs = msg.inputs
+    n_inputs = len(msg_inputs)
+    check_count("inputs", n_inputs, limits.max_inputs)
+    msg_outputs = msg.outputs
+    check_count("outputs", len(msg_outputs), limits.max_outputs)
     budget = ElementBudget(limits)
     raw = msg.raw_input_contents
     n_raw = len(raw)
-    if n_raw and n_raw != len(msg.inputs):
+    if n_raw and n_raw != n_inputs:
         raise InvalidInputError(
-            f"raw_input_contents has {n_raw} entries for {len(msg.inputs)} inputs; "
-            "send one per input"
+            f"raw_input_contents has {n_raw} entries for {n_inputs} inputs; send one per input"
         )
     inputs: list[Tensor] = []
-    for i, inp in enumerate(msg.inputs):
+    for i, inp in enumerate(msg_inputs):
+        name = inp.name
         shape = tuple(inp.shape)
         datatype = inp.datatype
         if inp.parameters:
-            check_tensor_parameters("input", inp.name, inp.parameters)
+            check_tensor_parameters("input", name, inp.parameters)
         if n_raw:
             if inp.HasField("contents"):
                 raise InvalidInputError(
-                    f"input '{inp.name}' has both typed contents and raw_input_contents"
+                    f"input '{name}' has both typed contents and raw_input_contents"
                 )
-            data = tensor_from_buffer(inp.name, datatype, shape, raw[i], budget)
+            data = tensor_from_buffer(name, datatype, shape, raw[i], budget)
         else:
             field = _CONTENTS_FIELD.get(datatype)
             if field is None:
                 if datatype in ("FP16", "BF16"):
                     raise InvalidInputError(
-                        f"input '{inp.name}': {datatype} has no typed contents; "
+                        f"input '{name}': {datatype} has no typed contents; "
                         "send it in raw_input_contents"
                     )
-                raise InvalidInputError(f"input '{inp.name}': unsupported datatype '{datatype}'")
+                raise InvalidInputError(f"input '{name}': unsupported datatype '{datatype}'")
             values = getattr(inp.contents, field)
-            data = tensor_from_list(inp.name, datatype, shape, list(values), budget)
-        inputs.append(Tensor(inp.name, datatype, shape, data))
+            data = tensor_from_list(name, datatype, shape, list(values), budget)
+        inputs.append(Tensor(name, datatype, shape, data))
     outputs = None
-    if msg.outputs:
+    if msg_outputs:
         outputs = []
-        for out in msg.outputs:
+        for out in msg_outputs:
             oparams = decode_parameters(out.parameters)
             check_tensor_parameters("output", out.name, oparams)
             outputs.append(RequestedOutput(out.name, None, oparams))
     parameters = decode_parameters(msg.parameters)
     return InferRequest(
-        msg.model_name,
+        model_name,
         msg.model_version,
         inputs,
         id=msg.id,

@@ -97,6 +97,22 @@ def test_rest_json_decodes_like_binary() -> None:
     _same(json_req, v2_json.decode_infer_request(body, header, "m", "1"))
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_binary_data_at_any_offset_decodes_to_aligned_arrays(offset: int) -> None:
+    """Binary data after a JSON header of any length: each numeric tensor comes back with
+    its shape and values, aligned for numpy and onnxruntime, and an empty shape works."""
+    for name, array in _fixtures().items():
+        if name == "BYTES":
+            continue
+        blob = b"x" * offset + array.tobytes()
+        data = tensor_from_buffer(name, name, array.shape, memoryview(blob)[offset:])
+        assert data.flags.aligned
+        assert data.shape == array.shape
+        assert data.tolist() == array.tolist()
+        empty = tensor_from_buffer(name, name, (0, 2), memoryview(blob)[offset:offset])
+        assert empty.shape == (0, 2)
+
+
 def test_grpc_typed_contents_decode_like_raw() -> None:
     tensors = {k: v for k, v in _fixtures().items() if k != "FP16"}
     msg = pb.ModelInferRequest(model_name="m", model_version="1", id="r1")
