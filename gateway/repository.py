@@ -127,6 +127,9 @@ class ModelVersion:
             str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )
         self.device = "GPU" if "CUDAExecutionProvider" in self.session.get_providers() else "CPU"
+        # The session's own run minus its Python-side checks of the feed (prepare has made
+        # them: every input present, by name), which cost more than a tiny model's call.
+        self._run = getattr(self.session, "_sess", self.session).run
         inputs = tuple(
             TensorSpec(arg.name, self._v2_type(arg.name, arg.type), _dims(arg.shape))
             for arg in self.session.get_inputs()
@@ -152,7 +155,18 @@ class ModelVersion:
         )
         self.input_names = [s.name for s in inputs]
         self.output_names = [s.name for s in outputs]
-        self._inputs = {s.name: (i, s, V2_TO_NUMPY[s.datatype]) for i, s in enumerate(inputs)}
+        # Per input: its index, spec, numpy type, and its rank with the (dimension, size)
+        # pairs a request must match (-1 matches any size), checked without a generator.
+        self._inputs = {
+            s.name: (
+                i,
+                s,
+                V2_TO_NUMPY[s.datatype],
+                len(s.shape),
+                tuple((d, size) for d, size in enumerate(s.shape) if size != -1),
+            )
+            for i, s in enumerate(inputs)
+        }
         self._outputs = {s.name: (i, s) for i, s in enumerate(outputs)}
         self.is_inline = policy.execution == "inline"
         self.warmup_us: float | None = None
@@ -243,7 +257,7 @@ class ModelVersion:
                     f"{where} has no input '{tensor.name}'; its inputs are "
                     + ", ".join(repr(n) for n in self.input_names)
                 )
-            index, spec, dtype = entry
+            index, spec, dtype, rank, fixed = entry
             if feeds[index] is not None:
                 raise InvalidInputError(f"{where}: input '{tensor.name}' is given twice")
             if tensor.datatype != spec.datatype:
@@ -252,13 +266,11 @@ class ModelVersion:
                     f"the model expects {spec.datatype}"
                 )
             shape = tensor.shape
-            if len(shape) != len(spec.shape) or any(
-                want != -1 and got != want for got, want in zip(shape, spec.shape, strict=False)
-            ):
-                raise InvalidInputError(
-                    f"{where}: input '{tensor.name}' has shape {list(shape)}, "
-                    f"the model expects {list(spec.shape)} (-1 is any size)"
-                )
+            if len(shape) != rank:
+                raise self._shape_error(tensor.name, shape, spec)
+            for dim, size in fixed:
+                if shape[dim] != size:
+                    raise self._shape_error(tensor.name, shape, spec)
             if self.max_batch_size:
                 batch = shape[0]
                 if rows == -1:
@@ -298,21 +310,26 @@ class ModelVersion:
                     )
         return feeds, rows  # type: ignore[return-value]  # every slot filled above
 
+    def _shape_error(
+        self, name: str, shape: tuple[int, ...], spec: TensorSpec
+    ) -> InvalidInputError:
+        return InvalidInputError(
+            f"{self._where}: input '{name}' has shape {list(shape)}, "
+            f"the model expects {list(spec.shape)} (-1 is any size)"
+        )
+
     def run(self, feeds: list[Array]) -> list[Array]:
         """Run one batch (blocking). Raises ``ModelExecutionError`` if the runtime fails."""
         feed = dict(zip(self.input_names, feeds, strict=True))
-        session = self.session
         try:
-            # The session's own run minus its Python-side checks of the feed (prepare has
-            # made them: every input present, by name), which cost more than a tiny model.
-            outputs: list[Array] = getattr(session, "_sess", session).run(
-                self.output_names, feed, None
-            )
+            outputs: list[Array] = self._run(self.output_names, feed, None)
         except Exception as exc:  # onnxruntime raises its own exception types
             if type(exc).__name__ != "EPFail":
                 raise self._failed(exc) from exc
             try:  # a provider failed: the public run falls back to the CPU provider once
-                outputs = session.run(self.output_names, feed)
+                outputs = self.session.run(self.output_names, feed)
+                # The fallback made a new inner session: later calls go to it directly.
+                self._run = getattr(self.session, "_sess", self.session).run
             except Exception as again:
                 raise self._failed(again) from again
         return outputs
@@ -386,6 +403,7 @@ class ModelVersion:
 
     def close(self) -> None:
         """Release the session; the object must not be used afterwards."""
+        del self._run
         del self.session
 
 
