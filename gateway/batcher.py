@@ -178,15 +178,24 @@ class Batcher:
 
     def run_now(self, feeds: list[Array], rows: int, deadline: float | None) -> list[Array] | None:
         """One request's outputs computed in the caller's own call, when the model may run
-        it at once (``_runs_now``: an inline model, nothing queued or running, no queue
-        delay); None when it must be queued with ``submit`` instead.
+        it at once: a started, accepting batcher of an inline model with nothing queued or
+        running and no queue delay configured (which asks requests to wait for company);
+        None when it must be queued with ``submit`` instead.
 
         No company could join before the next loop iteration that a queued request would
         wait for, so no batch is lost; the future, the queue entry and the suspension are
         saved. Raises what ``submit`` would: ``DeadlineExceededError`` for a deadline
         already passed, the model's error when its call fails.
         """
-        if not self._runs_now() or self._closing or self._loop is None:
+        idle = self._idle
+        if (
+            self._queue
+            or self._running
+            or self._delay_ns
+            or self._closing
+            or idle is None
+            or not self.model.is_inline
+        ):
             return None
         if deadline is not None and deadline <= self._clock():
             self.stats.expired += 1
@@ -199,14 +208,14 @@ class Batcher:
             infer_ns = time.perf_counter_ns() - start
             self._running -= 1
             self._account_alone(rows, infer_ns, infer_ns, False)
-            self._check_idle()
+            idle.set()  # nothing was queued or running, and nothing could start meanwhile
             raise self._failure(exc) from exc
         infer_ns = time.perf_counter_ns() - start
         if self._observer is not None:
             self._observe(feeds, outputs)
         self._running -= 1
         self._account_alone(rows, infer_ns, time.perf_counter_ns() - start, True)
-        self._check_idle()
+        idle.set()
         return outputs
 
     async def submit(self, feeds: list[Array], rows: int, deadline: float | None) -> list[Array]:
@@ -318,14 +327,6 @@ class Batcher:
                 self._running_rows.append(rows)
                 fut.add_done_callback(functools.partial(self._finish_future, batch, rows))
         self._check_idle()
-
-    def _runs_now(self) -> bool:
-        """Whether a request may run in its caller's call: an inline model, an empty queue,
-        nothing running, and no queue delay configured (which asks requests to wait for
-        company)."""
-        return (
-            self.model.is_inline and not self._queue and self._running == 0 and not self._delay_ns
-        )
 
     def _should_fill(self) -> bool:
         """With a batch running and an instance free: wait (for a batch to finish, or for
