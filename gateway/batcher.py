@@ -313,17 +313,16 @@ class Batcher:
                 break
             if self._running and self.fill_rows and self._should_fill():
                 break
-            batch = self._take()
+            batch, rows = self._take()
             if not batch:
                 continue
             self._running += 1
             if self.model.is_inline or self._executor is None:
                 outcome = self._execute(batch)
-                self._finish(batch, outcome)
+                self._finish(batch, rows, outcome)
             else:
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._executor, self._execute, batch)
-                rows = sum(item.rows for item in batch)
                 self._running_rows.append(rows)
                 fut.add_done_callback(functools.partial(self._finish_future, batch, rows))
         self._check_idle()
@@ -357,8 +356,9 @@ class Batcher:
             )
         return True
 
-    def _take(self) -> list[_Item]:
-        """Pop the next batch: a run of compatible requests from the head of the queue."""
+    def _take(self) -> tuple[list[_Item], int]:
+        """Pop the next batch, a run of compatible requests from the head of the queue, and
+        its rows."""
         queue = self._queue
         now = self._clock()
         batch: list[_Item] = []
@@ -392,7 +392,7 @@ class Batcher:
             key = item.key
             if not self._batching:
                 break
-        return batch
+        return batch, rows
 
     # -- execution (worker thread, or the loop thread for inline models) ------------------
 
@@ -455,13 +455,13 @@ class Batcher:
             outcome = _Outcome()
             outcome.results = [exc] * len(batch)
         self._running_rows.remove(rows)
-        self._finish(batch, outcome)
+        self._finish(batch, rows, outcome)
         self._dispatch()
 
-    def _finish(self, batch: list[_Item], outcome: _Outcome) -> None:
+    def _finish(self, batch: list[_Item], rows: int, outcome: _Outcome) -> None:
         self._running -= 1
         end = time.perf_counter_ns()
-        busy_ns = self._account_batch(sum(item.rows for item in batch), len(batch), outcome)
+        busy_ns = self._account_batch(rows, len(batch), outcome)
         for item, result in zip(batch, outcome.results, strict=True):
             self._account_request(end - item.enqueued_ns, busy_ns, item.rows, result)
             if item.future.done():
