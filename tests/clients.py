@@ -36,7 +36,6 @@ def infer(
 ) -> tuple[dict[str, Array], Any]:
     """Infer through tritonclient; return outputs by name and the raw result."""
     mod: Any = httpclient if protocol == "http" else grpcclient
-    conn = connection or client(protocol, url)
     tensors = []
     for name, array in inputs.items():
         tensor = mod.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -51,25 +50,31 @@ def infer(
             requested = [mod.InferRequestedOutput(n, binary_data=binary) for n in outputs]
         else:
             requested = [mod.InferRequestedOutput(n) for n in outputs]
+    # A client this call opened is closed on every path: one left open after an expected
+    # error is collected later on whatever thread runs the collector, where tritonclient's
+    # finaliser fails outside its event hub and pytest reports it against another test.
     kwargs: dict[str, Any] = {}
     if client_timeout is not None:
         kwargs["client_timeout"] = client_timeout
-    result = conn.infer(
-        model,
-        tensors,
-        model_version=version,
-        outputs=requested,
-        request_id=request_id,
-        parameters=parameters,
-        headers=headers,
-        **kwargs,
-    )
-    names = outputs
-    if names is None:
-        response = result.get_response()
-        entries = response["outputs"] if protocol == "http" else response.outputs
-        names = [e["name"] if protocol == "http" else e.name for e in entries]
-    got = {name: result.as_numpy(name) for name in names}
-    if connection is None:
-        conn.close()
+    conn = connection or client(protocol, url)
+    try:
+        result = conn.infer(
+            model,
+            tensors,
+            model_version=version,
+            outputs=requested,
+            request_id=request_id,
+            parameters=parameters,
+            headers=headers,
+            **kwargs,
+        )
+        names = outputs
+        if names is None:
+            response = result.get_response()
+            entries = response["outputs"] if protocol == "http" else response.outputs
+            names = [e["name"] if protocol == "http" else e.name for e in entries]
+        got = {name: result.as_numpy(name) for name in names}
+    finally:
+        if connection is None:
+            conn.close()
     return got, result
