@@ -4,8 +4,8 @@ Cells (perf_analyzer, mlp_small-shaped models, gRPC and HTTP, same machine, same
 direct (the request names the version) vs routed by weight (50/50 between two copies);
 no shadow vs 100% shadow to a copy (concurrency 1: CPU not saturated); and overload: a
 shadow thousands of times slower than the primary at 100% sampling, where the bounded
-mirror drops what it cannot run, and the shadows' CPU budget (``shadow_cpu_share``, 2% of a
-core by default) drops the copies it cannot pay for. Rounds alternate (the order of the
+mirror drops what it cannot run, and the shadows' CPU budget (``shadow_cpu_share``, 0.5% of
+a core by default) drops the copies it cannot pay for. Rounds alternate (the order of the
 configurations rotates each round) and the ratios use the medians over rounds. Options:
 --rounds, --window-ms, --configs direct,shadow_slow (a subset; ``direct`` is always run).
 Results: bench/results/routing.{json,md}.

@@ -366,6 +366,7 @@ class Router:
     ) -> None:
         name = request.model_name
         versions = self._models.get(name, {})
+        runner = self.shadows
         for target in shadows:
             if target.version == served:
                 continue
@@ -376,11 +377,12 @@ class Router:
             if endpoint is None:
                 stats.dropped += 1
                 continue
-            # The copy is made in the call, once admitted: most copies of a slow shadow are
-            # dropped, and a dropped one should cost as little as the counting.
-            self.shadows.mirror(
-                functools.partial(self._run_shadow, endpoint, request), response, stats
-            )
+            # Admitted before the call is built: most copies of a slow shadow are dropped,
+            # and a dropped one should cost as little as the counting.
+            if runner.admits(stats):
+                runner.start(
+                    functools.partial(self._run_shadow, endpoint, request), response, stats
+                )
 
     async def _run_shadow(self, endpoint: Endpoint, primary: InferRequest) -> InferResponse:
         """A mirror call of ``primary`` to ``endpoint``: a cheap (inline) model runs through
@@ -406,15 +408,19 @@ class Router:
                 self.shadows.charge(time.perf_counter() - start)
         feeds, _rows = model.prepare(request)
         loop = asyncio.get_running_loop()
-        arrays, cpu_s = await loop.run_in_executor(
+        arrays, run_s = await loop.run_in_executor(
             self._shadow_executor, _timed_run, model.run, feeds
         )
-        self.shadows.charge(cpu_s)
+        self.shadows.charge(run_s)
         return model.respond(request, arrays)
 
 
 def _timed_run(run: Callable[[list[Any]], list[Any]], feeds: list[Any]) -> tuple[list[Any], float]:
-    """A model call on a worker thread and its thread CPU time (seconds)."""
-    start = time.thread_time()
+    """A model call on a worker thread and how long it ran (wall seconds, from its start on
+    the thread). Not the thread's CPU time: that misses onnxruntime's intra-op threads, and
+    the call's wall time is how long it shares the cores and caches with the primary's
+    requests, which grows when their load starves the low-priority thread: the budget then
+    admits fewer copies exactly while the primary is busy."""
+    start = time.perf_counter()
     arrays = run(feeds)
-    return arrays, time.thread_time() - start
+    return arrays, time.perf_counter() - start

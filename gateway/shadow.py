@@ -2,8 +2,8 @@
 
 A mirror call is fire-and-forget: it starts after the primary answer is ready, never
 delays or fails the primary, and is bounded twice: at most ``max_in_flight`` mirror calls
-at once, and a CPU budget (a token bucket of CPU seconds refilled at ``cpu_share`` of wall
-time, shared by every shadow; the caller reports each call's CPU cost). Beyond either, and
+at once, and a CPU budget (a token bucket of seconds refilled at ``cpu_share`` of wall time,
+shared by every shadow; the caller charges each call the time it ran). Beyond either, and
 when the shadow's own queue is full, the copy is dropped and counted (``over_budget``
 counts the budget's share of the drops). Errors are counted, never surfaced. Comparison
 per row: for a classifier output (integer labels, or a 2-D score matrix) the share of rows
@@ -60,7 +60,7 @@ class ShadowRunner:
 
     ``cpu_share`` (0..1; 0 or less: no CPU budget) is the share of one core's time that
     mirror calls may use on average; a call is admitted while the bucket is not empty and
-    its measured cost (``charge``) is taken out afterwards, so one expensive call may
+    the time it ran (``charge``) is taken out afterwards, so one expensive call may
     overdraw the bucket and the copies after it wait until the refill has paid it back.
     """
 
@@ -78,7 +78,7 @@ class ShadowRunner:
         self._tokens = self._capacity
         self._refilled = clock()
         self.spent_s = 0.0
-        """CPU seconds charged to mirror calls so far."""
+        """Seconds charged to mirror calls so far (the time each ran)."""
 
     def _admit(self) -> bool:
         if self._share <= 0:
@@ -88,11 +88,11 @@ class ShadowRunner:
         self._refilled = now
         return self._tokens > 0
 
-    def charge(self, cpu_s: float) -> None:
-        """Take one mirror call's CPU cost (seconds) out of the budget."""
-        self.spent_s += cpu_s
+    def charge(self, seconds: float) -> None:
+        """Take the time one mirror call ran out of the budget."""
+        self.spent_s += seconds
         if self._share > 0:
-            self._tokens -= cpu_s
+            self._tokens -= seconds
 
     def mirror(
         self,
@@ -101,13 +101,28 @@ class ShadowRunner:
         stats: ShadowStats,
     ) -> None:
         """Start ``call`` (the shadow's inference) in the background, or drop it."""
+        if self.admits(stats):
+            self.start(call, primary, stats)
+
+    def admits(self, stats: ShadowStats) -> bool:
+        """Whether a copy may start now (in flight and budget); a refused copy is counted
+        as dropped here, so a caller asks before it builds the call."""
         if len(self._tasks) >= self._max:
             stats.dropped += 1
-            return
+            return False
         if not self._admit():
             stats.dropped += 1
             stats.over_budget += 1
-            return
+            return False
+        return True
+
+    def start(
+        self,
+        call: Callable[[], Awaitable[InferResponse]],
+        primary: InferResponse,
+        stats: ShadowStats,
+    ) -> None:
+        """Start an admitted ``call`` in the background (``admits`` said yes just before)."""
         stats.sent += 1
         task = asyncio.get_running_loop().create_task(self._run(call, primary, stats))
         self._tasks.add(task)
