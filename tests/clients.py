@@ -50,12 +50,12 @@ def infer(
             requested = [mod.InferRequestedOutput(n, binary_data=binary) for n in outputs]
         else:
             requested = [mod.InferRequestedOutput(n) for n in outputs]
-    # A client this call opened is closed on every path: one left open after an expected
-    # error is collected later on whatever thread runs the collector, where tritonclient's
-    # finaliser fails outside its event hub and pytest reports it against another test.
     kwargs: dict[str, Any] = {}
     if client_timeout is not None:
         kwargs["client_timeout"] = client_timeout
+    # A client this call opened is closed on every path: one left open after an expected
+    # error is collected later on whatever thread runs the collector, where tritonclient's
+    # finaliser fails outside its event hub and pytest reports it against another test.
     conn = connection or client(protocol, url)
     try:
         result = conn.infer(
