@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +85,13 @@ class _Schema:
     categories: list[npt.NDArray[Any] | None]
 
 
+def _inner_run(session: ort.InferenceSession) -> Callable[..., list[Array]]:
+    """The session's own run minus its Python-side checks of the feed (``prepare`` has made
+    them: every input present, by name), which cost more than a tiny model's call."""
+    run: Callable[..., list[Array]] = getattr(session, "_sess", session).run
+    return run
+
+
 class ModelVersion:
     """One loaded model version: an ONNX Runtime session plus its validated signature.
 
@@ -127,9 +134,7 @@ class ModelVersion:
             str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )
         self.device = "GPU" if "CUDAExecutionProvider" in self.session.get_providers() else "CPU"
-        # The session's own run minus its Python-side checks of the feed (prepare has made
-        # them: every input present, by name), which cost more than a tiny model's call.
-        self._run = getattr(self.session, "_sess", self.session).run
+        self._run = _inner_run(self.session)
         inputs = tuple(
             TensorSpec(arg.name, self._v2_type(arg.name, arg.type), _dims(arg.shape))
             for arg in self.session.get_inputs()
@@ -329,7 +334,7 @@ class ModelVersion:
             try:  # a provider failed: the public run falls back to the CPU provider once
                 outputs = self.session.run(self.output_names, feed)
                 # The fallback made a new inner session: later calls go to it directly.
-                self._run = getattr(self.session, "_sess", self.session).run
+                self._run = _inner_run(self.session)
             except Exception as again:
                 raise self._failed(again) from again
         return outputs
