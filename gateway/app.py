@@ -361,6 +361,8 @@ class Gateway:
         period); then listeners close, batchers drain and sessions are released."""
         self._draining = True
         self.inference.drain()
+        for endpoint in self.router.endpoints():
+            endpoint.batcher.hurry()  # in-flight requests do not wait for company
         await self._tls_reloader.stop()
         if self.controller is not None:
             await self.controller.stop()

@@ -267,6 +267,14 @@ class Batcher:
                 pass
             raise
 
+    def hurry(self) -> None:
+        """Shutdown begins: from now on no batch waits for company (``max_queue_delay_us``),
+        so requests queued for company run at once, while new ones are still accepted."""
+        self._delay_ns = 0
+        if self._queue and not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch)
+
     async def drain(self) -> None:
         """Stop accepting requests, run what is queued without waiting for company, and
         wait until queued and running requests finish."""

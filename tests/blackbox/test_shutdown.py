@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.gateway_process import GatewayProcess
 
 
+def _queued(url: str) -> float:
+    """The slow model's queue depth, from the gateway's own metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("gateway_queue_depth{") and 'model="slow"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> None:
     root = tmp_path / "repo"
-    root.mkdir()
-    (root / "slow").symlink_to(repository / "slow")
+    (root / "slow" / "1").mkdir(parents=True)
+    shutil.copy(repository / "slow" / "1" / "model.onnx", root / "slow" / "1" / "model.onnx")
+    # The queued requests wait up to a minute for company: only the drain runs them.
+    (root / "slow" / "config.toml").write_text(
+        'max_batch_size = 8\nexecution = "pool"\nmax_queue_size = 4\n'
+        "max_queue_delay_us = 60000000\n"
+    )
     gateway = GatewayProcess(root, tmp_path / "data")
     proc, port = gateway.proc, gateway.http_port
     try:
@@ -25,7 +38,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> 
         payload = json.dumps(
             {
                 "inputs": [
-                    {"name": "INPUT0", "shape": [8, 512], "datatype": "FP32", "data": [0.1] * 4096}
+                    {"name": "INPUT0", "shape": [1, 512], "datatype": "FP32", "data": [0.1] * 512}
                 ]
             }
         )
@@ -33,16 +46,24 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, repository: Path) -> 
             f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n{payload}"
         ).encode()
-        # Four requests fully sent (the queue limit) before the signal.
+        # Four requests (the queue limit) in the queue, seen there, before the signal.
         sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
         for sock in sockets:
             sock.sendall(request)
-        time.sleep(0.02)
+        deadline = time.monotonic() + 20
+        while _queued(url) < 4:
+            assert time.monotonic() < deadline, "the requests never queued"
+            time.sleep(0.01)
         gateway.terminate()
-        time.sleep(0.05)
-        with pytest.raises(httpx.HTTPError):
+        deadline = time.monotonic() + 5
+        while True:
             # Listener closed: new connections (and so health checks) are refused.
-            httpx.get(f"{url}/v2/health/ready", timeout=2).raise_for_status()
+            try:
+                httpx.get(f"{url}/v2/health/ready", timeout=2).raise_for_status()
+            except httpx.HTTPError:
+                break
+            assert time.monotonic() < deadline, "still ready after SIGTERM"
+            time.sleep(0.01)
         for sock in sockets:
             sock.settimeout(30)
             reply = b""
