@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,18 +130,29 @@ def test_full_queue_answers_at_once_grpc(server: RunningGateway) -> None:
     assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
+async def _queued(server: RunningGateway, depth: int) -> None:
+    """Until ``depth`` requests wait in the slow model's queue (the call running is not in
+    it): the order the tests below need is seen on the server, not assumed from sleeps."""
+    assert server.gateway is not None
+    batcher = server.gateway.router.resolve("slow", "1").batcher
+    deadline = time.monotonic() + 10
+    while server.on_loop(lambda: batcher.queue_depth) < depth:
+        assert time.monotonic() < deadline, f"never {depth} queued"
+        await asyncio.sleep(0.0005)
+
+
 def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
     before = _stats(server, "slow")
     # Two full batches ahead, two late requests: four in all, the slow model's queue limit.
     bodies = [_slow_body(8) for _ in range(2)]
-    # Queued behind two full batches, a 1 ms deadline (V2 timeout parameter, in µs, and
-    # the header) passes before the model is free.
+    # Queued behind a full batch while another runs, a 1 ms deadline (V2 timeout
+    # parameter, in µs, and the header) passes before the model is free.
     late = [_slow_body(1, parameters={"timeout": 1000}), _slow_body(1)]
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=f"http://{server.http_url}", timeout=60) as c:
             first = [asyncio.create_task(c.post("/v2/models/slow/infer", json=b)) for b in bodies]
-            await asyncio.sleep(0.005)
+            await _queued(server, 1)  # one batch running, one waiting
             second = [
                 asyncio.create_task(c.post("/v2/models/slow/infer", json=late[0])),
                 asyncio.create_task(
@@ -173,15 +185,15 @@ def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> Non
         async with grpc.aio.insecure_channel(server.grpc_url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             await channel.channel_ready()
-            # Two full batches first, on the same connection: the model is busy with the
-            # first (about 3 ms a call here) and the second waits when the late requests
-            # arrive, so the late ones wait about 4 ms for the model: past a 3 ms deadline.
+            # Two full batches first: the model runs one (milliseconds a call) and the
+            # other waits, so a one-row request queued now waits at least a whole call.
             busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(2)]
-            await asyncio.sleep(0.002)
-            late = stub.ModelInfer(request(1), timeout=0.003)
+            await _queued(server, 1)
             cancelled = stub.ModelInfer(request(1), timeout=60)
-            await asyncio.sleep(0.002)
+            await _queued(server, 2)
             cancelled.cancel()
+            # A 2 ms deadline passes in the queue (or on the way: either way not run).
+            late = stub.ModelInfer(request(1), timeout=0.002)
             try:
                 await late
                 code = grpc.StatusCode.OK

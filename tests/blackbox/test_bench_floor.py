@@ -24,13 +24,13 @@ from gateway._proto import grpc_service_pb2 as pb
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(110)
+@pytest.mark.timeout(210)
 def test_floor_smoke_reports_every_protocol(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.floor", "--smoke", "--results-dir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=200,
         cwd=ROOT,
         check=False,
     )

@@ -349,8 +349,16 @@ def _requests(counts: dict[str, Any]) -> int:
 def test_pooled_traffic_is_the_exact_sum_of_the_replicas_counts(fleet: Fleet) -> None:
     store = fleet.store()
     try:
-        # Right after the Redis restart of the test before, a beat or two may still fail.
+        # Right after the Redis restart of the test before, a beat or two may still fail
+        # (the restarted store still holds the old counters): wait for a beat from every
+        # replica since now, so that what it counted before is published.
         _wait(lambda: len(store.pooled("traffic:pair").contributors) == 3, 10.0, "3 replicas")
+        t0 = time.time()
+        _wait(
+            lambda: sum(r.last_seen > t0 for r in store.replicas()) == 3,
+            10.0,
+            "a beat from every replica",
+        )
         # Counters of earlier traffic are published within a beat (0.5 s): wait until stable.
         before = store.pooled("traffic:pair")
         for _ in range(10):
@@ -422,8 +430,7 @@ def test_drift_seen_on_one_replica_shows_in_the_leaders_pooled_report(
 ) -> None:
     store = fleet.store()
     try:
-        _wait(lambda: _leader_port(store) is not None, 10.0, "a leader")
-        port = _leader_port(store)
+        port = _leader(store)
     finally:
         store.close()
     leader = next(r for r in fleet.replicas if r.http_port == port)
@@ -530,11 +537,23 @@ def _leader_port(store: RedisStore) -> int | None:
     return None
 
 
+def _leader(store: RedisStore) -> int:
+    """The leader's HTTP port, once some replica holds the lease."""
+    found: list[int] = []
+
+    def held() -> bool:
+        port = _leader_port(store)
+        found[:] = [] if port is None else [port]
+        return port is not None
+
+    _wait(held, 10.0, "a leader")
+    return found[0]
+
+
 def test_the_lease_moves_when_the_leader_is_paused_or_killed(fleet: Fleet) -> None:
     store = fleet.store()
     try:
-        _wait(lambda: _leader_port(store) is not None, 10.0, "a leader")
-        port = _leader_port(store)
+        port = _leader(store)
         token = store.lease().token  # type: ignore[union-attr]
         paused = next(r for r in fleet.replicas if r.http_port == port)
         os.kill(paused.process.pid, signal.SIGSTOP)
@@ -556,7 +575,8 @@ def test_the_lease_moves_when_the_leader_is_paused_or_killed(fleet: Fleet) -> No
         assert current is None or current.token >= new.token
         with httpx.Client(base_url=paused.http, timeout=10) as http:
             assert http.post("/v2/models/pair/infer", json=BODY).status_code == 200
-        leader = next(r for r in fleet.replicas if r.http_port == _leader_port(store))
+        # A heavily loaded machine may let the lease lapse between holders: wait for one.
+        leader = next(r for r in fleet.replicas if r.http_port == _leader(store))
         leader.process.kill()
         leader.process.wait()
         took = _wait(

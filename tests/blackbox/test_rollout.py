@@ -93,7 +93,7 @@ def _admin(server: RunningGateway, token: str = OPERATOR) -> httpx.Client:
     )
 
 
-def _wait_status(admin: httpx.Client, model: str, status: str, timeout_s: float = 20) -> Any:
+def _wait_status(admin: httpx.Client, model: str, status: str, timeout_s: float = 60) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         state = admin.get(f"/rollouts/{model}").json()

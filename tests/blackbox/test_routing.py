@@ -121,13 +121,19 @@ def test_weight_swap_under_load_fails_no_request(server: RunningGateway) -> None
     assert seen["3"] > 0
 
 
-def _comparison(server: RunningGateway, version: str, sent: int) -> dict[str, Any]:
+def _comparison(
+    server: RunningGateway,
+    version: str,
+    sent: int,
+    counted: tuple[str, ...] = ("compared_rows", "errors", "dropped"),
+) -> dict[str, Any]:
+    """The shadow's comparison once its ``counted`` fields add up to ``sent`` copies."""
     deadline = time.monotonic() + 30
     while True:
         route = httpx.get(f"http://{server.http_url}/v2/models/pair/route").json()
         shadow = next(s for s in route["shadows"] if s["version"] == version)
         done = shadow["comparison"]
-        if done.get("compared_rows", 0) + done.get("errors", 0) + done.get("dropped", 0) >= sent:
+        if sum(done.get(key, 0) for key in counted) >= sent:
             return dict(done)
         assert time.monotonic() < deadline, done
         time.sleep(0.02)
@@ -198,9 +204,11 @@ def test_failing_or_slow_shadow_never_touches_the_primary(server: RunningGateway
     assert {r.json()["model_version"] for r in replies} == set(want)
     failing = _comparison(server, "4", 60)
     assert failing["errors"] >= 60 - failing["dropped"]
-    slow = _comparison(server, "5", 60)
-    assert slow["sent"] + slow["dropped"] >= 60
+    # Every copy is sent or dropped at once; the sent ones need not have finished (they
+    # run at the lowest priority, behind anything else this machine does).
+    slow = _comparison(server, "5", 60, counted=("sent", "dropped"))
     assert slow["sent"] >= 1
+    _comparison(server, "5", 1, counted=("compared_rows", "errors"))  # its thread has run
     # The slow shadow ran on its own thread at the lowest CPU priority (nice 19), and
     # nothing else here did (this server runs in the test's process).
     lowest = [tid for tid in map(int, os.listdir("/proc/self/task")) if _nice(tid) == 19]

@@ -118,11 +118,11 @@ def test_follower_resyncs_after_redis_restarts(server: RedisServer, store: Redis
             assert await _until(lambda: follower.applied().get("m") == 50, 5.0)
             resyncs = follower.resyncs
 
-            server.kill()  # a crash: AOF (appendfsync always) keeps every acknowledged commit
+            server.kill()  # a crash: the AOF holds every acknowledged commit
             t0 = time.monotonic()
             with pytest.raises(StoreUnavailableError):
                 await asyncio.to_thread(store.save, "m", route=_route(99))
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 2.0  # a hang would be unbounded
             assert await _until(lambda: not follower.is_connected, 5.0)
 
             await asyncio.to_thread(server.start)  # same port and directory
@@ -160,7 +160,7 @@ def test_follower_recovers_from_a_hung_redis(server: RedisServer, store: RedisSt
             resumed = time.monotonic()
             await asyncio.to_thread(store.save, "m", route=_route(2))
             assert await _until(lambda: follower.applied() == {"m": 2}, 5.0)
-            assert time.monotonic() - resumed < 1.0
+            assert time.monotonic() - resumed < 2.0
         finally:
             await follower.stop()
 
@@ -204,7 +204,7 @@ def test_writes_fail_fast_while_redis_is_down_or_hung(server: RedisServer) -> No
             t0 = time.monotonic()
             with pytest.raises(StoreUnavailableError, match="may still have been applied") as hung:
                 store.save("m", route=_route(2))
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 2.0  # a hang would be unbounded
         finally:
             server.resume()
         assert http_status(hung.value.kind) == 503
@@ -219,7 +219,7 @@ def test_writes_fail_fast_while_redis_is_down_or_hung(server: RedisServer) -> No
             t0 = time.monotonic()
             with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{server.port}"):
                 call()
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 2.0  # a hang would be unbounded
         assert not store.ping()
         server.start()
         store.save("m", route=_route(4))  # the pool reconnects by itself

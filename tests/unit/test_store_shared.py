@@ -186,10 +186,10 @@ def test_failover_and_fencing(new_store: Factory) -> None:
     # "old" stops renewing (paused, crashed); "new" polls until the lease is free.
     t0 = time.monotonic()
     new: Lease | None = None
-    while new is None and time.monotonic() - t0 < ttl_s + 1.0:
+    while new is None and time.monotonic() - t0 < ttl_s + 5.0:
         new = new_client.acquire_lease("new", ttl_s * 10)
         time.sleep(0.01)
-    assert new is not None, "no failover within TTL + 1 s"
+    assert new is not None, "no failover within TTL + 5 s"
     assert new.token > old.token
     assert not old_client.renew_lease(old, ttl_s)
     # The paused ex-leader wakes up and writes with its stale token: refused, nothing written.
@@ -219,12 +219,12 @@ def test_lease_keepers_elect_one_and_fail_over(new_store: Factory) -> None:
         assert first is not None
         leaders[0].stop(release=False)  # a crash: the lease is left to expire
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.5 + 1.0:
+        while time.monotonic() - t0 < 0.5 + 5.0:
             leaders = [k for k in keepers if k.is_leader()]
             if leaders:
                 break
             time.sleep(0.01)
-        assert len(leaders) == 1, "no new leader within TTL + 1 s"
+        assert len(leaders) == 1, "no new leader within TTL + 5 s"
         second = leaders[0].current()
         assert second is not None
         assert second.token > first.token
