@@ -279,9 +279,7 @@ class Batcher:
         """Stop accepting requests, run what is queued without waiting for company, and
         wait until queued and running requests finish."""
         self._closing = True
-        if self._queue and not self._scheduled and self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self._dispatch)
+        self.hurry()
         if self._idle is not None:
             await self._idle.wait()
 

@@ -94,16 +94,6 @@ class ShadowRunner:
         if self._share > 0:
             self._tokens -= seconds
 
-    def mirror(
-        self,
-        call: Callable[[], Awaitable[InferResponse]],
-        primary: InferResponse,
-        stats: ShadowStats,
-    ) -> None:
-        """Start ``call`` (the shadow's inference) in the background, or drop it."""
-        if self.admits(stats):
-            self.start(call, primary, stats)
-
     def admits(self, stats: ShadowStats) -> bool:
         """Whether a copy may start now (in flight and budget); a refused copy is counted
         as dropped here, so a caller asks before it builds the call."""

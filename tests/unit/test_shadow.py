@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
@@ -11,6 +12,17 @@ from gateway.errors import ModelExecutionError, OverloadedError
 from gateway.shadow import ShadowRunner, compare_outputs
 from gateway.traffic import ShadowStats
 from gateway.types import InferResponse, Tensor
+
+
+def _mirror(
+    runner: ShadowRunner,
+    call: Callable[[], Awaitable[InferResponse]],
+    primary: InferResponse,
+    stats: ShadowStats,
+) -> None:
+    """A copy as the router sends one: started if ``admits`` says yes, else counted."""
+    if runner.admits(stats):
+        runner.start(call, primary, stats)
 
 
 def _response(data: np.ndarray) -> InferResponse:
@@ -51,7 +63,7 @@ def test_mirrors_are_bounded_and_failures_are_counted() -> None:
             return _response(np.array([[0.0, 1.0]], np.float32))
 
         for _ in range(3):
-            runner.mirror(held, primary, stats)
+            _mirror(runner, held, primary, stats)
         assert (stats.sent, stats.dropped) == (2, 1)  # the third is over the bound
         release.set()
         await runner.stop()
@@ -67,7 +79,7 @@ def test_mirrors_are_bounded_and_failures_are_counted() -> None:
             raise RuntimeError("bug")
 
         for call in (overloaded, failed, broken):
-            runner.mirror(call, primary, stats)
+            _mirror(runner, call, primary, stats)
         await asyncio.sleep(0)  # one loop turn: each mirror task runs (and ends) once
         await runner.stop()
         # An overloaded shadow counts as dropped, not sent; the other two as errors.
@@ -87,7 +99,7 @@ def test_stop_cancels_mirrors_still_running() -> None:
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
 
-        runner.mirror(forever, _response(np.zeros((1, 1), np.float32)), stats)
+        _mirror(runner, forever, _response(np.zeros((1, 1), np.float32)), stats)
         await started.wait()
         await runner.stop()
         assert (stats.sent, stats.errors) == (1, 0)
@@ -107,16 +119,16 @@ def test_cpu_budget_drops_copies_until_the_refill_pays_back_the_cost() -> None:
         async def answer() -> InferResponse:
             return primary
 
-        runner.mirror(answer, primary, stats)
+        _mirror(runner, answer, primary, stats)
         runner.charge(0.3)  # one expensive call overdraws the bucket by 0.2 s
         for _ in range(5):
-            runner.mirror(answer, primary, stats)
+            _mirror(runner, answer, primary, stats)
         assert (stats.sent, stats.dropped, stats.over_budget) == (1, 5, 5)
         now[0] = 1.9  # refilled 0.19 s: still 0.01 s in debt
-        runner.mirror(answer, primary, stats)
+        _mirror(runner, answer, primary, stats)
         assert stats.over_budget == 6
         now[0] = 2.5
-        runner.mirror(answer, primary, stats)
+        _mirror(runner, answer, primary, stats)
         assert (stats.sent, stats.dropped) == (2, 6)
         assert runner.spent_s == pytest.approx(0.3)
         await runner.stop()
@@ -134,7 +146,7 @@ def test_no_cpu_budget_when_the_share_is_zero() -> None:
             return primary
 
         runner.charge(100.0)
-        runner.mirror(answer, primary, stats)
+        _mirror(runner, answer, primary, stats)
         assert (stats.sent, stats.over_budget) == (1, 0)
         await runner.stop()
 
