@@ -15,6 +15,12 @@ on every configuration alike:
 - ``cold``: the features again with ``--cold-mb`` MB of memory read between requests
   (not timed), so each request starts with cold caches, as a served one does after the
   kernel's socket work and the client's.
+- ``floor``: bench.floor's pairing in-process: the gateway with bench.floor's settings and
+  bench.bare's gRPC handler and Starlette route around their own session of the same model
+  (mlp_small), each gRPC request parsed from its bytes and its answer serialised; warm and
+  (``floor_cold``) cold. Its extra column is the part of bench.floor's gap that is the
+  gateway's own Python; the rest of a served request (grpc's core, the kernel, the context
+  switches between grpc's threads) is the same for both.
 
 CPU time of the calling thread per request, the least over alternating rounds (noise on a
 shared machine only ever adds, and it comes in bursts that can cover half the rounds, so
@@ -220,7 +226,8 @@ async def _feature_steps(
     tensor = pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=shape)
     request = pb.ModelInferRequest(
         model_name=_MODEL, inputs=[tensor], raw_input_contents=[x.tobytes()]
-    )
+    ).SerializeToString()
+    parse = pb.ModelInferRequest.FromString
     context = _GrpcContext()
 
     async def receive() -> dict[str, Any]:
@@ -245,11 +252,121 @@ async def _feature_steps(
             await app(scope, receive, send)
 
         async def grpc(servicer: Any = servicer) -> None:
-            await servicer.ModelInfer(request, context)
+            (await servicer.ModelInfer(parse(request), context)).SerializeToString()
 
         steps[(name, "http")] = http
         steps[(name, "grpc")] = grpc
     return steps
+
+
+# --------------------------------------------------------------------------- floor
+
+
+async def _floor_steps(stack: contextlib.AsyncExitStack, root: Path) -> dict[str, Step]:
+    """bench.floor's pairing in-process: the gateway with bench.floor's settings (its
+    defaults: feedback memory on, 1% access log) and bench.bare's handlers around their own
+    session of the same model (mlp_small), gRPC and HTTP binary, each request parsed from
+    its bytes and its answer serialised, as a served one is."""
+    from bench.bare import Floor, starlette_app
+    from bench.floor import MODEL, MODEL_CONFIG
+    from bench.models import write_model
+    from gateway._proto import grpc_service_pb2 as pb
+    from gateway.app import serve
+    from gateway.codecs import v2_grpc
+    from gateway.config import load_settings
+
+    path = write_model(root / "floor-models", MODEL, MODEL_CONFIG)
+    floor = Floor(MODEL, str(path))
+    config = root / "floor.toml"
+    config.write_text(gateway_settings(root / "floor-data"))
+    overrides: dict[str, Any] = {"model_repository": str(root / "floor-models")}
+    overrides.update({"http.port": 0, "grpc.port": 0, "log_level": "WARNING"})
+    gateway = await stack.enter_async_context(serve(load_settings(config, overrides=overrides)))
+    width = floor.model.input_width
+    x = np.linspace(-1.0, 1.0, width, dtype=np.float32).reshape(1, width)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, width])
+    message = pb.ModelInferRequest(
+        model_name=MODEL, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    ).SerializeToString()
+    parse = pb.ModelInferRequest.FromString
+    context = _GrpcContext()
+    servicer = gateway.inference
+
+    async def grpc_bare() -> None:
+        floor.grpc_infer(parse(message)).SerializeToString()
+
+    async def grpc_gateway() -> None:
+        (await servicer.ModelInfer(parse(message), context)).SerializeToString()
+
+    # The gateway's handler in stages: the V2 decode alone, then with the data plane's call
+    # (admission, routing, validation, the model call and its statistics, the response
+    # hook); the full handler adds the encode and the call's bookkeeping.
+    plane = gateway.plane
+
+    async def grpc_decode() -> None:
+        v2_grpc.decode_infer_request(parse(message))
+
+    async def grpc_data_plane() -> None:
+        infer = v2_grpc.decode_infer_request(parse(message))
+        plane.admit(infer, None)
+        await plane.infer(infer)
+
+    head = msgspec.json.encode(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "FP32",
+                    "shape": [1, width],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    body = head + x.tobytes()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "root_path": "",
+        "path": floor.infer_path,
+        "raw_path": floor.infer_path.encode(),
+        "query_string": b"",
+        "headers": [
+            (b"content-length", str(len(body)).encode()),
+            (b"inference-header-content-length", str(len(head)).encode()),
+            (b"content-type", b"application/octet-stream"),
+        ],
+        "extensions": {},
+    }
+    received = {"type": "http.request", "body": body, "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return received
+
+    async def send(event: dict[str, Any]) -> None:
+        if event["type"] == "http.response.start" and event["status"] != 200:
+            raise RuntimeError(f"HTTP infer answered {event['status']}")
+
+    def http(app: Any) -> Step:
+        async def one() -> None:
+            await app(dict(scope), receive, send)
+
+        return one
+
+    return {
+        "grpc/bare": grpc_bare,
+        "grpc/decode": grpc_decode,
+        "grpc/decode + data plane": grpc_data_plane,
+        "grpc/gateway": grpc_gateway,
+        "http/bare": http(starlette_app(floor)),
+        "http/gateway": http(gateway.http.app),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -265,13 +382,21 @@ async def _measure(rounds: int, requests: int, cold_mb: float) -> dict[str, Any]
         async with contextlib.AsyncExitStack() as stack:
             steps = await _feature_steps(stack, root)
             by_name = {f"{c}/{p}": s for (c, p), s in steps.items()}
+            floor_steps = await _floor_steps(stack, root)
+            floor = await _rounds(floor_steps, rounds, requests)
+            floor_cold = None
+            if cold_mb > 0:
+                floor_cold = await _rounds(floor_steps, rounds, max(requests // 4, 1), cold_mb)
             features = await _rounds(by_name, rounds, requests)
             cold = None
             if cold_mb > 0:  # a quarter of the requests: the reads cost more than a request
                 cold = await _rounds(by_name, rounds, max(requests // 4, 1), cold_mb)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"listener": listener, "features": features} | ({"cold": cold} if cold else {})
+    out = {"listener": listener, "features": features, "floor": floor}
+    if cold and floor_cold:
+        out |= {"cold": cold, "floor_cold": floor_cold}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                 row(part, f"{protocol} {name}", f"{name}/{protocol}", f"all_off/{protocol}")
                 for name in CONFIGS
             ]
+    for part in ("floor", "floor_cold") if "floor_cold" in cells else ("floor",):
+        rows += [
+            row(part, key.replace("/", " "), key, key.split("/")[0] + "/bare")
+            for key in cells[part]
+        ]
     summary = {"least_us": least, "median_us": med}
     md = (
         "# The gateway's own cost per request, in-process\n\n"
@@ -318,7 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         "the handler called directly; the extra column is over uvicorn's protocol "
         "(listener) or over all-off (features). Cold: the features again with "
         f"{args.cold_mb:g} MB read between requests (not timed), so each request starts with "
-        "cold caches as a served one does.\n\n"
+        "cold caches as a served one does. Floor: bench.floor's pairing (mlp_small), the "
+        "gateway with its defaults against bench.bare's gRPC handler and Starlette route "
+        "around their own session, the extra column over the bare one (the gRPC handler also in "
+        "stages: the V2 decode alone, then with the data plane's call); floor_cold: the "
+        "same cold. gRPC requests are parsed from their bytes and answers serialised, as served; "
+        "the in-memory servicer context answers what grpc.aio's builds per call (the call's "
+        "metadata: a few µs served).\n\n"
         + table(["part", "configuration", "µs per request", "extra µs", "median (extra)"], rows)
     )
     write("handler_cost", {"meta": meta, "summary": summary, "cells": cells}, md)

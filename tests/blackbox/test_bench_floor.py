@@ -104,3 +104,25 @@ def test_bare_http_binary_round_trip_and_bad_header_length(floor: Floor) -> None
     assert len(out) == hlen + 8
     with pytest.raises(BadRequestError, match="out of range"):
         floor.http_infer(body, len(body) + 1)
+
+
+@pytest.mark.timeout(120)
+def test_handler_cost_pairs_the_gateway_with_the_bare_handlers() -> None:
+    """bench.handler_cost's in-process rounds (one tiny round, nothing written): every
+    step answers (a failed infer raises), and each gets a positive cost per request."""
+    import uvloop
+
+    from bench.handler_cost import _measure
+
+    cells = uvloop.run(_measure(rounds=1, requests=8, cold_mb=0.25))
+    assert set(cells) == {"listener", "features", "cold", "floor", "floor_cold"}
+    for part in ("floor", "floor_cold"):
+        assert set(cells[part]) == {
+            "grpc/bare",
+            "grpc/decode",
+            "grpc/decode + data plane",
+            "grpc/gateway",
+            "http/bare",
+            "http/gateway",
+        }
+    assert all(v > 0 for values in cells.values() for costs in values.values() for v in costs)
