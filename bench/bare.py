@@ -13,6 +13,11 @@ Each ``--kind`` is the least a stack needs to answer a V2 ModelInfer for one mod
 - ``asgi``: a raw ASGI app on uvicorn (uvloop, httptools, no access log, no lifespan).
 - ``starlette``: a Starlette route reading the body and answering with a Response; the JSON
   header encoded and decoded with msgspec.
+- ``gateway-handler``: not a floor but a probe: the gateway itself (``gateway serve`` with
+  bench.floor's settings: its listeners, threads, options and defaults) whose gRPC
+  ModelInfer is this module's grpc.aio handler. Beside the bare grpc.aio server it shows
+  what the gateway's process costs a request apart from its request path; beside the
+  gateway, what its request path costs served. gRPC ModelInfer only.
 
 HTTP speaks the V2 binary tensor extension (and plain V2 JSON when no
 ``Inference-Header-Content-Length`` is sent: the readiness probe uses it). gRPC takes
@@ -43,7 +48,7 @@ from gateway._proto import model_config_pb2 as mc
 
 __all__ = ["KINDS", "Floor", "main"]
 
-KINDS: Final = ("grpc-aio", "grpc-sync", "asgi", "starlette")
+KINDS: Final = ("grpc-aio", "grpc-sync", "asgi", "starlette", "gateway-handler")
 MAX_BATCH_SIZE: Final = 64
 MAX_BODY_BYTES: Final = 64 << 20
 _SERVICE: Final = "inference.GRPCInferenceService"
@@ -330,6 +335,33 @@ _GRPC_OPTIONS: Final = [
 # --------------------------------------------------------------------------- HTTP servers
 
 
+def _serve_gateway_handler(floor: Floor, model_path: str, port: int) -> None:
+    """``gateway serve`` on the model's repository, its ModelInfer the bare handler."""
+    import tempfile
+    from pathlib import Path
+
+    import grpc
+
+    from bench.peers.servers import gateway_settings
+    from gateway import grpc_api
+    from gateway.cli import main as gateway_main
+
+    async def model_infer(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return floor.grpc_infer(request)
+        except (BadRequestError, KeyError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    grpc_api.InferenceServicer.ModelInfer = model_infer  # type: ignore[method-assign]
+    repository = Path(model_path).parents[2]  # <repository>/<model>/<version>/model.onnx
+    data = Path(tempfile.mkdtemp(prefix="bench-gateway-handler-"))
+    config = data / "gateway.toml"
+    config.write_text(gateway_settings(data / "data"))
+    args = ["serve", "--config", str(config), "--model-repository", str(repository)]
+    args += ["--host", LOOPBACK, "--http-port", "0", "--grpc-port", str(port)]
+    gateway_main([*args, "--log-level", "WARNING"])
+
+
 def _header_length(value: bytes | str | None) -> int | None:
     if value is None:
         return None
@@ -465,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_grpc_aio(floor, args.grpc_port))
     elif args.kind == "grpc-sync":
         _serve_grpc_sync(floor, args.grpc_port, args.threads, args.handoff)
+    elif args.kind == "gateway-handler":
+        _serve_gateway_handler(floor, path, args.grpc_port)
     elif args.kind == "asgi":
         _serve_http(asgi_app(floor), args.http_port)
     else:

@@ -12,7 +12,11 @@ speaks. Per cell: throughput, p50/p99, and server CPU per request = utime+stime 
 server's process tree over the measured window / requests completed in it. The report
 holds medians over rounds and the gateway/bare ratios per protocol: gRPC unary against the
 cheapest bare grpcio server, gRPC stream against the bare stream, HTTP binary against the
-bare Starlette+msgspec route (and the raw ASGI app for reference).
+bare Starlette+msgspec route (and the raw ASGI app for reference). Besides the floors
+(skipped by ``--smoke``): grpc.aio on uvloop, grpcio's sync server handing each call to an
+asyncio loop, and a probe, the gateway's own process with the bare handler as its
+ModelInfer (bench.bare's ``gateway-handler``): it costs what the bare servers do when the
+gateway's process adds nothing, and the gateway's ratio to it is its request path's cost.
 
 Results: bench/results/floor.{json,md}; ``--smoke`` (one short round, bench.loadgen only,
 about 20-30 s) writes bench/results/tmp/floor_smoke.*. Options: --rounds, --concurrency
@@ -23,6 +27,7 @@ bench/results/floor.json (rewrite the markdown only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -86,7 +91,8 @@ BARE: Final = (
     _bare("starlette", "Starlette route + msgspec on uvicorn", "starlette", ("http-binary",)),
 )
 # Variants for reference (skipped by --smoke): the event loop the gateway runs grpc.aio on,
-# and what a sync front end with an asyncio core behind it pays for the hand-off.
+# what a sync front end with an asyncio core behind it pays for the hand-off, and the
+# gateway's process around the bare handler.
 BARE_EXTRA: Final = (
     _bare("grpc_aio_uvloop", "grpc.aio unary on uvloop", "grpc-aio", ("grpc",), "--uvloop"),
     _bare(
@@ -99,17 +105,26 @@ BARE_EXTRA: Final = (
         "--handoff",
         "loop",
     ),
+    # Not a floor: the gateway's own process with the bare grpc.aio handler as its
+    # ModelInfer. Beside grpc_aio_uvloop: what the process (listeners, threads, options)
+    # costs; the gateway beside it: what the gateway's request path costs, served.
+    dataclasses.replace(
+        _bare("gateway_handler", "gateway process, bare ModelInfer", "gateway-handler", ("grpc",)),
+        perf_analyzer=(),  # its statistics count the gateway's path, not this handler's
+        uses_grpc=True,
+        uses_http=False,  # the gateway's HTTP listener is there, on a port of its own
+    ),
 )
 # Which bare servers each gateway protocol is held against; the first is the target's.
 COMPARE: Final = {
     # The target's reference is the cheapest of the plain grpcio servers, chosen per run;
     # the sync server with a loop hand-off is there for reference (what a sync front end
     # keeping an asyncio core would cost), not as a floor.
-    "grpc": ("grpc_sync", "grpc_aio", "grpc_aio_uvloop", "grpc_sync_loop"),
+    "grpc": ("grpc_sync", "grpc_aio", "grpc_aio_uvloop", "grpc_sync_loop", "gateway_handler"),
     "grpc-stream": ("grpc_stream",),
     "http-binary": ("starlette", "asgi"),
 }
-REFERENCE_ONLY: Final = frozenset({"grpc_sync_loop"})
+REFERENCE_ONLY: Final = frozenset({"grpc_sync_loop", "gateway_handler"})
 TARGETS: Final = {"grpc": 1.15, "grpc-stream": 1.15, "http-binary": 1.25}
 _NAMES: Final = {
     "grpc": "gRPC unary",

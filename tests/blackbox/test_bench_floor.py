@@ -126,3 +126,33 @@ def test_handler_cost_pairs_the_gateway_with_the_bare_handlers() -> None:
             "http/gateway",
         }
     assert all(v > 0 for values in cells.values() for costs in values.values() for v in costs)
+
+
+@pytest.mark.timeout(180)
+def test_gateway_handler_probe_serves_the_bare_handler(tmp_path: Path) -> None:
+    """bench.floor's probe: the gateway's process answers ModelInfer with the bare handler
+    (one row in, its two scores out; a wrong shape refused with INVALID_ARGUMENT) while its
+    other RPCs stay the gateway's own (server metadata names the gateway)."""
+    import grpc
+
+    from bench.floor import BARE_EXTRA
+    from bench.peers.servers import ServerProcess
+    from gateway._proto import grpc_service_pb2_grpc as pb_grpc
+
+    spec = next(s for s in BARE_EXTRA if s.name == "gateway_handler")
+    path = write_model(tmp_path / "models", "mlp_small", "max_batch_size = 64\n")
+    with ServerProcess(spec, {"mlp_small": str(path)}) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            reply = stub.ModelInfer(_grpc_request([1, 32]), timeout=10)
+            assert reply.model_version == "1"
+            assert list(reply.outputs[0].shape) == [1, 2]
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(_grpc_request([1, 31]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "shape" in (refused.value.details() or "")
+            metadata = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+            assert "model_repository" in metadata.extensions
+        finally:
+            channel.close()
