@@ -143,16 +143,21 @@ async def _queued(server: RunningGateway, depth: int) -> None:
 
 def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
     before = _stats(server, "slow")
-    # Two full batches ahead, two late requests: four in all, the slow model's queue limit.
-    bodies = [_slow_body(8) for _ in range(2)]
-    # Queued behind a full batch while another runs, a 1 ms deadline (V2 timeout
+    # Three full batches ahead (one running, two waiting) and two late requests: four
+    # waiting, the slow model's queue limit. The late ones must arrive before the model is
+    # free: two full batches (and what is left of the running one) leave them tens of ms on
+    # a busy machine, over connections already open.
+    bodies = [_slow_body(8) for _ in range(3)]
+    # Queued behind full batches while another runs, a 1 ms deadline (V2 timeout
     # parameter, in µs, and the header) passes before the model is free.
     late = [_slow_body(1, parameters={"timeout": 1000}), _slow_body(1)]
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=f"http://{server.http_url}", timeout=60) as c:
+            # Five connections in the pool before the clock starts (keep-alive).
+            await asyncio.gather(*(c.get("/v2/health/live") for _ in range(5)))
             first = [asyncio.create_task(c.post("/v2/models/slow/infer", json=b)) for b in bodies]
-            await _queued(server, 1)  # one batch running, one waiting
+            await _queued(server, 2)  # one batch running, two waiting
             second = [
                 asyncio.create_task(c.post("/v2/models/slow/infer", json=late[0])),
                 asyncio.create_task(
@@ -164,12 +169,12 @@ def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
             return await asyncio.gather(*first, *second)
 
     responses = asyncio.run(main())
-    assert [r.status_code for r in responses[:2]] == [200, 200]
-    for r in responses[2:]:
-        assert r.status_code == 504, r.text
+    assert [r.status_code for r in responses[:3]] == [200, 200, 200]
+    for r in responses[3:]:
+        assert r.status_code == 504, r.text[:300]
         assert "timed out" in r.json()["error"]
     after = _stats(server, "slow")
-    assert after["inference_count"] - before["inference_count"] == 16  # 1-row ones never ran
+    assert after["inference_count"] - before["inference_count"] == 24  # 1-row ones never ran
 
 
 def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> None:
@@ -185,12 +190,12 @@ def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> Non
         async with grpc.aio.insecure_channel(server.grpc_url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             await channel.channel_ready()
-            # Two full batches first: the model runs one (milliseconds a call) and the
-            # other waits, so a one-row request queued now waits at least a whole call.
-            busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(2)]
-            await _queued(server, 1)
-            cancelled = stub.ModelInfer(request(1), timeout=60)
+            # Three full batches first: the model runs one (milliseconds a call) and two
+            # wait, so a one-row request queued now waits at least two whole calls.
+            busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(3)]
             await _queued(server, 2)
+            cancelled = stub.ModelInfer(request(1), timeout=60)
+            await _queued(server, 3)
             cancelled.cancel()
             # A 2 ms deadline passes in the queue (or on the way: either way not run).
             late = stub.ModelInfer(request(1), timeout=0.002)
@@ -203,11 +208,11 @@ def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> Non
             return answers, code, cancelled.cancelled()
 
     answers, code, was_cancelled = asyncio.run(main())
-    assert len(answers) == 2
+    assert len(answers) == 3
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert was_cancelled
     after = _stats(server, "slow")
-    assert after["inference_count"] - before["inference_count"] == 16  # 1-row ones never ran
+    assert after["inference_count"] - before["inference_count"] == 24  # 1-row ones never ran
 
 
 def test_drain_of_batched_direct_results_match_unbatched(
