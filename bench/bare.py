@@ -337,6 +337,7 @@ _GRPC_OPTIONS: Final = [
 
 def _serve_gateway_handler(floor: Floor, model_path: str, port: int) -> None:
     """``gateway serve`` on the model's repository, its ModelInfer the bare handler."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -359,7 +360,10 @@ def _serve_gateway_handler(floor: Floor, model_path: str, port: int) -> None:
     config.write_text(gateway_settings(data / "data"))
     args = ["serve", "--config", str(config), "--model-repository", str(repository)]
     args += ["--host", LOOPBACK, "--http-port", "0", "--grpc-port", str(port)]
-    gateway_main([*args, "--log-level", "WARNING"])
+    try:
+        gateway_main([*args, "--log-level", "WARNING"])
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _header_length(value: bytes | str | None) -> int | None:
