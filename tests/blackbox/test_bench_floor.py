@@ -153,6 +153,7 @@ def test_gateway_handler_probe_serves_the_bare_handler(tmp_path: Path) -> None:
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "shape" in (refused.value.details() or "")
             metadata = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+            assert metadata.name == "gateway"  # the bare servers answer "bare"
             assert "model_repository" in metadata.extensions
         finally:
             channel.close()
