@@ -188,6 +188,72 @@ class _GrpcContext:
         raise RuntimeError(f"gRPC infer failed: {code} {details}")
 
 
+class _Request:
+    """One binary V2 infer request of one row, as both front ends receive it: the ASGI
+    scope and body (the scope carries the keys Starlette reads; the gateway's app ignores
+    them) and the gRPC request's bytes, parsed afresh by each gRPC step."""
+
+    def __init__(self, model: str, path: str, input_name: str, x: np.ndarray) -> None:
+        from gateway._proto import grpc_service_pb2 as pb
+
+        head = msgspec.json.encode(
+            {
+                "inputs": [
+                    {
+                        "name": input_name,
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        )
+        body = head + x.tobytes()
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "server": ("127.0.0.1", 8000),
+            "client": ("127.0.0.1", 50000),
+            "root_path": "",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [
+                (b"content-length", str(len(body)).encode()),
+                (b"inference-header-content-length", str(len(head)).encode()),
+                (b"content-type", b"application/octet-stream"),
+            ],
+            "extensions": {},
+        }
+        self.received = {"type": "http.request", "body": body, "more_body": False}
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name=input_name, datatype="FP32", shape=list(x.shape)
+        )
+        self.grpc = pb.ModelInferRequest(
+            model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()]
+        ).SerializeToString()
+
+    async def receive(self) -> dict[str, Any]:
+        return self.received
+
+    async def send(self, event: dict[str, Any]) -> None:
+        if event["type"] == "http.response.start" and event["status"] != 200:
+            raise RuntimeError(f"HTTP infer answered {event['status']}")
+
+    def http(self, app: Any) -> Step:
+        """A step that calls ``app`` with a copy of the scope (Starlette writes to it)."""
+        scope, receive, send = self.scope, self.receive, self.send
+
+        async def one() -> None:
+            await app(dict(scope), receive, send)
+
+        return one
+
+
 async def _feature_steps(
     stack: contextlib.AsyncExitStack, root: Path
 ) -> dict[tuple[str, str], Step]:
@@ -196,46 +262,9 @@ async def _feature_steps(
     from gateway.config import load_settings
 
     x = np.asarray([typical_row(root / "models" / _MODEL)], np.float32)
-    head = msgspec.json.encode(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "datatype": "FP32",
-                    "shape": list(x.shape),
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    )
-    body = head + x.tobytes()
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": f"/v2/models/{_MODEL}/infer",
-        "headers": [
-            (b"content-length", str(len(body)).encode()),
-            (b"inference-header-content-length", str(len(head)).encode()),
-            (b"content-type", b"application/octet-stream"),
-        ],
-        "extensions": {},
-    }
-    message = {"type": "http.request", "body": body, "more_body": False}
-    shape = list(x.shape)
-    tensor = pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=shape)
-    request = pb.ModelInferRequest(
-        model_name=_MODEL, inputs=[tensor], raw_input_contents=[x.tobytes()]
-    ).SerializeToString()
+    one = _Request(_MODEL, f"/v2/models/{_MODEL}/infer", "features", x)
     parse = pb.ModelInferRequest.FromString
     context = _GrpcContext()
-
-    async def receive() -> dict[str, Any]:
-        return message
-
-    async def send(event: dict[str, Any]) -> None:
-        if event["type"] == "http.response.start" and event["status"] != 200:
-            raise RuntimeError(f"HTTP infer answered {event['status']}")
 
     steps: dict[tuple[str, str], Step] = {}
     for name, (features, _scrape) in CONFIGS.items():
@@ -248,13 +277,10 @@ async def _feature_steps(
         gateway = await stack.enter_async_context(serve(load_settings(path, overrides=overrides)))
         app, servicer = gateway.http.app, gateway.inference
 
-        async def http(app: Any = app) -> None:
-            await app(scope, receive, send)
-
         async def grpc(servicer: Any = servicer) -> None:
-            (await servicer.ModelInfer(parse(request), context)).SerializeToString()
+            (await servicer.ModelInfer(parse(one.grpc), context)).SerializeToString()
 
-        steps[(name, "http")] = http
+        steps[(name, "http")] = one.http(app)
         steps[(name, "grpc")] = grpc
     return steps
 
@@ -284,19 +310,16 @@ async def _floor_steps(stack: contextlib.AsyncExitStack, root: Path) -> dict[str
     gateway = await stack.enter_async_context(serve(load_settings(config, overrides=overrides)))
     width = floor.model.input_width
     x = np.linspace(-1.0, 1.0, width, dtype=np.float32).reshape(1, width)
-    tensor = pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, width])
-    message = pb.ModelInferRequest(
-        model_name=MODEL, inputs=[tensor], raw_input_contents=[x.tobytes()]
-    ).SerializeToString()
+    one = _Request(MODEL, floor.infer_path, "INPUT0", x)
     parse = pb.ModelInferRequest.FromString
     context = _GrpcContext()
     servicer = gateway.inference
 
     async def grpc_bare() -> None:
-        floor.grpc_infer(parse(message)).SerializeToString()
+        floor.grpc_infer(parse(one.grpc)).SerializeToString()
 
     async def grpc_gateway() -> None:
-        (await servicer.ModelInfer(parse(message), context)).SerializeToString()
+        (await servicer.ModelInfer(parse(one.grpc), context)).SerializeToString()
 
     # The gateway's handler in stages: the V2 decode alone, then with the data plane's call
     # (admission, routing, validation, the model call and its statistics, the response
@@ -304,68 +327,20 @@ async def _floor_steps(stack: contextlib.AsyncExitStack, root: Path) -> dict[str
     plane = gateway.plane
 
     async def grpc_decode() -> None:
-        v2_grpc.decode_infer_request(parse(message))
+        v2_grpc.decode_infer_request(parse(one.grpc))
 
     async def grpc_data_plane() -> None:
-        infer = v2_grpc.decode_infer_request(parse(message))
+        infer = v2_grpc.decode_infer_request(parse(one.grpc))
         plane.admit(infer, None)
         await plane.infer(infer)
-
-    head = msgspec.json.encode(
-        {
-            "inputs": [
-                {
-                    "name": "INPUT0",
-                    "datatype": "FP32",
-                    "shape": [1, width],
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    )
-    body = head + x.tobytes()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 50000),
-        "root_path": "",
-        "path": floor.infer_path,
-        "raw_path": floor.infer_path.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"content-length", str(len(body)).encode()),
-            (b"inference-header-content-length", str(len(head)).encode()),
-            (b"content-type", b"application/octet-stream"),
-        ],
-        "extensions": {},
-    }
-    received = {"type": "http.request", "body": body, "more_body": False}
-
-    async def receive() -> dict[str, Any]:
-        return received
-
-    async def send(event: dict[str, Any]) -> None:
-        if event["type"] == "http.response.start" and event["status"] != 200:
-            raise RuntimeError(f"HTTP infer answered {event['status']}")
-
-    def http(app: Any) -> Step:
-        async def one() -> None:
-            await app(dict(scope), receive, send)
-
-        return one
 
     return {
         "grpc/bare": grpc_bare,
         "grpc/decode": grpc_decode,
         "grpc/decode + data plane": grpc_data_plane,
         "grpc/gateway": grpc_gateway,
-        "http/bare": http(starlette_app(floor)),
-        "http/gateway": http(gateway.http.app),
+        "http/bare": one.http(starlette_app(floor)),
+        "http/gateway": one.http(gateway.http.app),
     }
 
 
