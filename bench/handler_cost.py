@@ -236,6 +236,7 @@ class _Request:
         self.grpc = pb.ModelInferRequest(
             model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()]
         ).SerializeToString()
+        self._parse = pb.ModelInferRequest.FromString
 
     async def receive(self) -> dict[str, Any]:
         return self.received
@@ -244,7 +245,7 @@ class _Request:
         if event["type"] == "http.response.start" and event["status"] != 200:
             raise RuntimeError(f"HTTP infer answered {event['status']}")
 
-    def http(self, app: Any) -> Step:
+    def http_step(self, app: Any) -> Step:
         """A step that calls ``app`` with a copy of the scope (Starlette writes to it)."""
         scope, receive, send = self.scope, self.receive, self.send
 
@@ -253,35 +254,45 @@ class _Request:
 
         return one
 
+    def grpc_step(self, servicer: Any) -> Step:
+        """A step that parses the request's bytes, calls ``servicer``'s ModelInfer and
+        serialises its answer, as grpc.aio does around a served call."""
+        message, parse, context = self.grpc, self._parse, _GrpcContext()
+
+        async def one() -> None:
+            (await servicer.ModelInfer(parse(message), context)).SerializeToString()
+
+        return one
+
+
+async def _gateway(
+    stack: contextlib.AsyncExitStack, root: Path, name: str, settings: str, repository: Path
+) -> Any:
+    """A gateway in this process with ``settings`` (TOML) on ``repository``, its listeners on
+    free ports; stopped when ``stack`` closes."""
+    from gateway.app import serve
+    from gateway.config import load_settings
+
+    path = root / f"{name}.toml"
+    path.write_text(settings)
+    overrides: dict[str, Any] = {"model_repository": str(repository)}
+    overrides.update({"http.port": 0, "grpc.port": 0, "log_level": "WARNING"})
+    return await stack.enter_async_context(serve(load_settings(path, overrides=overrides)))
+
 
 async def _feature_steps(
     stack: contextlib.AsyncExitStack, root: Path
 ) -> dict[tuple[str, str], Step]:
-    from gateway._proto import grpc_service_pb2 as pb
-    from gateway.app import serve
-    from gateway.config import load_settings
-
     x = np.asarray([typical_row(root / "models" / _MODEL)], np.float32)
     one = _Request(_MODEL, f"/v2/models/{_MODEL}/infer", "features", x)
-    parse = pb.ModelInferRequest.FromString
-    context = _GrpcContext()
-
     steps: dict[tuple[str, str], Step] = {}
     for name, (features, _scrape) in CONFIGS.items():
         # Top-level keys before the first table: the configuration's, then the run's own.
         first, rest = gateway_settings(root / f"data-{name}").split("\n", 1)
-        path = root / f"{name}.toml"
-        path.write_text(f"{first}\n{features}{rest}")
-        overrides: dict[str, Any] = {"model_repository": str(root / "models")}
-        overrides.update({"http.port": 0, "grpc.port": 0, "log_level": "WARNING"})
-        gateway = await stack.enter_async_context(serve(load_settings(path, overrides=overrides)))
-        app, servicer = gateway.http.app, gateway.inference
-
-        async def grpc(servicer: Any = servicer) -> None:
-            (await servicer.ModelInfer(parse(one.grpc), context)).SerializeToString()
-
-        steps[(name, "http")] = one.http(app)
-        steps[(name, "grpc")] = grpc
+        settings = f"{first}\n{features}{rest}"
+        gateway = await _gateway(stack, root, name, settings, root / "models")
+        steps[(name, "http")] = one.http_step(gateway.http.app)
+        steps[(name, "grpc")] = one.grpc_step(gateway.inference)
     return steps
 
 
@@ -297,29 +308,19 @@ async def _floor_steps(stack: contextlib.AsyncExitStack, root: Path) -> dict[str
     from bench.floor import MODEL, MODEL_CONFIG
     from bench.models import write_model
     from gateway._proto import grpc_service_pb2 as pb
-    from gateway.app import serve
     from gateway.codecs import v2_grpc
-    from gateway.config import load_settings
 
     path = write_model(root / "floor-models", MODEL, MODEL_CONFIG)
     floor = Floor(MODEL, str(path))
-    config = root / "floor.toml"
-    config.write_text(gateway_settings(root / "floor-data"))
-    overrides: dict[str, Any] = {"model_repository": str(root / "floor-models")}
-    overrides.update({"http.port": 0, "grpc.port": 0, "log_level": "WARNING"})
-    gateway = await stack.enter_async_context(serve(load_settings(config, overrides=overrides)))
+    settings = gateway_settings(root / "floor-data")
+    gateway = await _gateway(stack, root, "floor", settings, root / "floor-models")
     width = floor.model.input_width
     x = np.linspace(-1.0, 1.0, width, dtype=np.float32).reshape(1, width)
     one = _Request(MODEL, floor.infer_path, "INPUT0", x)
     parse = pb.ModelInferRequest.FromString
-    context = _GrpcContext()
-    servicer = gateway.inference
 
     async def grpc_bare() -> None:
         floor.grpc_infer(parse(one.grpc)).SerializeToString()
-
-    async def grpc_gateway() -> None:
-        (await servicer.ModelInfer(parse(one.grpc), context)).SerializeToString()
 
     # The gateway's handler in stages: the V2 decode alone, then with the data plane's call
     # (admission, routing, validation, the model call and its statistics, the response
@@ -338,9 +339,9 @@ async def _floor_steps(stack: contextlib.AsyncExitStack, root: Path) -> dict[str
         "grpc/bare": grpc_bare,
         "grpc/decode": grpc_decode,
         "grpc/decode + data plane": grpc_data_plane,
-        "grpc/gateway": grpc_gateway,
-        "http/bare": one.http(starlette_app(floor)),
-        "http/gateway": one.http(gateway.http.app),
+        "grpc/gateway": one.grpc_step(gateway.inference),
+        "http/bare": one.http_step(starlette_app(floor)),
+        "http/gateway": one.http_step(gateway.http.app),
     }
 
 
