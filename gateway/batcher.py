@@ -448,9 +448,8 @@ class Batcher:
         observer = self._observer
         if observer is None:
             return
-        model = self.model
         try:
-            observer(self.ref, model.input_names, feeds, model.output_names, outputs)
+            observer(feeds, outputs)
         except Exception:  # an observer must never fail a request
             logger.exception("observer failed for %s", self.ref)
 

@@ -199,7 +199,11 @@ class ModelLifecycle:
             preferred_batch_sizes=tuple(policy.preferred_batch_sizes),
             batching=policy.dynamic_batching,
             executor=self.repository.executor,
-            observer=self.observer if watched else None,
+            observer=(
+                self.observer.channel(model.ref, model.input_names, model.output_names)
+                if watched
+                else None
+            ),
         )
         batcher.start()
         timeout = policy.default_timeout_ms / 1000 if policy.default_timeout_ms else None
@@ -212,6 +216,7 @@ class ModelLifecycle:
 
     async def _retire(self, endpoint: Endpoint) -> None:
         await endpoint.batcher.drain()
+        self.observer.flush_all()  # its last calls' drift counts, before any unregister
         model = endpoint.model
         if model.version not in self.router.versions(model.name):
             self.monitor.unregister(model.ref)  # not replaced by a reload of itself

@@ -167,17 +167,11 @@ class ModelRef:
 
 
 class Observer(Protocol):
-    """Receives each served batch off the response path: the model's input and output
-    names and arrays, in the same order (sequences, so the caller builds no dicts)."""
+    """Receives each of one model version's calls off the response path: the feeds and
+    outputs, in the model's input and output order (sequences, so the caller builds no
+    dicts). Drift statistics: ``gateway.drift.buffer.ObserverChannel``."""
 
-    def __call__(
-        self,
-        ref: ModelRef,
-        input_names: Sequence[str],
-        inputs: Sequence[Array],
-        output_names: Sequence[str],
-        outputs: Sequence[Array],
-    ) -> None: ...
+    def __call__(self, inputs: Sequence[Array], outputs: Sequence[Array]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

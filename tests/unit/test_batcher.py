@@ -107,13 +107,7 @@ def test_a_request_run_in_its_callers_call_is_counted_and_observed_like_a_batch(
     model = FakeModel(max_batch_size=8, inline=True)
     seen: list[tuple[int, int]] = []
 
-    def observer(
-        ref: ModelRef,
-        input_names: Sequence[str],
-        inputs: Sequence[Array],
-        output_names: Sequence[str],
-        outputs: Sequence[Array],
-    ) -> None:
+    def observer(inputs: Sequence[Array], outputs: Sequence[Array]) -> None:
         seen.append((inputs[0].shape[0], outputs[0].shape[0]))
 
     async def main() -> Batcher:
