@@ -271,7 +271,7 @@ class Gateway:
         )
 
     async def _flush_observations(self) -> None:
-        """Counts drift observations buffered by quiet threads (at most 0.1 s late)."""
+        """Counts the drift observations of quiet models (at most about 0.2 s late)."""
         while True:
             await asyncio.sleep(0.1)
             try:
