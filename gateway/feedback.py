@@ -29,7 +29,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from sys import getsizeof as _sizeof
 from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -192,8 +191,10 @@ def _values(truth: object, rows: int, width: int) -> list[float]:
 
 
 def _size(request_id: str, data: bytes | None) -> int:
-    """Estimated bytes an entry holds (see ENTRY_OVERHEAD_BYTES)."""
-    return ENTRY_OVERHEAD_BYTES + _sizeof(request_id) + (0 if data is None else len(data))
+    """Estimated bytes an entry holds (see ENTRY_OVERHEAD_BYTES). ``str.__sizeof__`` is
+    what ``sys.getsizeof`` returns for a str (which the garbage collector never tracks, so
+    no header is added), for a fifth of the cost."""
+    return ENTRY_OVERHEAD_BYTES + request_id.__sizeof__() + (0 if data is None else len(data))
 
 
 def _prediction(data: bytes, layout: int, width: int) -> Array:
