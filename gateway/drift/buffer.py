@@ -56,6 +56,11 @@ def _join(parts: list[Array]) -> Array:
     return np.concatenate([np.atleast_1d(p) for p in parts])
 
 
+def _by_name(names: Sequence[str], calls: Sequence[Sequence[Array]]) -> dict[str, Array]:
+    """Each named tensor of several calls (each call's tensors in ``names``' order), joined."""
+    return {name: _join([call[i] for call in calls]) for i, name in enumerate(names)}
+
+
 _Part: TypeAlias = tuple[Sequence[Array], Sequence[Array]]
 
 
@@ -122,13 +127,10 @@ class ObserverChannel:
             pass
         if not taken:
             return
-        inputs = {
-            name: _join([part[0][i] for part in taken]) for i, name in enumerate(self._input_names)
-        }
-        outputs = {
-            name: _join([part[1][i] for part in taken]) for i, name in enumerate(self._output_names)
-        }
-        self._forward(self._ref, inputs, outputs)
+        inputs, outputs = zip(*taken, strict=True)
+        self._forward(
+            self._ref, _by_name(self._input_names, inputs), _by_name(self._output_names, outputs)
+        )
 
 
 class BufferedObserver:
