@@ -122,7 +122,8 @@ class RolloutController:
         self._routes: dict[str, Route] = self._shared.routes
         self._is_restored = False
         news = ActivityWatch(activity, self._evaluated) if activity is not None else None
-        self._loop_runner = EvaluationLoop(self.evaluate_once, self._interval_s, news)
+        watching = news.watching if news is not None else None
+        self._loop_runner = EvaluationLoop(self.evaluate_once, self._interval_s, news, watching)
 
     # -- queries ----------------------------------------------------------------------------
     # Lock-free: states and routes are immutable values replaced whole, and a dict copy is
