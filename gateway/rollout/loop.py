@@ -84,21 +84,23 @@ class EvaluationLoop:
         else:
             loop.call_soon_threadsafe(wake.set)
 
-    def _news(self) -> bool:
+    @staticmethod
+    def _check(check: Callable[[], bool], if_broken: bool) -> bool:
+        """``check()``, or ``if_broken`` when it raises: a broken check must not stop the
+        loop (the tick still runs)."""
         try:
-            return self._has_news()
-        except Exception:  # a broken check must not stop the loop: the tick still runs
+            return check()
+        except Exception:
             logger.exception("rollout activity check failed")
-            return False
+            return if_broken
+
+    def _news(self) -> bool:
+        return self._check(self._has_news, False)
 
     def _poll_s(self, left: float) -> float:
-        """How long the next wait lasts: to the tick, or ``WAKE_POLL_S`` while watching."""
-        try:
-            watching = self._watching()
-        except Exception:  # as for ``has_news``: poll rather than stop
-            logger.exception("rollout activity check failed")
-            watching = True
-        return min(WAKE_POLL_S, left) if watching else left
+        """How long the next wait lasts: to the tick, or ``WAKE_POLL_S`` while watching (or
+        when that cannot be told)."""
+        return min(WAKE_POLL_S, left) if self._check(self._watching, True) else left
 
     async def _run(self) -> None:
         assert self._stopping is not None

@@ -5,9 +5,10 @@ watched, and does not poll at all while none is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -39,6 +40,17 @@ class _Counts:
             return self._evaluated
 
 
+@contextlib.asynccontextmanager
+async def _running(counts: _Counts, watching: Callable[[], bool]) -> AsyncIterator[EvaluationLoop]:
+    """A started loop over ``counts`` with a tick never reached; stopped on exit."""
+    loop = EvaluationLoop(counts.evaluate, lambda: LONG_TICK_S, counts.has_news, watching)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        await loop.stop()
+
+
 async def _until(check: Callable[[], bool], timeout_s: float = 5.0) -> float:
     """Seconds until ``check()`` holds; fails the test after ``timeout_s``."""
     started = time.monotonic()
@@ -55,11 +67,7 @@ def test_with_no_rollout_to_watch_it_does_not_poll_and_a_wake_still_evaluates() 
 
 async def _no_rollout() -> None:
     counts = _Counts()
-    loop = EvaluationLoop(
-        counts.evaluate, lambda: LONG_TICK_S, counts.has_news, watching=lambda: False
-    )
-    loop.start()
-    try:
+    async with _running(counts, lambda: False) as loop:
         await asyncio.sleep(10 * WAKE_POLL_S)
         assert counts.polls == 1  # the starting count; polling would have made it ~10
         assert counts.evaluated == 0
@@ -67,11 +75,10 @@ async def _no_rollout() -> None:
         assert await _until(lambda: counts.evaluated == 1) < 2.0
         await asyncio.sleep(4 * WAKE_POLL_S)
         assert counts.polls == 1
-    finally:
         started = time.monotonic()
         await loop.stop()
-    assert time.monotonic() - started < 2.0  # not at the tick
-    assert not loop.is_running
+        assert time.monotonic() - started < 2.0  # not at the tick
+        assert not loop.is_running
 
 
 def test_while_watching_news_is_evaluated_within_a_poll_not_at_the_tick() -> None:
@@ -80,18 +87,12 @@ def test_while_watching_news_is_evaluated_within_a_poll_not_at_the_tick() -> Non
 
 async def _watching() -> None:
     counts = _Counts()
-    loop = EvaluationLoop(
-        counts.evaluate, lambda: LONG_TICK_S, counts.has_news, watching=lambda: True
-    )
-    loop.start()
-    try:
+    async with _running(counts, lambda: True):
         await asyncio.sleep(4 * WAKE_POLL_S)
         assert counts.evaluated == 0
         assert counts.polls > 1
         counts.news = True
         assert await _until(lambda: counts.evaluated >= 1) < 2.0
-    finally:
-        await loop.stop()
 
 
 def test_polling_starts_once_a_rollout_is_there_to_watch() -> None:
@@ -101,11 +102,7 @@ def test_polling_starts_once_a_rollout_is_there_to_watch() -> None:
 async def _rollout_arrives() -> None:
     counts = _Counts()
     rollouts: list[object] = []
-    loop = EvaluationLoop(
-        counts.evaluate, lambda: LONG_TICK_S, counts.has_news, watching=lambda: bool(rollouts)
-    )
-    loop.start()
-    try:
+    async with _running(counts, lambda: bool(rollouts)) as loop:
         await asyncio.sleep(4 * WAKE_POLL_S)
         assert counts.polls == 1
         rollouts.append("a rollout")
@@ -113,8 +110,6 @@ async def _rollout_arrives() -> None:
         await _until(lambda: counts.evaluated == 1)
         counts.news = True
         assert await _until(lambda: counts.evaluated >= 2) < 2.0
-    finally:
-        await loop.stop()
 
 
 def test_a_broken_watching_check_is_logged_and_the_loop_polls(
@@ -130,13 +125,9 @@ async def _broken_watching() -> None:
     def broken() -> bool:
         raise RuntimeError("boom")
 
-    loop = EvaluationLoop(counts.evaluate, lambda: LONG_TICK_S, counts.has_news, watching=broken)
-    loop.start()
-    try:
+    async with _running(counts, broken):
         counts.news = True
         assert await _until(lambda: counts.evaluated >= 1) < 2.0
-    finally:
-        await loop.stop()
 
 
 def test_activity_watch_watches_only_while_rollouts_exist() -> None:
