@@ -3,9 +3,12 @@
 ``python -m bench.drift_kernels`` times the numeric count kernel (B = 20 bins, F = 32 features)
 on 1, 64 and 1024-row requests, the ring kernel and ``DriftMonitor.observe`` on a 1 x 32
 request, and a plain-numpy implementation (searchsorted per feature, one bincount) on the same
-data. Every timing includes numba dispatch and is the best of many interleaved rounds, because
-the benchmark machines are shared. Calls rotate over 64 distinct arrays so the branch predictor
-cannot learn the data. Writes bench/results/drift_kernels.json and .md and prints one JSON line.
+data; then what a drift buffer's drain spends joining 128 one-row calls per tensor before the
+monitor counts them, next to the join it used before (the parts' bytes, once Python has
+checked that they agree). Every timing includes numba dispatch and is the best of many
+interleaved rounds, because the benchmark machines are shared. Calls rotate over 64 distinct
+arrays so the branch predictor cannot learn the data. Writes bench/results/drift_kernels.json
+and .md and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.common import cpu_name, git_sha
-from gateway.drift import kernels
+from gateway.drift import buffer, kernels
 from gateway.drift.monitor import DriftMonitor, DriftSettings
 from gateway.drift.profile import NumericProfile, build_profile
 from gateway.types import ModelRef
@@ -91,6 +94,44 @@ def best_ns(calls: dict[str, Callable[[int], object]]) -> dict[str, float]:
                 call(i)
             best[name] = min(best[name], (time.perf_counter_ns() - start) / n)
     return best
+
+
+DRAIN_CALLS: Final = 128  # the buffer's default max_rows: one-row calls per drain
+
+
+def bytes_join(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    """The drain's former join: the parts' bytes joined, once every part is checked to share
+    the first's dtype, row shape and C order."""
+    first = parts[0]
+    dtype, tail = first.dtype, first.shape[1:]
+    if not all(p.dtype == dtype and p.shape[1:] == tail and p.flags.c_contiguous for p in parts):
+        raise AssertionError("the bench's parts agree")
+    return np.frombuffer(b"".join(parts), dtype).reshape((-1, *tail))  # type: ignore[arg-type]
+
+
+def measure_drain(rng: np.random.Generator) -> dict[str, float]:
+    """ns per call of a drain's join: 128 one-row calls (a 1 x 32 float32 input, 1 x 2 float32
+    and (1,) int64 outputs) joined per tensor, the way the buffer does and the way it did."""
+    calls = [
+        (
+            rng.standard_normal((1, N_FEATURES)).astype(np.float32),
+            rng.random((1, 2)).astype(np.float32),
+            rng.integers(0, 2, 1),
+        )
+        for _ in range(DRAIN_CALLS)
+    ]
+    names = ("x", "probabilities", "label")
+    joined = buffer._by_name(names, calls)
+    for i, name in enumerate(names):
+        if not np.array_equal(joined[name], bytes_join([call[i] for call in calls])):
+            raise AssertionError(f"the joins differ for {name}")
+    timings = best_ns(
+        {
+            "concatenate": lambda i: buffer._by_name(names, calls),
+            "bytes_join": lambda i: [bytes_join([c[k] for c in calls]) for k in range(3)],
+        }
+    )
+    return {name: round(ns / DRAIN_CALLS, 1) for name, ns in timings.items()}
 
 
 def measure_rows(
@@ -203,6 +244,7 @@ def run() -> dict[str, Any]:
         "warm_up_s": round(warm_up_s, 3),
         "kernel": rows_out,
         "request_1x32_ns": {name: round(ns, 1) for name, ns in request.items()},
+        "drain_join_ns_per_call": measure_drain(rng),
         "targets": targets,
     }
 
@@ -226,6 +268,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['speedup_vs_numpy']:.1f}x |"
         )
     req = result["request_1x32_ns"]
+    drain = result["drain_join_ns_per_call"]
     lines += [
         "",
         "| 1 x 32 request, incl. dispatch | ns |",
@@ -233,6 +276,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"| count kernel | {req['count_kernel']:,.0f} |",
         f"| ring kernel (as the monitor calls it) | {req['ring_kernel']:,.0f} |",
         f"| DriftMonitor.observe (inputs only) | {req['observe']:,.0f} |",
+        "",
+        f"| drain: join {DRAIN_CALLS} one-row calls' 3 tensors, per call | ns |",
+        "|---|---:|",
+        f"| np.concatenate per tensor (the buffer's) | {drain['concatenate']:,.0f} |",
+        f"| bytes joined after checking the parts in Python | {drain['bytes_join']:,.0f} |",
         "",
         "| target | value | goal | met |",
         "|---|---:|---|---|",

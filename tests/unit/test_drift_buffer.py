@@ -48,9 +48,9 @@ def test_rows_are_forwarded_exactly_and_in_order() -> None:
     assert all(c[0] == REF for c in rec.calls)
 
 
-def test_arrays_are_joined_by_bytes_or_else_concatenated() -> None:
-    """Parts of one dtype, row shape and C order are joined as bytes; any other mix (a
-    strided view, another dtype, scalars) is concatenated, values exact either way."""
+def test_arrays_are_joined_along_rows_whatever_their_mix() -> None:
+    """Parts of one dtype keep it; a mix of dtypes takes the wider, a strided view joins as
+    its values, and a scalar (0-d) output counts as one row: values exact either way."""
     rec = Recorder()
     buffered = BufferedObserver(rec, max_rows=3)
     channel = buffered.channel(REF, ["x"], ["y"])
