@@ -105,7 +105,7 @@ def bytes_join(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     first = parts[0]
     dtype, tail = first.dtype, first.shape[1:]
     if not all(p.dtype == dtype and p.shape[1:] == tail and p.flags.c_contiguous for p in parts):
-        raise AssertionError("the bench's parts agree")
+        raise AssertionError("the parts disagree: their bytes are not one array")
     return np.frombuffer(b"".join(parts), dtype).reshape((-1, *tail))  # type: ignore[arg-type]
 
 
