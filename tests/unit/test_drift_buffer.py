@@ -69,6 +69,21 @@ def test_arrays_are_joined_along_rows_whatever_their_mix() -> None:
     assert joined["out_y"].tolist() == [10, 11, 12]
 
 
+def test_a_bytes_tensor_joins_with_the_others() -> None:
+    """A model with a BYTES input: its object arrays join like any other tensor, so the
+    drain forwards every tensor (joining their raw bytes once failed the whole drain)."""
+    rec = Recorder()
+    buffered = BufferedObserver(rec, max_rows=2)
+    channel = buffered.channel(REF, ["text", "x"], ["y"])
+    channel([np.array([b"a"], object), np.ones((1, 2), np.float32)], [np.array([1])])
+    channel([np.array([b"bc"], object), np.zeros((1, 2), np.float32)], [np.array([0])])
+    assert len(rec.calls) == 1
+    joined = rec.calls[0][1]
+    assert joined["text"].tolist() == [b"a", b"bc"]
+    assert joined["x"].tolist() == [[1, 1], [0, 0]]
+    assert joined["out_y"].tolist() == [1, 0]
+
+
 def test_quiet_traffic_is_flushed_by_age_and_threads_are_merged_exactly() -> None:
     rec = Recorder()
     clock = [0.0]
