@@ -16,7 +16,7 @@ A drain joins each tensor's arrays with one ``np.concatenate``. Joining their by
 be cheaper, but only after Python checks that every part agrees in dtype, row shape and
 layout, and those checks cost more than numpy's own: for 128 one-row calls of three
 tensors, 0.53-0.58 of the checked join's time in each run (``python -m bench.drift_kernels``;
-0.57 µs per call against 1.06 on a quiet machine). Copying each call's bytes while they are
+0.57 µs per call against 1.06 in the first run). Copying each call's bytes while they are
 hot instead measured slower in sequence (the per-tensor checks and copies cost more than the
 cold reads they save).
 """
