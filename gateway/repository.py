@@ -49,6 +49,27 @@ logger = logging.getLogger(__name__)
 MODEL_FILE: Final = "model.onnx"
 PLATFORM: Final = "onnxruntime_onnx"
 _WARMUP_REPEATS: Final = 3
+_cuda_preloaded = False
+
+
+def _preload_cuda() -> None:
+    """Load the CUDA and cuDNN libraries from the nvidia-* pip packages once, before the
+    first CUDA session (onnxruntime-gpu's ``preload_dlls``): ``pip install
+    onnxruntime-gpu[cuda,cudnn]`` then serves on the GPU without LD_LIBRARY_PATH. Libraries
+    it cannot find are left to the system's search path, as without it."""
+    global _cuda_preloaded
+    if _cuda_preloaded:
+        return
+    _cuda_preloaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime-gpu before 1.21
+        return
+    try:
+        preload()
+    except Exception:  # a failed preload must not fail the load: CUDA may still be found
+        logger.warning("onnxruntime.preload_dlls failed", exc_info=True)
+
+
 _FILL_SHARE: Final = 0.9  # the fill size: the smallest batch this close to the best rows/s
 
 Array = npt.NDArray[Any]
@@ -121,6 +142,8 @@ class ModelVersion:
         options.log_severity_level = 4  # failures reach the caller and our log, not stderr
         available = set(ort.get_available_providers())
         providers = [p for p in runtime.execution_providers if p in available]
+        if "CUDAExecutionProvider" in providers:
+            _preload_cuda()
         missing = [p for p in runtime.execution_providers if p not in available]
         if missing:
             logger.warning(
