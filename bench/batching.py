@@ -16,19 +16,24 @@ too (its process's rusage over the cell).
 
 Options: --quick (mlp_small only, concurrency 1 and 8: a smoke run), --models a,b,
 --policies on,on_nofill, --protocols grpc,grpc-stream,http (grpc-stream: perf_analyzer's
---streaming over ModelStreamInfer), --concurrency 1,64.
+--streaming over ModelStreamInfer), --concurrency 1,64, --providers
+CUDAExecutionProvider,CPUExecutionProvider (onnxruntime-gpu: the in-process references and
+the gateway's sessions on the GPU; the gateway must report the model on KIND_GPU and answer
+as the CPU session does, else the run stops; results then go to batching_cuda.*).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
@@ -40,22 +45,52 @@ from bench.models import MODELS, write_model
 BATCHES = (1, 8, 32, 64, 128)
 
 
-def ort_ceiling(
-    path: Path, width: int, batch: int, min_time_s: float = 0.3, threads: int = 1
-) -> float:
-    """Best-of-3 rows/s of session.run at one batch size (``threads`` intra-op threads)."""
-    return ort_run(path, width, batch, min_time_s, threads)[0]
+CPU: Final = ("CPUExecutionProvider",)
 
 
-def ort_run(
-    path: Path, width: int, batch: int, min_time_s: float = 0.3, threads: int = 1
-) -> tuple[float, float]:
-    """Best-of-3 rows/s of session.run at one batch size, and the CPU seconds per row
-    (this process, all its threads) of that best trial."""
+def ort_session(
+    path: Path, threads: int = 1, providers: tuple[str, ...] = CPU
+) -> ort.InferenceSession:
+    """A session as the references use it; fails when the first provider asked for is not
+    installed or not the one onnxruntime gave (CUDA libraries missing: onnxruntime falls
+    back to the CPU), so that a GPU run never quietly measures the CPU."""
+    available = ort.get_available_providers()
+    if providers[0] not in available:
+        raise RuntimeError(f"asked for {providers[0]}; this onnxruntime offers {available}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), options, providers=[p for p in providers if p in available]
+    )
+    if session.get_providers()[0] != providers[0]:
+        raise RuntimeError(f"asked for {providers[0]}, onnxruntime gave {session.get_providers()}")
+    return session
+
+
+def ort_ceiling(
+    path: Path,
+    width: int,
+    batch: int,
+    min_time_s: float = 0.3,
+    threads: int = 1,
+    providers: tuple[str, ...] = CPU,
+) -> float:
+    """Best-of-3 rows/s of session.run at one batch size (``threads`` intra-op threads)."""
+    return ort_run(path, width, batch, min_time_s, threads, providers)[0]
+
+
+def ort_run(
+    path: Path,
+    width: int,
+    batch: int,
+    min_time_s: float = 0.3,
+    threads: int = 1,
+    providers: tuple[str, ...] = CPU,
+) -> tuple[float, float]:
+    """Best-of-3 rows/s of session.run at one batch size, and the CPU seconds per row
+    (this process, all its threads) of that best trial."""
+    session = ort_session(path, threads, providers)
     x = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)
     feeds = {"INPUT0": x}
     session.run(None, feeds)
@@ -75,10 +110,13 @@ def ort_run(
     return best, cpu_per_row
 
 
-def settings(model: str, batching: bool, delay_us: int, fill: int = -1) -> str:
+def settings(
+    model: str, batching: bool, delay_us: int, fill: int = -1, providers: tuple[str, ...] = CPU
+) -> str:
     heavy = model != "mlp_small"
     return (
         "[runtime]\ninference_workers = 2\nintra_op_threads = 1\n"
+        f"execution_providers = {json.dumps(list(providers))}\n"
         f"[models.{model}]\nmax_batch_size = 64\ndynamic_batching = {str(batching).lower()}\n"
         f"max_queue_delay_us = {delay_us}\ninstances = {2 if heavy else 1}\n"
         f"max_queue_size = 4096\nfill_batch_size = {fill}\n"
@@ -104,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--protocols", default="grpc,http")
     parser.add_argument("--concurrency", default="", help="e.g. 1,64")
+    parser.add_argument(
+        "--providers",
+        default=",".join(CPU),
+        help="onnxruntime execution providers in preference order, for the in-process "
+        "references and the gateway (e.g. CUDAExecutionProvider,CPUExecutionProvider)",
+    )
     args = parser.parse_args(argv)
+    providers = tuple(args.providers.split(","))
     models = ["mlp_small"] if args.quick else args.models.split(",")
     concurrencies: tuple[int, ...] = (1, 8) if args.quick else (1, 8, 64)
     if args.concurrency:
@@ -117,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["command"] = (
         "python -m bench." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:])
     )
+    meta["providers"] = list(providers)
     ceiling: dict[str, dict[int, float]] = {}
     ceiling_2threads: dict[str, float] = {}
     cpu_per_row_2threads: dict[str, float] = {}
@@ -124,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         path = write_model(root, model)
         width = MODELS[model][0]
-        ceiling[model] = {b: ort_ceiling(path, width, b) for b in BATCHES}
-        ceiling_2threads[model], cpu_per_row_2threads[model] = ort_run(path, width, 64, threads=2)
+        ceiling[model] = {b: ort_ceiling(path, width, b, providers=providers) for b in BATCHES}
+        ceiling_2threads[model], cpu_per_row_2threads[model] = ort_run(
+            path, width, 64, threads=2, providers=providers
+        )
         print(
             f"{model}: in-process rows/s {ceiling[model]}, batch 64 on 2 threads "
             f"{ceiling_2threads[model]:.0f}",
@@ -133,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for policy in chosen:
             batching, delay, fill = POLICIES[policy]
-            config = settings(model, batching, delay, fill)
+            config = settings(model, batching, delay, fill, providers)
             with GatewayProcess(root, config, name=model) as server:
+                if providers != CPU:
+                    meta.setdefault("served_check", {})[model] = check_served(
+                        server, model, path, width, providers
+                    )
                 protocols = args.protocols.split(",")
                 for protocol in protocols if policy != "delay_2ms" else ("grpc",):
                     grpc = protocol.startswith("grpc")
@@ -174,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # land in a busy moment, so the target is held against the better of the two.
     for model in models:
         path = root / model / "1" / "model.onnx"
-        again, cpu_per_row = ort_run(path, MODELS[model][0], 64, threads=2)
+        again, cpu_per_row = ort_run(path, MODELS[model][0], 64, threads=2, providers=providers)
         print(f"{model}: batch 64 on 2 threads again {again:.0f} rows/s", flush=True)
         if again > ceiling_2threads[model]:
             ceiling_2threads[model], cpu_per_row_2threads[model] = again, cpu_per_row
@@ -186,12 +238,53 @@ def main(argv: list[str] | None = None) -> int:
         "ort_batch64_2threads_cpu_ms_per_row": {
             m: 1000 * v for m, v in cpu_per_row_2threads.items()
         },
-        "summary": summarize(ceiling, cells, root, ceiling_2threads, cpu_per_row_2threads),
+        "summary": summarize(
+            ceiling, cells, root, ceiling_2threads, cpu_per_row_2threads, providers
+        ),
     }
     name = "batching_quick" if args.quick else "batching"
+    if providers[0] == "CUDAExecutionProvider":
+        name += "_cuda"
     json_path, md_path = write(name, payload, markdown(payload))
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def check_served(
+    server: GatewayProcess, model: str, path: Path, width: int, providers: tuple[str, ...]
+) -> dict[str, Any]:
+    """Before a run on another provider: the gateway must report the model on that device
+    (model config's instance kind) and answer 8 random rows as the CPU session does (within
+    a relative 1e-2: GPU matrix products may round through TF32). Raises otherwise."""
+    base = f"http://127.0.0.1:{server.http_port}/v2/models/{model}"
+    with urllib.request.urlopen(f"{base}/config", timeout=30) as reply:
+        kind = json.load(reply)["instance_group"][0]["kind"]
+    expected = "KIND_GPU" if providers[0] == "CUDAExecutionProvider" else "KIND_CPU"
+    if kind != expected:
+        raise RuntimeError(f"the gateway runs {model} on {kind}, expected {expected}")
+    x = np.random.default_rng(1).standard_normal((8, width)).astype(np.float32)
+    cpu = ort_session(path).run(None, {"INPUT0": x})[0]
+    body = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    request = urllib.request.Request(
+        f"{base}/infer", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        output = json.load(reply)["outputs"][0]
+    served = np.asarray(output["data"], np.float32).reshape(output["shape"])
+    scale = float(np.abs(cpu).max()) or 1.0
+    error = float(np.abs(served - cpu).max()) / scale
+    if error > 1e-2:
+        raise RuntimeError(f"{model} on {providers[0]} answers {error:.3g} (relative) off the CPU")
+    return {"instance_kind": kind, "max_relative_error_vs_cpu": error}
 
 
 def _children_cpu_s() -> float:
@@ -213,6 +306,7 @@ def summarize(
     root: Path,
     ceiling_2threads: dict[str, float] | None = None,
     cpu_per_row_2threads: dict[str, float] | None = None,
+    providers: tuple[str, ...] = CPU,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     heavy_on = _cell(cells, model="compute_heavy", policy="on", protocol="grpc", concurrency=64)
@@ -259,7 +353,7 @@ def summarize(
     if heavy_on and heavy_off:
         batch = max(1, round(heavy_on["avg_batch_rows"]))
         path = root / "compute_heavy" / "1" / "model.onnx"
-        at_batch = ort_ceiling(path, MODELS["compute_heavy"][0], batch)
+        at_batch = ort_ceiling(path, MODELS["compute_heavy"][0], batch, providers=providers)
         out["compute_heavy_grpc_c64"] = {
             "on_over_off": heavy_on["throughput"] / heavy_off["throughput"],
             "avg_batch_rows": heavy_on["avg_batch_rows"],
@@ -325,8 +419,13 @@ def markdown(payload: dict[str, Any]) -> str:
         "# Dynamic batching\n",
         f"`{meta['command'].strip()}` at {meta['git_sha']} on {meta['cpu']} "
         f"({meta['cores']} cores), {meta['date']}; onnxruntime "
-        f"{meta['versions']['onnxruntime']}. perf_analyzer 2.51, `-b 1`, zero inputs; the "
-        "server and perf_analyzer share the machine.\n",
+        f"{meta['versions']['onnxruntime']} on {meta.get('providers', CPU)[0]}. perf_analyzer "
+        "2.51, `-b 1`, zero inputs; the server and perf_analyzer share the machine.\n",
+        *(
+            [f"Served checks (the gateway's device and answers): `{meta['served_check']}`\n"]
+            if meta.get("served_check")
+            else []
+        ),
         "## In-process onnxruntime ceiling (rows/s, 1 intra-op thread)\n",
         table(
             ["model", *[f"batch {b}" for b in BATCHES]],

@@ -97,3 +97,32 @@ def test_loadgen_counts_http_errors(gateway: GatewayProcess) -> None:
     assert result["count"] == 0
     assert result["errors"] > 0
     assert result["first_error"].startswith("HTTP 4")
+
+
+def test_batching_served_check_reads_the_device_and_the_answer(gateway: GatewayProcess) -> None:
+    """bench.batching's check before a run on another execution provider: the gateway's
+    model config names the device, its answer matches an in-process CPU session, and a
+    gateway on the CPU fails a check that expects the GPU (a GPU run must not quietly
+    measure the CPU)."""
+    from bench.batching import CPU, check_served
+    from bench.models import MODELS
+
+    path = gateway.repository / "mlp_small" / "1" / "model.onnx"
+    width = MODELS["mlp_small"][0]
+    checked = check_served(gateway, "mlp_small", path, width, CPU)
+    assert checked["instance_kind"] == "KIND_CPU"
+    assert checked["max_relative_error_vs_cpu"] < 1e-5
+    with pytest.raises(RuntimeError, match="runs mlp_small on KIND_CPU, expected KIND_GPU"):
+        check_served(gateway, "mlp_small", path, width, ("CUDAExecutionProvider", *CPU))
+
+
+def test_batching_reference_refuses_a_provider_it_did_not_get(gateway: GatewayProcess) -> None:
+    import onnxruntime as ort
+
+    from bench.batching import ort_session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    path = gateway.repository / "mlp_small" / "1" / "model.onnx"
+    with pytest.raises(RuntimeError, match="asked for CUDAExecutionProvider"):
+        ort_session(path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
