@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 MODEL_FILE: Final = "model.onnx"
 PLATFORM: Final = "onnxruntime_onnx"
 _WARMUP_REPEATS: Final = 3
+_FILL_SHARE: Final = 0.9  # the fill size: the smallest batch this close to the best rows/s
+
+Array = npt.NDArray[Any]
+
 _cuda_preloaded = False
 
 
@@ -68,11 +72,6 @@ def _preload_cuda() -> None:
         preload()
     except Exception:  # a failed preload must not fail the load: CUDA may still be found
         logger.warning("onnxruntime.preload_dlls failed", exc_info=True)
-
-
-_FILL_SHARE: Final = 0.9  # the fill size: the smallest batch this close to the best rows/s
-
-Array = npt.NDArray[Any]
 
 
 def _dims(shape: list[int | str | None] | None) -> tuple[int, ...]:
@@ -156,7 +155,18 @@ class ModelVersion:
         self.session = ort.InferenceSession(
             str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )
-        self.device = "GPU" if "CUDAExecutionProvider" in self.session.get_providers() else "CPU"
+        given = self.session.get_providers()
+        dropped = [p for p in providers if p not in given]
+        if dropped:  # onnxruntime falls back quietly (its own log is off, above)
+            logger.warning(
+                "model %s version %s: onnxruntime could not start %s (for CUDA: are the CUDA "
+                "and cuDNN libraries installed?); it runs on %s",
+                name,
+                version,
+                dropped,
+                given,
+            )
+        self.device = "GPU" if "CUDAExecutionProvider" in given else "CPU"
         self._run = _inner_run(self.session)
         inputs = tuple(
             TensorSpec(arg.name, self._v2_type(arg.name, arg.type), _dims(arg.shape))
