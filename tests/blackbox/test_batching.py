@@ -4,8 +4,10 @@ a full queue answers at once, expired and cancelled requests never reach the mod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 
 from gateway._proto import grpc_service_pb2 as pb
 from gateway._proto import grpc_service_pb2_grpc as pb_grpc
+from gateway.batcher import Batcher
 from tests.clients import PROTOCOLS, Array, client, infer
 from tests.conftest import RunningGateway
 
@@ -130,47 +133,74 @@ def test_full_queue_answers_at_once_grpc(server: RunningGateway) -> None:
     assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-async def _queued(server: RunningGateway, depth: int) -> None:
-    """Until ``depth`` requests wait in the slow model's queue (the call running is not in
-    it): the order the tests below need is seen on the server, not assumed from sleeps."""
+def _slow_batcher(server: RunningGateway) -> Batcher:
     assert server.gateway is not None
-    batcher = server.gateway.router.resolve("slow", "1").batcher
+    return server.gateway.router.resolve("slow", "1").batcher
+
+
+async def _until(server: RunningGateway, what: str, check: Callable[[Batcher], bool]) -> None:
+    """Until ``check`` holds for the slow model's batcher, read on the gateway's loop: the
+    order the tests below need is seen on the server, not assumed from sleeps."""
+    batcher = _slow_batcher(server)
     deadline = time.monotonic() + 10
-    while server.on_loop(lambda: batcher.queue_depth) < depth:
-        assert time.monotonic() < deadline, f"never {depth} queued"
+    while not server.on_loop(lambda: check(batcher)):
+        assert time.monotonic() < deadline, f"never {what}"
         await asyncio.sleep(0.0005)
+
+
+async def _queued(server: RunningGateway, depth: int) -> None:
+    """Until exactly ``depth`` requests wait in the slow model's queue (the batch taken to
+    run is not in it)."""
+    await _until(server, f"{depth} queued", lambda b: b.queue_depth == depth)
+
+
+@contextlib.contextmanager
+def _pool_held(server: RunningGateway) -> Iterator[threading.Event]:
+    """Every inference thread waits on the event (set it, or leave the block, to go on):
+    the first batch dispatched meanwhile counts as running but cannot start, so the
+    requests after it queue however slowly they arrive. The order then holds by
+    construction, not because the model is slower than the client (a loaded machine
+    broke that: the first batch finished before the third request came)."""
+    assert server.gateway is not None
+    pool = server.gateway.repository.executor
+    release = threading.Event()
+    workers = server.gateway.settings.runtime.inference_workers
+    holders = [pool.submit(release.wait, 60) for _ in range(workers)]
+    try:
+        yield release
+    finally:
+        release.set()
+        for holder in holders:
+            holder.result(10)
 
 
 def test_expired_requests_never_reach_the_model(server: RunningGateway) -> None:
     before = _stats(server, "slow")
-    # Three full batches ahead (one running, two waiting) and two late requests: four
-    # waiting, the slow model's queue limit. The late ones must arrive before the model is
-    # free: two full batches (and what is left of the running one) leave them tens of ms on
-    # a busy machine, over connections already open.
+    # Three full batches (one taken to run, two waiting) and two late one-row requests
+    # behind them, while no inference thread is free: the late ones' 1 ms deadlines (the
+    # V2 timeout parameter, in µs, and the header) pass in the queue.
     bodies = [_slow_body(8) for _ in range(3)]
-    # Queued behind full batches while another runs, a 1 ms deadline (V2 timeout
-    # parameter, in µs, and the header) passes before the model is free.
     late = [_slow_body(1, parameters={"timeout": 1000}), _slow_body(1)]
 
-    async def main() -> list[httpx.Response]:
+    async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=f"http://{server.http_url}", timeout=60) as c:
-            # Five connections in the pool before the clock starts (keep-alive).
-            await asyncio.gather(*(c.get("/v2/health/live") for _ in range(5)))
-            first = [asyncio.create_task(c.post("/v2/models/slow/infer", json=b)) for b in bodies]
-            await _queued(server, 2)  # one batch running, two waiting
-            second = [
-                asyncio.create_task(c.post("/v2/models/slow/infer", json=late[0])),
-                asyncio.create_task(
+            with _pool_held(server) as release:
+                first = [
+                    asyncio.create_task(c.post("/v2/models/slow/infer", json=b)) for b in bodies
+                ]
+                await _queued(server, 2)
+                expired = await asyncio.gather(
+                    c.post("/v2/models/slow/infer", json=late[0]),
                     c.post(
                         "/v2/models/slow/infer", json=late[1], headers={"x-request-timeout-ms": "1"}
-                    )
-                ),
-            ]
-            return await asyncio.gather(*first, *second)
+                    ),
+                )
+                release.set()
+                return await asyncio.gather(*first), list(expired)
 
-    responses = asyncio.run(main())
-    assert [r.status_code for r in responses[:3]] == [200, 200, 200]
-    for r in responses[3:]:
+    served, expired = asyncio.run(main())
+    assert [r.status_code for r in served] == [200, 200, 200]
+    for r in expired:
         assert r.status_code == 504, r.text[:300]
         assert "timed out" in r.json()["error"]
     after = _stats(server, "slow")
@@ -190,21 +220,27 @@ def test_grpc_deadline_and_cancel_leave_the_queue(server: RunningGateway) -> Non
         async with grpc.aio.insecure_channel(server.grpc_url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             await channel.channel_ready()
-            # Three full batches first: the model runs one (milliseconds a call) and two
-            # wait, so a one-row request queued now waits at least two whole calls.
-            busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(3)]
-            await _queued(server, 2)
-            cancelled = stub.ModelInfer(request(1), timeout=60)
-            await _queued(server, 3)
-            cancelled.cancel()
-            # A 2 ms deadline passes in the queue (or on the way: either way not run).
-            late = stub.ModelInfer(request(1), timeout=0.002)
-            try:
-                await late
-                code = grpc.StatusCode.OK
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-            answers = [await call for call in busy]
+            with _pool_held(server) as release:
+                # Three full batches, no inference thread free: one taken to run, two wait.
+                busy = [stub.ModelInfer(request(8), timeout=60) for _ in range(3)]
+                await _queued(server, 2)
+                cancelled = stub.ModelInfer(request(1), timeout=60)
+                await _queued(server, 3)
+                batcher = _slow_batcher(server)
+                gone = server.on_loop(lambda: batcher.stats.cancelled)
+                cancelled.cancel()
+                # A 2 ms deadline passes in the queue (or on the way: either way not run).
+                late = stub.ModelInfer(request(1), timeout=0.002)
+                try:
+                    await late
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                # The cancel has reached the queue before the model may run again.
+                await _until(server, "the cancel seen", lambda b: b.stats.cancelled > gone)
+                await _queued(server, 2)
+                release.set()
+                answers = [await call for call in busy]
             return answers, code, cancelled.cancelled()
 
     answers, code, was_cancelled = asyncio.run(main())
