@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ __all__ = [
     "RESULTS",
     "GatewayProcess",
     "cpu_seconds",
+    "free_port",
+    "tree_cpu_seconds",
     "environment",
     "git_sha",
     "cpu_name",
@@ -48,10 +51,31 @@ def _stat_ticks(path: str, first: int, last: int) -> float:
     return sum(int(v) for v in fields[first - 3 : last - 2]) / _TICKS
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads) and its reaped children
     (utime, stime, cutime, cstime: fields 14-17)."""
     return _stat_ticks(f"/proc/{pid}/stat", 14, 17)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` summed over a process and its live descendants (``--workers N``:
+    the supervisor, its workers and their private redis-server)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):  # a process that ended in between
+            total += cpu_seconds(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+    return total
 
 
 def main_thread_cpu_seconds(pid: int) -> float:
@@ -118,12 +142,16 @@ class ServerCounters:
 
 
 class GatewayProcess:
-    """``gateway serve`` in a subprocess on free ports, with a settings file."""
+    """``gateway serve`` in a subprocess on free ports, with a settings file; ``workers``
+    > 1 runs ``--workers N`` on ports picked here (the workers share them)."""
 
-    def __init__(self, repository: Path, settings: str = "", name: str = "gateway") -> None:
+    def __init__(
+        self, repository: Path, settings: str = "", name: str = "gateway", workers: int = 1
+    ) -> None:
         self.repository = repository
         self.settings = settings
         self.name = name
+        self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -144,7 +172,10 @@ class GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         self._data = tempfile.mkdtemp(prefix="gateway-data-")
         env["GATEWAY_DATA_DIR"] = self._data
-        env["GATEWAY_ADMIN__PORT"] = "0"
+        ports = ["0", "0", "0"]
+        if self.workers > 1:
+            ports = [str(free_port()) for _ in ports]
+        env["GATEWAY_ADMIN__PORT"] = ports[2]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -158,9 +189,11 @@ class GatewayProcess:
                 "--host",
                 "127.0.0.1",
                 "--http-port",
-                "0",
+                ports[0],
                 "--grpc-port",
-                "0",
+                ports[1],
+                "--workers",
+                str(self.workers),
                 "--log-level",
                 "INFO",
             ],
@@ -181,13 +214,12 @@ class GatewayProcess:
         assert self.proc is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            match = re.search(
+            found = re.findall(
                 r"on HTTP [\d.]+:(\d+) and gRPC [\d.]+:(\d+) \(admin [\d.]+:(\d+)\)",
                 self._log_path.read_text(),
             )
-            if match:
-                self.http_port, self.grpc_port = int(match.group(1)), int(match.group(2))
-                self.admin_port = int(match.group(3))
+            if len(found) >= self.workers:  # every worker serves
+                self.http_port, self.grpc_port, self.admin_port = map(int, found[0])
                 return
             if self.proc.poll() is not None:
                 break
@@ -207,6 +239,10 @@ class GatewayProcess:
         if self._log is not None:
             self._log.close()
             self._log_path.unlink(missing_ok=True)
+
+    def log_text(self) -> str:
+        """What the server has logged so far."""
+        return self._log_path.read_text()
 
     @property
     def pid(self) -> int:

@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,44 +61,9 @@ def _store_cell(repo: Path, settings: str, args: argparse.Namespace) -> dict[str
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _workers_cell(repo: Path, workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    http, grpc, admin = _free_port(), _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    data = tempfile.mkdtemp(prefix="gateway-data-")
-    env.update(GATEWAY_DATA_DIR=data, GATEWAY_ADMIN__PORT=str(admin), GATEWAY_LOG_FORMAT="text")
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "gateway", "serve", "--workers", str(workers),
-                "--model-repository", str(repo), "--host", "127.0.0.1",
-                "--http-port", str(http), "--grpc-port", str(grpc),
-            ],
-            stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                log.seek(0)
-                text = log.read()
-                if len(re.findall(r"serving .* on HTTP", text)) >= workers:
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"--workers {workers} did not start:\n{text[-3000:]}")
-                time.sleep(0.1)
-            load = _loadgen(f"127.0.0.1:{grpc}", 64, args.warmup_s, args.measure_s)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with GatewayProcess(repo, name=f"--workers {workers}", workers=workers) as server:
+        load = _loadgen(f"127.0.0.1:{server.grpc_port}", 64, args.warmup_s, args.measure_s)
     return {"throughput": load["throughput"], "p99_ms": load["p99_ms"], "errors": load["errors"]}
 
 

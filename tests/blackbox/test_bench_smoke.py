@@ -126,3 +126,37 @@ def test_batching_reference_refuses_a_provider_it_did_not_get(gateway: GatewayPr
     path = gateway.repository / "mlp_small" / "1" / "model.onnx"
     with pytest.raises(RuntimeError, match="asked for CUDAExecutionProvider"):
         ort_session(path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
+@pytest.mark.slow
+def test_gateway_process_runs_workers_and_counts_their_cpu(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """bench.scaling's harness: ``GatewayProcess(workers=2)`` returns once both workers
+    serve on the shared ports, their loaded-model lines parse, and the process tree's CPU
+    (supervisor, workers, private redis-server) counts the workers' work, which the
+    supervisor's own figure does not."""
+    from bench.common import cpu_seconds, tree_cpu_seconds
+    from bench.scaling import _LOADED
+
+    root = tmp_path_factory.mktemp("bench-workers")
+    write_model(root / "models", "mlp_small", "max_batch_size = 8\n")
+    settings = gateway_settings(root / "data")
+    with GatewayProcess(root / "models", settings, workers=2) as server:
+        loaded = _LOADED.findall(server.log_text())
+        assert [device for device, _, _ in loaded] == ["CPU", "CPU"], loaded
+        tree0, own0 = tree_cpu_seconds(server.pid), cpu_seconds(server.pid)
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "bench.loadgen", "--mode", "grpc",
+                "--address", f"127.0.0.1:{server.grpc_port}", "--model", "mlp_small",
+                "--width", "32", "--concurrency", "8", "--warmup-s", "0.2", "--measure-s", "1",
+            ],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["errors"] == 0
+        tree = tree_cpu_seconds(server.pid) - tree0
+        own = cpu_seconds(server.pid) - own0
+    assert tree > 0.2, tree  # about a second of serving
+    assert own < tree / 4, (own, tree)
