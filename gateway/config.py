@@ -122,8 +122,8 @@ class ModelPolicy(_Base, frozen=True):
     """Where a batch runs: on the event loop ("inline", for models that take microseconds),
     in the inference pool ("pool"), or chosen from the warm-up timing ("auto")."""
     inline_max_us: int = 150
-    """With execution="auto": run inline when a full batch took at most this many µs at
-    warm-up; a thread hand-off costs about 100 µs."""
+    """With execution="auto": a CPU model runs inline when a full batch took at most this
+    many µs at warm-up (a thread hand-off costs about 100 µs); a GPU model never does."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads for this model; 0 uses runtime.intra_op_threads."""
     default_version: str = ""

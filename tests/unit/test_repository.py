@@ -99,6 +99,27 @@ def test_executor_needs_start(root: Path) -> None:
         _ = repository.executor
 
 
+def test_auto_execution_keeps_a_gpu_model_in_the_pool(root: Path) -> None:
+    """A model whose full batch is fast enough to run inline on the CPU runs in the pool
+    (with its fill size measured) once its session is on a GPU: the rule reads the device
+    the session reports, set here by hand since this machine has no GPU."""
+    from gateway.config import ModelPolicy
+
+    path = root / "mlp" / "1" / "model.onnx"
+    runtime = RuntimeSettings(intra_op_threads=1)
+    policy = ModelPolicy(max_batch_size=4, execution="auto", inline_max_us=1_000_000)
+    on_cpu = ModelVersion("mlp", "1", path, policy, runtime)
+    on_cpu.warm_up()
+    assert on_cpu.is_inline
+    assert on_cpu.fill_batch_size == 0
+    on_gpu = ModelVersion("mlp", "1", path, policy, runtime)
+    on_gpu.device = "GPU"
+    on_gpu.warm_up()
+    assert not on_gpu.is_inline
+    assert sorted(on_gpu.rows_per_s) == [1, 2, 4]
+    assert on_gpu.fill_batch_size in (1, 2, 4)
+
+
 def test_warm_up_measures_the_fill_size_of_a_pool_model(root: Path) -> None:
     from gateway.config import ModelPolicy
 
