@@ -105,32 +105,64 @@ def _slow_body(rows: int, **extra: Any) -> dict[str, Any]:
 
 
 def test_full_queue_answers_at_once_http(server: RunningGateway) -> None:
-    responses = asyncio.run(_flood(server.http_url, [_slow_body(8) for _ in range(16)]))
+    async def main() -> tuple[int, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=f"http://{server.http_url}", timeout=60) as c:
+            with _pool_held(server) as release:
+                posts = [
+                    asyncio.create_task(c.post("/v2/models/slow/infer", json=_slow_body(8)))
+                    for _ in range(16)
+                ]
+                refused = await _full_then_refused(server, posts)
+                release.set()
+            return refused, await asyncio.gather(*posts)
+
+    refused, responses = asyncio.run(main())
     codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, codes
-    assert 503 in codes
-    assert 200 in codes
+    assert sorted(codes) == [200] * (16 - refused) + [503] * refused, codes
     rejected = [r for r in responses if r.status_code == 503]
     assert "max_queue_size" in rejected[0].json()["error"]
 
 
 def test_full_queue_answers_at_once_grpc(server: RunningGateway) -> None:
-    async def main() -> list[Any]:
+    async def main() -> tuple[int, list[Any]]:
         async with grpc.aio.insecure_channel(server.grpc_url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             x = np.full((8, 512), 0.25, np.float32)
             msg = pb.ModelInferRequest(model_name="slow")
             msg.inputs.add(name="INPUT0", datatype="FP32", shape=[8, 512])
             msg.raw_input_contents.append(x.tobytes())
-            return await asyncio.gather(
-                *(stub.ModelInfer(msg, timeout=60) for _ in range(16)), return_exceptions=True
-            )
+            with _pool_held(server) as release:
+                calls = [asyncio.ensure_future(stub.ModelInfer(msg, timeout=60)) for _ in range(16)]
+                refused = await _full_then_refused(server, calls)
+                release.set()
+            return refused, await asyncio.gather(*calls, return_exceptions=True)
 
-    results = asyncio.run(main())
+    refused, results = asyncio.run(main())
     errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert errors
-    assert len(errors) < len(results)
+    assert len(errors) == refused, results
     assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "max_queue_size" in errors[0].details()
+
+
+async def _full_then_refused(server: RunningGateway, calls: list[Any]) -> int:
+    """With every inference thread held, the slow model (one instance, 8-row requests in
+    8-row batches, max_queue_size 4) takes one request to run and queues four, and the rest
+    are answered at once; returns how many were refused. Eleven, or twelve when all five
+    first requests were queued before the first was taken to run (the fifth then met a
+    full queue): either way every request is accounted for before the pool is released."""
+    batcher = _slow_batcher(server)
+    deadline = time.monotonic() + 10
+    while True:
+        refused: int = sum(call.done() for call in calls)
+        depth = server.on_loop(lambda: batcher.queue_depth)
+        if depth + 1 + refused == len(calls):  # queued, running, refused
+            break
+        assert time.monotonic() < deadline, f"{depth} queued, {refused} answered"
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)  # nothing more is answered while the pool is held
+    assert sum(call.done() for call in calls) == refused
+    assert refused in (11, 12)
+    return refused
 
 
 def _slow_batcher(server: RunningGateway) -> Batcher:
