@@ -10,6 +10,7 @@ model calls leave the event loop. It knows nothing of HTTP, gRPC or batching.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -574,6 +575,12 @@ class ModelRepository:
                     exc.message,
                 )
                 model.is_inline = policy.execution == "inline"
+        model.signature = dataclasses.replace(
+            model.signature,
+            execution="inline" if model.is_inline else "pool",
+            fill_batch_size=model.fill_batch_size,
+            warmup_rows_per_s=tuple(sorted(model.rows_per_s.items())),
+        )
         logger.info(
             "loaded model %s version %s (%s, batch %s, fill %s, warm-up %.0f us, %s)",
             name,

@@ -190,6 +190,12 @@ class ModelSignature:
     max_queue_delay_us: int = 0
     instances: int = 1
     device: str = "CPU"
+    execution: str = ""
+    """Where a batch runs once loaded: "inline" (the event loop) or "pool"; "" before."""
+    fill_batch_size: int = 0
+    """Rows a batch waits for under load (0: off): configured, or measured at warm-up."""
+    warmup_rows_per_s: tuple[tuple[int, float], ...] = ()
+    """(batch size, rows/s) at warm-up, when the fill size was measured from them."""
 
 
 class Duration:

@@ -304,6 +304,23 @@ def model_metadata(signature: ModelSignature, versions: Sequence[str]) -> dict[s
     }
 
 
+def _batching_choice(signature: ModelSignature) -> dict[str, Any]:
+    """What the load chose, as Triton's string parameters (both protocols carry them):
+    ``execution`` (inline or pool), ``fill_batch_size`` and, when the fill size was measured,
+    ``warmup_rows_per_s`` ("batch:rows/s" pairs)."""
+    if not signature.execution:
+        return {}
+    chosen = {
+        "execution": signature.execution,
+        "fill_batch_size": str(signature.fill_batch_size),
+    }
+    if signature.warmup_rows_per_s:
+        chosen["warmup_rows_per_s"] = ",".join(
+            f"{rows}:{rate:.0f}" for rows, rate in signature.warmup_rows_per_s
+        )
+    return {key: {"string_value": value} for key, value in chosen.items()}
+
+
 def model_config(signature: ModelSignature) -> dict[str, Any]:
     """The model configuration (Triton's form) that perf_analyzer and tritonclient read.
 
@@ -355,7 +372,7 @@ def model_config(signature: ModelSignature) -> dict[str, Any]:
             }
         ],
         "default_model_filename": "model.onnx",
-        "parameters": {},
+        "parameters": _batching_choice(signature),
         "model_transaction_policy": {"decoupled": False},
         "response_cache": {"enable": False},
     }

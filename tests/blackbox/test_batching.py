@@ -291,3 +291,31 @@ def test_drain_of_batched_direct_results_match_unbatched(
     x: Array = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
     got, _ = infer("grpc", server.grpc_url, "heavy", {"INPUT0": x})
     assert np.array_equal(got["OUTPUT0"], session.run(None, {"INPUT0": x})[0])
+
+
+def _config_parameters(protocol: str, url: str, model: str) -> dict[str, str]:
+    conn = client(protocol, url)
+    try:
+        if protocol == "grpc":
+            params = conn.get_model_config(model).config.parameters
+            return {key: value.string_value for key, value in params.items()}
+        return {k: v["string_value"] for k, v in conn.get_model_config(model)["parameters"].items()}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_model_config_reports_the_batching_choice(server: RunningGateway, protocol: str) -> None:
+    """What the load chose is in the model config (Triton's string parameters), as the
+    batcher uses it: the slow model runs in the pool with the fill size measured from the
+    warm-up's rows/s per batch size; the tiny MLP runs inline, with no fill size."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    slow = _config_parameters(protocol, url, "slow")
+    assert slow["execution"] == "pool"
+    rates = dict(pair.split(":") for pair in slow["warmup_rows_per_s"].split(","))
+    assert [int(rows) for rows in rates] == [1, 2, 4, 8]
+    assert all(float(rate) > 0 for rate in rates.values())
+    assert slow["fill_batch_size"] in rates
+    assert int(slow["fill_batch_size"]) == _slow_batcher(server).fill_rows
+    small = _config_parameters(protocol, url, "mlp_small")
+    assert small == {"execution": "inline", "fill_batch_size": "0"}
