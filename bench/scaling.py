@@ -5,27 +5,30 @@ one event loop, so with one-row requests it serves at most about one core's wort
 requests however many cores the model could use (``bench.batching``: the loop, not the
 model, bounds a 16-core machine). ``gateway serve --workers N`` runs N such processes on the
 same ports. This bench serves one model through 1, 2, 4, ... workers with perf_analyzer
-(gRPC, one row per request) and reports, per cell: served rows/s, p50 and p99, and the
-server's cores in use (CPU seconds of the supervisor, its workers and their private
-redis-server over the run, per wall second); against in-process onnxruntime at batch 64 on
-2 intra-op threads (``bench.batching``'s yardstick) and on every core, measured in the same
-run. Each worker's loaded model line (execution inline or in the pool, fill size) is kept.
+(gRPC, one row per request unless ``--batch`` says more) and reports, per cell: served
+rows/s, p50 and p99, and the server's cores in use (CPU seconds of the supervisor, its
+workers and their private redis-server over the run, per wall second); against in-process
+onnxruntime at batch 64 on 2 intra-op threads (``bench.batching``'s yardstick) and on every
+core, measured in the same run. Each worker's loaded model line (execution inline or in the
+pool, fill size) is kept.
 
 The kernel spreads connections over the workers (SO_REUSEPORT); perf_analyzer's concurrent
 requests travel over several connections, so the load spreads (mlp_small served 3.3x the
-requests with four workers on 16 cores). Server CPU per row divides the
-tree's CPU by served rows (perf_analyzer's throughput times the run's wall time, an
-estimate: each worker keeps its own statistics).
+requests with four workers on 16 cores). Server CPU per row divides the tree's CPU by
+served rows (perf_analyzer's throughput times the run's wall time, an estimate: each worker
+keeps its own statistics).
 
 Options: --models compute_heavy, --workers 1,2,4, --protocols grpc,grpc-stream,
---concurrency 64, --execution auto,pool (each worker's ``execution`` setting), --instances 2,
---providers CUDAExecutionProvider,CPUExecutionProvider (then results go to scaling_cuda.*).
-Results: bench/results/scaling.{json,md}.
+--concurrency 64, --execution auto,pool (each worker's ``execution`` setting), --instances
+1,2 (model instances per worker), --batch 1,16 (rows per request: perf_analyzer's -b, whose
+throughput then counts rows), --providers CUDAExecutionProvider,CPUExecutionProvider (then
+results go to scaling_cuda.*). Results: bench/results/scaling.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -50,10 +53,20 @@ _LOADED = re.compile(
 )
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def cell(
-    server: GatewayProcess, model: str, protocol: str, concurrency: int, window_ms: int
+    server: GatewayProcess,
+    model: str,
+    protocol: str,
+    concurrency: int,
+    rows: int,
+    window_ms: int,
 ) -> dict[str, Any]:
-    """One perf_analyzer run against ``server``: its figures and the server tree's CPU."""
+    """One perf_analyzer run against ``server`` (``rows`` rows per request): its figures
+    (throughput in rows/s) and the server tree's CPU."""
     cpu0, start = tree_cpu_seconds(server.pid), time.perf_counter()
     pa = run_perf_analyzer(
         model,
@@ -62,6 +75,7 @@ def cell(
         concurrency,
         window_ms=window_ms,
         streaming=protocol == "grpc-stream",
+        extra=["-b", str(rows)],
     )
     wall = time.perf_counter() - start
     cpu = tree_cpu_seconds(server.pid) - cpu0
@@ -80,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", default="grpc")
     parser.add_argument("--concurrency", default="64")
     parser.add_argument("--execution", default="auto", help="auto, inline, pool: comma list")
-    parser.add_argument("--instances", type=int, default=2, help="model instances per worker")
+    parser.add_argument("--instances", default="2", help="model instances per worker: list")
+    parser.add_argument("--batch", default="1", help="rows per request (perf_analyzer -b): list")
     parser.add_argument("--window-ms", type=int, default=1500)
     parser.add_argument("--providers", default=",".join(CPU))
     args = parser.parse_args(argv)
@@ -100,41 +115,47 @@ def main(argv: list[str] | None = None) -> int:
             for threads in (2, cores)
         }
         print(f"{model}: onnxruntime batch 64 rows/s {references[model]}", flush=True)
-        for execution in args.execution.split(","):
+        servers = itertools.product(
+            args.execution.split(","), _ints(args.instances), _ints(args.workers)
+        )
+        for execution, instances, workers in servers:
             config = re.sub(
                 r"instances = \d+",
-                f"instances = {args.instances}",
+                f"instances = {instances}",
                 settings(model, True, 0, -1, providers),
             )
             config += f'execution = "{execution}"\n'
-            for workers in (int(w) for w in args.workers.split(",")):
-                with GatewayProcess(root, config, name=model, workers=workers) as server:
-                    if providers != CPU:
-                        check_served(server, model, path, width, providers)
-                    loaded = _LOADED.findall(server.log_text())
-                    for protocol in args.protocols.split(","):
-                        for c in (int(c) for c in args.concurrency.split(",")):
-                            row = {
-                                "model": model,
-                                "execution": execution,
-                                "workers": workers,
-                                "protocol": protocol,
-                                "concurrency": c,
-                                "loaded": [" ".join(entry) for entry in loaded],
-                                **cell(server, model, protocol, c, args.window_ms),
-                            }
-                            row["fraction_of_batch64_2threads"] = (
-                                row["throughput"] / references[model]["batch64_2threads"]
-                            )
-                            cells.append(row)
-                            print(
-                                f"  {execution:6} workers={workers:<2} {protocol:11} c={c:<3} "
-                                f"{row['throughput']:9.0f} rows/s p50 {row['p50_ms']:.2f} ms "
-                                f"cores {row['server_cores']:.1f} "
-                                f"({row['fraction_of_batch64_2threads']:.2f} of batch 64, "
-                                f"2 threads) {row['loaded'][:1]}",
-                                flush=True,
-                            )
+            with GatewayProcess(root, config, name=model, workers=workers) as server:
+                if providers != CPU:
+                    check_served(server, model, path, width, providers)
+                loaded = sorted({" ".join(e) for e in _LOADED.findall(server.log_text())})
+                loads = itertools.product(
+                    args.protocols.split(","), _ints(args.concurrency), _ints(args.batch)
+                )
+                for protocol, c, rows in loads:
+                    row = {
+                        "model": model,
+                        "execution": execution,
+                        "instances": instances,
+                        "workers": workers,
+                        "protocol": protocol,
+                        "concurrency": c,
+                        "rows_per_request": rows,
+                        "loaded": loaded,
+                        **cell(server, model, protocol, c, rows, args.window_ms),
+                    }
+                    row["fraction_of_batch64_2threads"] = (
+                        row["throughput"] / references[model]["batch64_2threads"]
+                    )
+                    cells.append(row)
+                    print(
+                        f"  {execution:6} instances={instances} workers={workers:<2} "
+                        f"{protocol:11} c={c:<3} b={rows:<3} {row['throughput']:9.0f} rows/s "
+                        f"p50 {row['p50_ms']:.2f} ms cores {row['server_cores']:.1f} "
+                        f"({row['fraction_of_batch64_2threads']:.2f} of batch 64, 2 threads) "
+                        f"{loaded}",
+                        flush=True,
+                    )
     payload = {"meta": meta, "onnxruntime_rows_per_s": references, "cells": cells}
     name = "scaling_cuda" if providers[0] == "CUDAExecutionProvider" else "scaling"
     json_path, md_path = write_results(name, payload, markdown(payload, cores))
@@ -148,8 +169,8 @@ def markdown(payload: dict[str, Any], cores: int) -> str:
         "# Served rows/s by worker processes\n",
         f"`{meta['command'].strip()}` at {meta['git_sha']} on {meta['cpu']} ({cores} cores), "
         f"{meta['date']}; providers {', '.join(meta['providers'])}. perf_analyzer on the same "
-        "machine, one row per request. Server cores: CPU seconds of the gateway's process "
-        "tree over the run per wall second.\n",
+        "machine; rows/s counts rows (a request carries `rows/request` of them). Server "
+        "cores: CPU seconds of the gateway's process tree over the run per wall second.\n",
         "## In-process onnxruntime, batch 64\n",
         table(
             ["model", "setting", "rows/s"],
@@ -164,9 +185,11 @@ def markdown(payload: dict[str, Any], cores: int) -> str:
             [
                 "model",
                 "execution",
+                "instances",
                 "workers",
                 "protocol",
                 "c",
+                "rows/request",
                 "rows/s",
                 "of batch 64, 2 threads",
                 "p50 ms",
@@ -179,16 +202,18 @@ def markdown(payload: dict[str, Any], cores: int) -> str:
                 [
                     c["model"],
                     c["execution"],
+                    c["instances"],
                     c["workers"],
                     c["protocol"],
                     c["concurrency"],
+                    c["rows_per_request"],
                     c["throughput"],
                     f"{c['fraction_of_batch64_2threads']:.2f}",
                     c["p50_ms"],
                     c["p99_ms"],
                     f"{c['server_cores']:.2f}",
                     c["server_cpu_ms_per_row"],
-                    "; ".join(sorted(set(c["loaded"]))),
+                    "; ".join(c["loaded"]),
                 ]
                 for c in payload["cells"]
             ],
