@@ -111,15 +111,24 @@ def ort_run(
 
 
 def settings(
-    model: str, batching: bool, delay_us: int, fill: int = -1, providers: tuple[str, ...] = CPU
+    model: str,
+    batching: bool,
+    delay_us: int,
+    fill: int = -1,
+    providers: tuple[str, ...] = CPU,
+    instances: int = 0,
+    execution: str = "",
 ) -> str:
-    heavy = model != "mlp_small"
+    """The gateway's settings file for one cell: ``instances`` 0 means 2 for the heavier
+    models and 1 for mlp_small; ``execution`` "" leaves the model's default (auto)."""
+    instances = instances or (1 if model == "mlp_small" else 2)
     return (
         "[runtime]\ninference_workers = 2\nintra_op_threads = 1\n"
         f"execution_providers = {json.dumps(list(providers))}\n"
         f"[models.{model}]\nmax_batch_size = 64\ndynamic_batching = {str(batching).lower()}\n"
-        f"max_queue_delay_us = {delay_us}\ninstances = {2 if heavy else 1}\n"
+        f"max_queue_delay_us = {delay_us}\ninstances = {instances}\n"
         f"max_queue_size = 4096\nfill_batch_size = {fill}\n"
+        + (f'execution = "{execution}"\n' if execution else "")
     )
 
 

@@ -119,12 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             args.execution.split(","), _ints(args.instances), _ints(args.workers)
         )
         for execution, instances, workers in servers:
-            config = re.sub(
-                r"instances = \d+",
-                f"instances = {instances}",
-                settings(model, True, 0, -1, providers),
-            )
-            config += f'execution = "{execution}"\n'
+            config = settings(model, True, 0, -1, providers, instances, execution)
             with GatewayProcess(root, config, name=model, workers=workers) as server:
                 if providers != CPU:
                     check_served(server, model, path, width, providers)
