@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.common import free_port
 from gateway.cli import main
 from gateway.config import EXAMPLE_REPOSITORY
 from gateway.drift.profile import load_profile
 
 GATEWAY = [sys.executable, "-m", "gateway"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -44,7 +38,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
     tmp = tmp_path_factory.mktemp("operator")
-    http, grpc, admin = _free_port(), _free_port(), _free_port()
+    http, grpc, admin = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "NUMBA_"))}
     env.update(
         XDG_CACHE_HOME=str(tmp / "cache"),

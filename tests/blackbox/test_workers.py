@@ -6,7 +6,6 @@ the workers and the private Redis cleanly."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.common import free_port
 from gateway.store import RedisStore
 from tests.clients import infer
 
@@ -24,12 +24,6 @@ X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
 BODY = {
     "inputs": [{"name": "INPUT0", "shape": [1, 32], "datatype": "FP32", "data": X.ravel().tolist()}]
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _routes(admin_port: int) -> dict[str, float]:
@@ -49,7 +43,7 @@ def test_two_workers_share_ports_and_one_control_plane(repository: Path, tmp_pat
     repo.mkdir()
     (repo / "pair").symlink_to(repository / "pair")
     data = tmp_path / "data"
-    http_port, grpc_port, admin_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_DATA_DIR=str(data),
