@@ -26,6 +26,7 @@ as ``duplicate``; an id whose entry already left memory is reported as ``unknown
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -85,6 +86,7 @@ _VALUES: Final = 2  # float64 (rows, outputs): a regressor's values
 _KIND_OF_LAYOUT: Final[tuple[OutcomeKind, ...]] = ("classification", "classification", "regression")
 _DTYPE_OF_LAYOUT: Final = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float64))
 _FLOAT32: Final = np.dtype(np.float32)
+_LABEL: Final = struct.Struct("=i")  # one label as _DTYPE_OF_LAYOUT[_LABELS] holds it
 
 
 class MemoryCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -286,7 +288,8 @@ class PredictionMemory:
         """The prediction as one small owned array and its layout, or None if unusable.
 
         Always copies: the caller's array may be a view into a whole batch's output.
-        (remember() makes the usual classifier answer's copy itself, without this call.)
+        (remember() makes the usual classifier answers' copies itself, a score matrix's or one
+        row's label, without this call.)
         """
         shape = prediction.shape
         if not shape or prediction.size == 0:
@@ -360,6 +363,19 @@ class PredictionMemory:
             if prediction.dtype is not _FLOAT32:
                 prediction = prediction.astype(np.float32)
             data, layout, width = prediction.tobytes(), _SCORES, shape[1]
+        elif (  # one row's integer label (a classifier's label output): packed, no arrays
+            kind != "regression"
+            and prediction.size == 1
+            and 0 < len(shape) <= 2
+            and prediction.dtype.kind in "biu"
+            and self._max_rows > 0
+            and self._max_width > 0
+        ):
+            label = int(prediction.item())
+            if not 0 <= label <= _MAX_LABEL:
+                self._unsupported += 1
+                return
+            data, layout, width = _LABEL.pack(label), _LABELS, 0
         else:
             compact = self._compact(prediction, kind)
             if compact is None:

@@ -205,6 +205,9 @@ def test_feedback_items_decode_from_json() -> None:
         (np.array([[2.0, -1.0, 0.5]], np.float32), "auto", 0, 1, 0),  # logits: argmax only
         (np.array([3, 1], np.int64), "auto", [3, 2], 1, 0),  # labels
         (np.array([[3], [1]], np.int32), "auto", [3, 1], 2, 0),  # labels (rows, 1)
+        (np.array([3], np.int64), "auto", 3, 1, 0),  # one row's label
+        (np.array([[2]], np.uint8), "classification", [1], 0, 0),  # one row's label (1, 1)
+        (np.array([True]), "auto", 1, 1, 0),  # a boolean label
         (np.array([[0.9], [0.2]]), "classification", [1, 1], 1, 2),  # one sigmoid column
         (np.array([[0.6, 0.4], [0.3, 0.7]], np.float64), "auto", [0, 0], 1, 2),  # float64 proba
     ],
@@ -233,6 +236,7 @@ def test_classifier_predictions(
         (np.array([[1.0, 2.0], [3.0, 4.0]]), "regression", [[1, 1], [1, 1]], [0, 1, 2, 3]),
         (np.array([[1.0, 2.0], [3.0, 4.0]]), "regression", [1, 1, 1, 1], [0, 1, 2, 3]),
         (np.array([7, 9], np.int64), "regression", [8, 8], [1, 1]),  # integer outputs
+        (np.array([7], np.int64), "regression", 8, [1]),  # one row's integer output
     ],
 )
 def test_regressor_predictions(
@@ -289,9 +293,10 @@ def test_unusable_predictions_are_counted_not_stored() -> None:
     mem.remember("scalar", "m", "1", np.array(1.0))
     mem.remember("multilabel", "m", "1", np.array([[0, 1]], np.int64))
     mem.remember("negative", "m", "1", np.array([-1], np.int64))
+    mem.remember("past-int32", "m", "1", np.array([[2**31]], np.int64))
     mem.remember("sigmoid-out-of-range", "m", "1", np.array([[1.5]]), kind="classification")
     c = mem.counters()
-    assert (c.no_id, c.too_large, c.unsupported, c.remembered, len(mem)) == (1, 2, 5, 0, 0)
+    assert (c.no_id, c.too_large, c.unsupported, c.remembered, len(mem)) == (1, 2, 6, 0, 0)
 
 
 def test_probabilities_scores_and_nan_rows_in_one_join() -> None:
