@@ -147,6 +147,28 @@ def _mutual_tls_protocol(base: type[LimitedHttpToolsProtocol]) -> type[LimitedHt
     return MutualTlsProtocol
 
 
+class _GenericOnly:
+    """The server as the generated ``add_*_to_server`` functions see it: a service's
+    methods are served through its generic handler only, never also registered one by one.
+
+    grpc.aio's accept loop keeps one pending request per registered method (plus one for
+    generic calls) and runs ``asyncio.wait`` over all of them for every call it accepts:
+    with the V2, health and feedback services' 15 methods that is 16 futures, each given
+    and relieved of a done-callback per call, about 10 µs of the event loop's time per
+    call more than one future costs (measured on uvloop: 19.2 µs against 9.2 µs per
+    wait). A generic handler finds the method with one dict lookup instead.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Skipped: the same handlers were just added as the service's generic handler."""
+
+
 class GrpcListener:
     """The grpc.aio server with the V2 inference, health and (optional) feedback services."""
 
@@ -184,11 +206,12 @@ class GrpcListener:
                 self._limits, self._max_message_bytes, reuse_port=self._reuse_port
             ),
         )
+        services = _GenericOnly(server)
         # Generated registration functions carry no annotations.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, services)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(health, services)  # type: ignore[no-untyped-call]
         if feedback is not None:
-            feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)  # type: ignore[no-untyped-call]
+            feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, services)  # type: ignore[no-untyped-call]
         if self._credentials is not None:
             self.port = server.add_secure_port(self._address, self._credentials)
         else:
