@@ -284,12 +284,13 @@ class PredictionMemory:
 
     # -- remember ----------------------------------------------------------------------------
 
-    def _compact(self, prediction: Array, kind: PredictionKind) -> tuple[Array, int] | None:
-        """The prediction as one small owned array and its layout, or None if unusable.
+    def _compact(self, prediction: Array, kind: PredictionKind) -> tuple[bytes, int, int] | None:
+        """The prediction as it is stored: its bytes, layout and width (values per row; 0 for
+        labels), or None if unusable.
 
-        Always copies: the caller's array may be a view into a whole batch's output.
-        (remember() makes the usual classifier answers' copies itself, a score matrix's or one
-        row's label, without this call.)
+        Always copies: the caller's array may be a view into a whole batch's output. One
+        row's label is packed without an array. (remember() copies the usual classifier
+        answer, a score matrix, itself, without this call.)
         """
         shape = prediction.shape
         if not shape or prediction.size == 0:
@@ -304,29 +305,32 @@ class PredictionMemory:
         if dkind not in "biuf":
             self._unsupported += 1  # string labels, objects
             return None
-        matrix = prediction if shape == (rows, width) else prediction.reshape(rows, width)
-        if kind == "regression" or (kind == "auto" and dkind == "f" and width == 1):
-            return matrix.astype(np.float64), _VALUES
-        if dkind != "f":
+        if dkind != "f" and kind != "regression":  # a classifier's integer labels
             if width != 1:
                 self._unsupported += 1  # multi-label outputs
                 return None
-            labels = matrix.reshape(rows)
-            if rows == 1:
-                ok = 0 <= int(labels[0]) <= _MAX_LABEL
-            else:
-                ok = bool(labels.min() >= 0) and bool(labels.max() <= _MAX_LABEL)
-            if not ok:
+            if rows == 1:  # one request's row: packed without an array
+                label = int(prediction.item())
+                if not 0 <= label <= _MAX_LABEL:
+                    self._unsupported += 1
+                    return None
+                return _LABEL.pack(label), _LABELS, 0
+            labels = prediction.reshape(rows)
+            if not (bool(labels.min() >= 0) and bool(labels.max() <= _MAX_LABEL)):
                 self._unsupported += 1
                 return None
-            return labels.astype(np.int32), _LABELS
+            return labels.astype(np.int32).tobytes(), _LABELS, 0
+        matrix = prediction if shape == (rows, width) else prediction.reshape(rows, width)
+        if kind == "regression" or (kind == "auto" and width == 1):
+            return matrix.astype(np.float64).tobytes(), _VALUES, width
         if width == 1:  # kind == "classification": one sigmoid output, P(class 1)
             p = matrix.astype(np.float64)
             if not bool(((p >= 0.0) & (p <= 1.0)).all()):
                 self._unsupported += 1
                 return None
-            return np.concatenate([1.0 - p, p], axis=1).astype(np.float32), _SCORES
-        return matrix.astype(np.float32), _SCORES  # probabilities or scores: told apart at join
+            return np.concatenate([1.0 - p, p], axis=1).astype(np.float32).tobytes(), _SCORES, 2
+        # Probabilities or scores: told apart at join.
+        return matrix.astype(np.float32).tobytes(), _SCORES, width
 
     def remember(
         self,
@@ -363,25 +367,11 @@ class PredictionMemory:
             if prediction.dtype is not _FLOAT32:
                 prediction = prediction.astype(np.float32)
             data, layout, width = prediction.tobytes(), _SCORES, shape[1]
-        elif (  # one row's integer label (a classifier's label output): packed, no arrays
-            kind != "regression"
-            and prediction.size == 1
-            and 0 < len(shape) <= 2
-            and prediction.dtype.kind in "biu"
-            and self._max_rows > 0
-            and self._max_width > 0
-        ):
-            label = int(prediction.item())
-            if not 0 <= label <= _MAX_LABEL:
-                self._unsupported += 1
-                return
-            data, layout, width = _LABEL.pack(label), _LABELS, 0
         else:
             compact = self._compact(prediction, kind)
             if compact is None:
                 return
-            array, layout = compact
-            data, width = array.tobytes(), (array.shape[1] if array.ndim == 2 else 0)
+            data, layout, width = compact
         size = _size(request_id, data)
         max_bytes = self._max_bytes
         if size > max_bytes:
